@@ -1,0 +1,111 @@
+"""Confidence selection: the candidate token per position and which positions to unmask.
+
+Two functions, each with a PyTorch reference and a dispatcher that the sampler calls:
+
+- `sample_candidates`: per row of logits, the candidate token (argmax at temperature 0, a
+  Gumbel-max sample otherwise, noise from `kernels.rng`) and its softmax probability under the
+  un-noised logits.
+- `transfer_mask`: per request, among the rows it owns, the top k by confidence (k from its
+  schedule) or the threshold rule (the most confident, plus every row at or above the threshold).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import rng
+
+NEG_INF = float("-inf")
+
+
+def sample_candidates_reference(logits, temperature, seed, nonce, position, ban_ids=None):
+    """(x0 int64 [N], conf float32 [N]) computed in float64, as the reference sampler does."""
+    n, vocab = logits.shape
+    l = logits.to(torch.float64)
+    if ban_ids:
+        l = l.clone()
+        l[:, list(ban_ids)] = NEG_INF
+    x0 = torch.argmax(l, dim=-1)
+    hot = temperature > 0
+    if bool(hot.any()):
+        rows = hot.nonzero().squeeze(1)
+        key = rng.row_key(seed[rows], nonce[rows], position[rows]).unsqueeze(1)
+        tokens = torch.arange(vocab, device=logits.device, dtype=torch.int64).unsqueeze(0)
+        u = rng.to_unit(rng.bits(key, tokens))
+        t = temperature[rows].to(torch.float64).unsqueeze(1)
+        noisy = l[rows] - t * torch.log(-torch.log(u))
+        x0[rows] = torch.argmax(noisy, dim=-1)
+    logz = torch.logsumexp(l, dim=-1)
+    conf = torch.exp(l.gather(1, x0.unsqueeze(1)).squeeze(1) - logz)
+    return x0, conf.to(torch.float32)
+
+
+def transfer_mask_loop(conf, cu_rows, k, threshold):
+    """The reference's per-request loop (the oracle and the baseline the benchmarks beat)."""
+    out = torch.zeros(conf.shape[0], dtype=torch.bool, device=conf.device)
+    cu = cu_rows.tolist()
+    for b in range(len(cu) - 1):
+        c = conf[cu[b]:cu[b + 1]]
+        cand = int(torch.isfinite(c).sum()) if c.numel() else 0
+        thr = float(threshold[b])
+        kk = cand if thr > 0 else min(int(k[b]), cand)
+        if kk == 0:
+            continue
+        vals, idx = torch.topk(c, kk)
+        keep = torch.ones(kk, dtype=torch.bool, device=conf.device)
+        if thr > 0:
+            keep[1:] = vals[1:] >= thr
+        out[cu[b] + idx[keep]] = True
+    return out
+
+
+def transfer_mask_reference(conf, cu_rows, k, threshold):
+    """Vectorised over requests: pad to [B, max rows], one stable sort, rank against k."""
+    b = cu_rows.numel() - 1
+    n = conf.shape[0]
+    if n == 0 or b == 0:
+        return torch.zeros(n, dtype=torch.bool, device=conf.device)
+    counts = cu_rows[1:] - cu_rows[:-1]
+    req = torch.repeat_interleave(torch.arange(b, device=conf.device), counts, output_size=n)
+    col = torch.arange(n, device=conf.device) - cu_rows[:-1][req]
+    width = int(counts.max())
+    padded = torch.full((b, width), NEG_INF, dtype=conf.dtype, device=conf.device)
+    padded[req, col] = conf
+    order = torch.sort(padded, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(width, device=conf.device).expand(b, width))
+    r = rank[req, col]
+    thr = threshold.to(conf.dtype)[req]
+    kk = k.to(r.dtype)[req]
+    chosen = torch.where(thr > 0, (r == 0) | (conf >= thr), r < kk)
+    return chosen & torch.isfinite(conf)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("LLADA_DISABLE_TRITON") != "1"
+
+
+def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None):
+    """Dispatcher for candidate sampling (Triton on CUDA, PyTorch reference elsewhere)."""
+    if _use_triton(logits):
+        try:
+            from kernels.selection_triton import sample_candidates_triton
+        except ImportError:
+            pass
+        else:
+            return sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids)
+    return sample_candidates_reference(logits, temperature, seed, nonce, position, ban_ids)
+
+
+def transfer_mask(conf, cu_rows, k, threshold):
+    """Dispatcher for the transfer decision."""
+    if _use_triton(conf):
+        try:
+            from kernels.selection_triton import transfer_mask_triton
+        except ImportError:
+            pass
+        else:
+            return transfer_mask_triton(conf, cu_rows, k, threshold)
+    return transfer_mask_reference(conf, cu_rows, k, threshold)

@@ -1,0 +1,1 @@
+"""The diffusion samplers, the batched step and the serving scheduler."""

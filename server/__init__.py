@@ -1,0 +1,1 @@
+"""HTTP API, streaming, metrics and command-line entry points."""

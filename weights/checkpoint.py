@@ -1,0 +1,189 @@
+"""Load a LLaDA checkpoint in the Hugging Face layout onto a device, tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from weights.config import ConfigError, LLaDAConfig
+from weights.model import LLaDAModel
+from weights.tokenizer import Tokenizer
+
+log = logging.getLogger("llada.weights")
+
+PREFIX = "model.transformer."
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message says which file or tensor and why."""
+
+
+@dataclass
+class SpecialIds:
+    mask: int
+    eos: int
+    eot: int | None = None
+    bos: int | None = None
+
+    @property
+    def stop(self) -> list[int]:
+        """Ids that end an answer (the first one in the generated span cuts it)."""
+        return [i for i in (self.eos, self.eot) if i is not None]
+
+
+@dataclass
+class ModelBundle:
+    model: LLaDAModel
+    config: LLaDAConfig
+    tokenizer: Tokenizer | None
+    special: SpecialIds
+    path: Path
+    name: str = field(default="")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+
+def expected_shapes(cfg: LLaDAConfig) -> dict[str, tuple[int, ...]]:
+    d, kv, h = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.mlp_hidden_size
+    shapes = {"wte.weight": (cfg.embedding_size, d), "ln_f.weight": (d,),
+              "ff_out.weight": (cfg.embedding_size, d)}
+    for i in range(cfg.n_layers):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "attn_norm.weight": (d,), b + "ff_norm.weight": (d,),
+            b + "q_proj.weight": (d, d), b + "k_proj.weight": (kv, d), b + "v_proj.weight": (kv, d),
+            b + "attn_out.weight": (d, d), b + "ff_proj.weight": (h, d), b + "up_proj.weight": (h, d),
+            b + "ff_out.weight": (d, h),
+        })
+    return shapes
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' was asked for but no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # bf16 is the checkpoints' own dtype and the GPU's fast path; CPUs run fp32 best.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose auto, bfloat16, float16 or float32")
+    return DTYPES[dtype]
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name (with prefix) -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.exists():
+                raise CheckpointError(f"{index} names shard {f.name}, which is missing from {path}")
+        return files
+    singles = sorted(path.glob("*.safetensors"))
+    if not singles:
+        raise CheckpointError(f"{path}: no *.safetensors weights and no model.safetensors.index.json")
+    from safetensors import safe_open
+
+    files = {}
+    for f in singles:
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                files[name] = f
+    return files
+
+
+def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None) -> ModelBundle:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint in the Hugging Face layout)")
+    try:
+        config = LLaDAConfig.from_file(path / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    files = _weight_files(path)
+    shapes = expected_shapes(config)
+
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    model = model.to_empty(device=dev).to(dt)
+    params = dict(model.named_parameters())
+
+    by_file: dict[Path, list[str]] = {}
+    for name in shapes:
+        full = PREFIX + name
+        if full not in files:
+            raise CheckpointError(f"{path}: tensor {full} is missing from the checkpoint")
+        by_file.setdefault(files[full], []).append(name)
+
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    if progress is None:
+        progress = total * 2 > 1 << 30  # a bar for checkpoints over about 1 GB
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(shapes), desc=f"loading {path.name}", unit="tensor")
+    with torch.no_grad():
+        for f, names in by_file.items():
+            try:
+                handle = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+            with handle:
+                available = set(handle.keys())
+                for name in names:
+                    full = PREFIX + name
+                    if full not in available:
+                        raise CheckpointError(f"{f}: tensor {full} is listed in the index but absent")
+                    shape = tuple(handle.get_slice(full).get_shape())
+                    if shape != shapes[name]:
+                        raise CheckpointError(
+                            f"{f}: tensor {full} has shape {list(shape)}, expected {list(shapes[name])} "
+                            f"from config.json")
+                    params[name].copy_(handle.get_tensor(full).to(device=dev, dtype=dt))
+                    if bar is not None:
+                        bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    model.requires_grad_(False)
+
+    tokenizer = Tokenizer.from_dir(path)
+    eot = bos = None
+    if tokenizer is not None:
+        eot = tokenizer.token_to_id("<|eot_id|>")
+        bos_text = tokenizer.special_tokens.get("bos_token", "<|startoftext|>")
+        bos = tokenizer.token_to_id(bos_text)
+    special = SpecialIds(mask=config.mask_token_id, eos=config.eos_token_id, eot=eot, bos=bos)
+    log.info("loaded %s: %.1fM parameters on %s in %s", path, config.num_parameters / 1e6, dev,
+             str(dt).replace("torch.", ""))
+    return ModelBundle(model=model, config=config, tokenizer=tokenizer, special=special, path=path,
+                       name=path.name)

@@ -1,0 +1,92 @@
+"""tokenizer.json through `tokenizers`, the chat template through jinja2, special ids from the files."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class TemplateError(ValueError):
+    """The chat template cannot render these messages."""
+
+
+def _token_text(value):
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _raise(message):
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = Path(path)
+        self._tok = HFTokenizer.from_file(str(self.path / "tokenizer.json"))
+        cfg_file = self.path / "tokenizer_config.json"
+        self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        self.special_tokens = {}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            text = _token_text(self.config.get(name))
+            if text is not None:
+                self.special_tokens[name] = text
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        self.chat_template = template
+        self._compiled = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, text: str):
+        return self._tok.token_to_id(text)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int):
+        return self._tok.id_to_token(i)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TemplateError("this checkpoint ships no chat_template in tokenizer_config.json")
+        if self._compiled is None:
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            try:
+                self._compiled = env.from_string(self.chat_template)
+            except jinja2.TemplateError as e:
+                raise TemplateError(f"chat_template does not compile: {e}") from None
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special_tokens)
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"chat_template failed to render: {e}") from None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer | None":
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            return None
+        return cls(path)
