@@ -1,0 +1,279 @@
+"""Fused candidate sampling and the batched transfer decision (Triton).
+
+`sample_candidates_triton` makes one pass over each row of logits (fp16, bf16 or fp32, read in
+place: no softmax and no fp32 copy is ever materialised). One program owns one row and streams it
+in chunks of BLOCK_V tokens, keeping
+
+- the running maximum M and the running sum S of 2^(x - M) (x = logit * log2(e)), rescaled once
+  per chunk (a block-wide max, then one exp2 per token);
+- per lane, the best score seen so far and its token (a strict comparison, so within a lane the
+  first token wins; across lanes the smallest token among equal scores wins, which is torch.argmax's
+  first-occurrence rule);
+- at temperature > 0 the score is the Gumbel-max score. The reference takes
+  argmax(l - T * ln(-ln U)); dividing by ln 2 and dropping a per-row constant gives the same argmax
+  as x - T * log2(-log2 U), which is what the kernel computes (log2/exp2 are the fast hardware forms).
+  U comes from the same 32 bits as `kernels.rng.uniform` (the murmur3 finaliser on uint32 registers,
+  the row key derived in-kernel from seed, nonce and position), so the GPU and the CPU reference
+  draw the same token. -log2 U is evaluated without cancellation for U close to 1 (where U rounds to
+  1.0 in fp32): the kernel works from w = 1 - U, exact from the integer bits, with a short series
+  for small w.
+
+The confidence is 2^(x[x0] - M - log2 S), the softmax probability of the chosen token under the
+un-noised logits, banned tokens excluded (they are -inf before anything else sees them).
+
+`transfer_mask_triton` ranks each request's rows by confidence (descending, ties by position, the
+stable-sort order of `transfer_mask_reference`) with one small program per (request, block of rows)
+comparing against all rows of its request, and applies the top-k or the threshold rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton import knobs
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return bool(knobs.runtime.interpret)
+
+
+@triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _row_key(seed, nonce, position):
+    """kernels.rng.row_key on scalars: seed/nonce/position are int64, the result uint32."""
+    lo = seed.to(tl.uint32)  # truncation keeps the low 32 bits (two's complement)
+    hi = (seed >> 32).to(tl.uint32)
+    h = _fmix32(lo ^ 0x9E3779B9)
+    h = _fmix32(h ^ hi)
+    h = _fmix32(h ^ nonce.to(tl.uint32))
+    return _fmix32(h ^ position.to(tl.uint32))
+
+
+@triton.jit
+def _token_bits(key, token):
+    """kernels.rng.bits: key uint32, token int32 (>= 0) -> uint32."""
+    return _fmix32(key + token.to(tl.uint32) * 0x9E3779B9)
+
+
+@triton.jit
+def _neg_log2_uniform(b):
+    """-log2(U) for U = (b + 0.5) / 2^32, accurate in fp32 over the whole range of b."""
+    hi = b >= 0x80000000
+    u = (b.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
+    w = ((~b).to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 1 - U, exact bits
+    arg = tl.where(hi, 1.0 - w, u)
+    e = -tl.math.log2(arg)
+    # -ln(1 - w) = w + w^2/2 + w^3/3 + ... ; five terms are exact to fp32 for w < 1/16.
+    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * (0.25 + w * 0.2))))
+    return tl.where(hi & (w < 0.0625), series * 1.4426950408889634, e)
+
+
+@triton.jit
+def _bits_kernel(seed_ptr, nonce_ptr, pos_ptr, tok_ptr, out_ptr, e_ptr, n, BLOCK: tl.constexpr):
+    """Test hook: the kernel's random bits and -log2 U for given (seed, nonce, position, token)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    seed = tl.load(seed_ptr + offs, mask=ok, other=0)
+    nonce = tl.load(nonce_ptr + offs, mask=ok, other=0)
+    pos = tl.load(pos_ptr + offs, mask=ok, other=0)
+    tok = tl.load(tok_ptr + offs, mask=ok, other=0)
+    key = _row_key(seed, nonce, pos)
+    b = _token_bits(key, tok)
+    tl.store(out_ptr + offs, b.to(tl.int64), mask=ok)
+    tl.store(e_ptr + offs, _neg_log2_uniform(b), mask=ok)
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, stride_row, vocab,
+    temp_ptr, seed_ptr, nonce_ptr, pos_ptr, ban_ptr,
+    x0_ptr, conf_ptr,
+    N_BAN: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    temp = tl.load(temp_ptr + row).to(tl.float32)
+    hot = temp > 0.0
+    key = _row_key(tl.load(seed_ptr + row), tl.load(nonce_ptr + row), tl.load(pos_ptr + row))
+    base = logits_ptr + row.to(tl.int64) * stride_row
+
+    lanes = tl.arange(0, BLOCK_V)
+    run_max = tl.full([], float("-inf"), tl.float32)
+    run_sum = tl.zeros([], tl.float32)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_tok = lanes
+    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
+
+    for v0 in range(0, vocab, BLOCK_V):
+        offs = v0 + lanes
+        ok = offs < vocab
+        x = tl.load(base + offs, mask=ok, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        for i in tl.static_range(N_BAN):
+            x = tl.where(offs == tl.load(ban_ptr + i), float("-inf"), x)
+        # Online log-sum-exp (base 2), one rescale per chunk.
+        new_max = tl.maximum(run_max, tl.max(x, axis=0))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.math.exp2(run_max - safe) + tl.sum(tl.math.exp2(x - safe), axis=0)
+        run_max = new_max
+        if hot:
+            e = _neg_log2_uniform(_token_bits(key, offs))
+            score = x - temp * tl.math.log2(e)
+        else:
+            score = x
+        take = score > best
+        best = tl.where(take, score, best)
+        best_tok = tl.where(take, offs, best_tok)
+        best_x = tl.where(take, x, best_x)
+
+    top = tl.max(best, axis=0)
+    tok = tl.min(tl.where(best == top, best_tok, 0x7FFFFFFF), axis=0)
+    x_tok = tl.max(tl.where((best == top) & (best_tok == tok), best_x, float("-inf")), axis=0)
+    conf = tl.math.exp2(x_tok - run_max - tl.math.log2(run_sum))
+    tl.store(x0_ptr + row, tok.to(tl.int64))
+    tl.store(conf_ptr + row, conf)
+
+
+_BAN_CACHE: dict = {}
+
+
+def _ban_tensor(ban_ids, device):
+    key = (tuple(int(b) for b in ban_ids), str(device))
+    t = _BAN_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(key[0] or [0], dtype=torch.int32, device=device)
+        _BAN_CACHE[key] = t
+    return t
+
+
+_sample_tuned = None
+
+
+def _tuned_sample():
+    global _sample_tuned
+    if _sample_tuned is None:
+        cfgs = [
+            triton.Config({"BLOCK_V": bv}, num_warps=w, num_stages=s)
+            for bv, w, s in (
+                (1024, 4, 2), (2048, 4, 2), (2048, 8, 2), (4096, 8, 2), (4096, 16, 2),
+                (2048, 8, 3), (8192, 16, 2),
+            )
+        ]
+        _sample_tuned = triton.autotune(configs=cfgs, key=["N_BAN"])(_sample_kernel)
+    return _sample_tuned
+
+
+def sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids=None,
+                             out=None, _block_v=None):
+    """(x0 int64 [N], conf float32 [N]); same contract as `sample_candidates_reference`.
+
+    `out=(x0, conf)` writes into given tensors (tests poison them first); `_block_v` pins the
+    chunk size (tests); otherwise the interpreter uses 64 and CUDA autotunes.
+    """
+    n, vocab = logits.shape
+    dev = logits.device
+    if out is None:
+        x0 = torch.empty(n, dtype=torch.int64, device=dev)
+        conf = torch.empty(n, dtype=torch.float32, device=dev)
+    else:
+        x0, conf = out
+    if n == 0:
+        return x0, conf
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    temperature = temperature.to(device=dev, dtype=torch.float32)
+    seed = seed.to(device=dev, dtype=torch.int64)
+    nonce = nonce.to(device=dev, dtype=torch.int64)
+    position = position.to(device=dev, dtype=torch.int64)
+    ban = list(ban_ids) if ban_ids else []
+    ban_t = _ban_tensor(ban, dev)
+    args = (logits, logits.stride(0), vocab, temperature, seed, nonce, position, ban_t, x0, conf)
+    if _block_v is not None or _interpreting() or not logits.is_cuda:
+        _sample_kernel[(n,)](*args, N_BAN=len(ban), BLOCK_V=_block_v or 64)
+    else:
+        _tuned_sample()[(n,)](*args, N_BAN=len(ban))
+    return x0, conf
+
+
+def rng_bits_triton(seed, nonce, position, token):
+    """Test hook: (bits int64, -log2 U float32) as the sampling kernel computes them (1-D int64)."""
+    n = seed.numel()
+    bits = torch.empty(n, dtype=torch.int64, device=seed.device)
+    e = torch.empty(n, dtype=torch.float32, device=seed.device)
+    if n:
+        blk = 64
+        _bits_kernel[(triton.cdiv(n, blk),)](
+            seed.contiguous(), nonce.contiguous(), position.contiguous(),
+            token.to(torch.int32).contiguous(), bits, e, n, BLOCK=blk,
+        )
+    return bits, e
+
+
+@triton.jit
+def _transfer_kernel(
+    conf_ptr, cu_ptr, k_ptr, thr_ptr, out_ptr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    req = tl.program_id(0)
+    blk = tl.program_id(1)
+    r0 = tl.load(cu_ptr + req)
+    count = tl.load(cu_ptr + req + 1) - r0
+    if blk * BLOCK_I >= count:
+        return
+    offs_i = blk * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok_i = offs_i < count
+    ci = tl.load(conf_ptr + r0 + offs_i, mask=ok_i, other=float("-inf")).to(tl.float32)
+    rank = tl.zeros([BLOCK_I], tl.int32)
+    for j0 in range(0, count, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        ok_j = offs_j < count
+        cj = tl.load(conf_ptr + r0 + offs_j, mask=ok_j, other=float("-inf")).to(tl.float32)
+        ahead = (cj[None, :] > ci[:, None]) | (
+            (cj[None, :] == ci[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        ahead = ahead & ok_j[None, :]
+        rank += tl.sum(ahead.to(tl.int32), axis=1)
+    kk = tl.load(k_ptr + req)
+    thr = tl.load(thr_ptr + req).to(tl.float32)
+    finite = (ci == ci) & (tl.abs(ci) < float("inf"))
+    by_thr = (rank == 0) | (ci >= thr)
+    by_k = rank.to(tl.int64) < kk
+    chosen = tl.where(thr > 0.0, by_thr, by_k) & finite
+    tl.store(out_ptr + r0 + offs_i, chosen.to(tl.uint8), mask=ok_i)
+
+
+def transfer_mask_triton(conf, cu_rows, k, threshold, out=None, _blocks=None):
+    """bool [N]; same contract and tie order as `transfer_mask_reference`.
+
+    The grid is (B, ceil(N / BLOCK_I)); programs past their request's rows return at once, so the
+    launch needs no host synchronisation. `out` (uint8 [N]) is written in place when given.
+    """
+    n = conf.shape[0]
+    dev = conf.device
+    if out is None:
+        out = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = cu_rows.numel() - 1
+    if n == 0 or b <= 0:
+        out.zero_()
+        return out.view(torch.bool)
+    bi, bj = _blocks if _blocks is not None else ((16, 16) if (_interpreting() or not conf.is_cuda)
+                                                   else (64, 64))
+    grid = (b, triton.cdiv(n, bi))
+    _transfer_kernel[grid](
+        conf.contiguous(), cu_rows.to(device=dev, dtype=torch.int32).contiguous(),
+        k.to(device=dev, dtype=torch.int64).contiguous(),
+        threshold.to(device=dev, dtype=torch.float32).contiguous(), out,
+        BLOCK_I=bi, BLOCK_J=bj,
+    )
+    return out.view(torch.bool)
