@@ -615,3 +615,12 @@ def test_server_cli_accepts_every_flag_the_deploy_files_set():
     used |= {"LLADA_API_KEY", "LLADA_HOST", "LLADA_PORT", "LLADA_SHUTDOWN_GRACE"}
     for env in sorted(used):
         assert SERVER_ENV[env] in r.stdout, f"{env}: `llada-serve --help` has no {SERVER_ENV[env]}"
+
+
+def test_dashboard_json_is_what_its_builder_writes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_dashboard", DEPLOY / "grafana" / "build_dashboard.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.render() == DASHBOARD.read_text(), "run python deploy/grafana/build_dashboard.py"
