@@ -1,0 +1,105 @@
+"""Replay a cases file in the golden format against a checkpoint.
+
+    python -m sampler.conformance --model DIR --cases FILE [--dtype float32|float64] [--device cpu|cuda]
+
+One line per case (name, match or the first differing position, NFE against expected), the
+forward-logits check when the directory holds forward_logits.safetensors, then `N passed, M failed`.
+Exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sampler.generate import generate
+from sampler.params import ParamError, SamplingParams
+from weights.checkpoint import CheckpointError, load_checkpoint
+
+
+def case_params(case: dict) -> SamplingParams:
+    return SamplingParams(
+        gen_length=case["gen_length"], block_length=case.get("block_length"), steps=case.get("steps"),
+        temperature=case.get("temperature", 0.0), remasking=case.get("remasking", "low_confidence"),
+        cfg_scale=case.get("cfg_scale", 0.0), threshold=case.get("threshold"),
+        cache=case.get("cache", "none"), seed=case.get("seed"))
+
+
+def check_logits(bundle, path: Path, tol: float) -> tuple[bool, str]:
+    from safetensors.torch import load_file
+
+    ref = load_file(str(path))
+    with torch.no_grad():
+        got = bundle.model.full_logits(ref["input_ids"].to(bundle.device)).float().cpu()
+    err = (got - ref["logits"].float()).abs().max().item()
+    return err <= tol, f"max abs error {err:.2e} (tolerance {tol:.0e})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sampler.conformance", description=__doc__.split("\n")[1])
+    ap.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    ap.add_argument("--cases", required=True, help="cases file in the golden format")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ap.add_argument("--batched", action="store_true",
+                    help="run all cases in one batch (checks batch invariance too)")
+    args = ap.parse_args(argv)
+    try:
+        bundle = load_checkpoint(args.model, device=args.device, dtype=args.dtype)
+        data = json.loads(Path(args.cases).read_text())
+    except (CheckpointError, OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cases = data["cases"] if isinstance(data, dict) else data
+    passed = failed = 0
+
+    logits_file = Path(args.model) / "forward_logits.safetensors"
+    if logits_file.exists():
+        tol = 1e-4 if args.dtype in ("float32", "float64") else 5e-2
+        ok, msg = check_logits(bundle, logits_file, tol)
+        print(f"{'PASS' if ok else 'FAIL'} forward_logits: {msg}")
+        failed += not ok  # the summary counts cases; a failing logits check still fails the run
+
+    try:
+        params = [case_params(c) for c in cases]
+        for c, p in zip(cases, params):
+            p.validate(len(c["prompt_ids"]), bundle.config.max_sequence_length)
+    except (ParamError, KeyError) as e:
+        print(f"error: bad case: {e}", file=sys.stderr)
+        return 2
+    if args.batched:
+        results = generate(bundle, [c["prompt_ids"] for c in cases], params)
+    else:
+        results = [generate(bundle, [c["prompt_ids"]], p)[0] for c, p in zip(cases, params)]
+    for c, res in zip(cases, results):
+        want = c["expected_ids"]
+        got = res.gen_ids
+        problems = []
+        if got != want:
+            diff = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            problems.append(f"first difference at position {diff}: got {got[diff:diff + 1]}, "
+                            f"expected {want[diff:diff + 1]}")
+        nfe_note = ""
+        if "expected_nfe" in c:
+            nfe_note = f", nfe {res.nfe} (expected {c['expected_nfe']})"
+            if res.nfe != c["expected_nfe"]:
+                problems.append(f"nfe {res.nfe} != expected {c['expected_nfe']}")
+        else:
+            nfe_note = f", nfe {res.nfe}"
+        name = c.get("name", "?")
+        if problems:
+            failed += 1
+            print(f"FAIL {name}: " + "; ".join(problems) + nfe_note)
+        else:
+            passed += 1
+            print(f"PASS {name}: {len(got)} ids match{nfe_note}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

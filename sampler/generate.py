@@ -1,0 +1,55 @@
+"""Run requests through a DiffusionBatch to completion (CLI, conformance, evaluation, tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sampler.batch import DiffusionBatch, StepEvent
+from sampler.params import SamplingParams
+
+
+@dataclass
+class Generation:
+    gen_ids: list[int]
+    nfe: int
+    events: list[StepEvent] = field(default_factory=list)
+
+
+def generate(bundle, prompts, params, keep_events: bool = False, on_event=None) -> list[Generation]:
+    """Denoise every prompt (a list of id lists) together in one batch.
+
+    `params` is one SamplingParams for all or a list, one per prompt. `bundle` is a ModelBundle
+    (anything with .model and .special)."""
+    prompts = [list(p) for p in prompts]
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError("one SamplingParams per prompt, or a single one for all")
+    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in zip(prompts, params))
+    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=max(rows, 1),
+                           max_requests=max(len(prompts), 1))
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        batch.add(i, p, sp)
+    results: dict[int, Generation] = {}
+    events: dict[int, list[StepEvent]] = {i: [] for i in range(len(prompts))}
+    while len(batch):
+        for ev in batch.step():
+            if on_event is not None:
+                on_event(ev)
+            if keep_events:
+                events[ev.request_id].append(ev)
+            if ev.finished:
+                results[ev.request_id] = Generation(ev.gen_ids, ev.nfe, events[ev.request_id])
+                batch.remove(ev.request_id)
+    return [results[i] for i in range(len(prompts))]
+
+
+def cut_answer(gen_ids, stop_ids, mask_id=None) -> list[int]:
+    """The answer: the generated ids up to (not including) the first EOS/EoT."""
+    stops = set(stop_ids)
+    out = []
+    for t in gen_ids:
+        if t in stops:
+            break
+        out.append(t)
+    return out

@@ -1,0 +1,109 @@
+"""Per-request diffusion sampling parameters and their validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+REMASKING = ("low_confidence", "random")
+CACHE_MODES = ("none", "prefix", "dual")
+MAX_SEED = 2**63 - 1
+
+
+class ParamError(ValueError):
+    """Impossible sampling parameters; `field` names the offending parameter."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is denoised (LLaDA's generate() arguments plus Fast-dLLM's options).
+
+    block_length None means one block (pure diffusion); steps None means one token per step.
+    threshold set means confidence-threshold parallel decoding (the step count no longer matters).
+    ban_eos sets the EOS logit to -inf; defer_eos ranks EOS/EoT candidates below every other one.
+    """
+
+    gen_length: int = 128
+    block_length: int | None = None
+    steps: int | None = None
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    threshold: float | None = None
+    cache: str = "none"
+    seed: int | None = None
+    ban_eos: bool = False
+    defer_eos: bool = False
+
+    @property
+    def blocks(self) -> int:
+        return self.gen_length // self.block
+
+    @property
+    def block(self) -> int:
+        return self.gen_length if self.block_length is None else self.block_length
+
+    @property
+    def total_steps(self) -> int:
+        return self.gen_length if self.steps is None else self.steps
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.total_steps // self.blocks
+
+    def with_seed(self, seed: int) -> "SamplingParams":
+        return replace(self, seed=seed)
+
+    def validate(self, prompt_len: int, max_sequence_length: int | None = None) -> None:
+        """Raise ParamError with a message a client can act on."""
+        def integer(name, v, low):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ParamError(name, f"{name} must be an integer, got {v!r}")
+            if v < low:
+                raise ParamError(name, f"{name} must be >= {low}, got {v}")
+
+        integer("gen_length", self.gen_length, 1)
+        if self.block_length is not None:
+            integer("block_length", self.block_length, 1)
+            if self.gen_length % self.block_length:
+                raise ParamError("block_length", f"gen_length {self.gen_length} is not a multiple of "
+                                 f"block_length {self.block_length}")
+        if self.steps is not None:
+            integer("steps", self.steps, 1)
+        if self.threshold is None:
+            if self.total_steps % self.blocks:
+                raise ParamError("steps", f"steps {self.total_steps} must be a multiple of the number "
+                                 f"of blocks {self.blocks} (gen_length {self.gen_length} / block_length "
+                                 f"{self.block})")
+            if self.total_steps > self.gen_length:
+                raise ParamError("steps", f"steps {self.total_steps} exceeds the {self.gen_length} masked "
+                                 "tokens to unmask (at most one step per token)")
+        else:
+            t = self.threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
+                raise ParamError("threshold", f"threshold must be in (0, 1], got {t!r}")
+        for name in ("temperature", "cfg_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ParamError(name, f"{name} must be a finite number >= 0, got {v!r}")
+        if self.remasking not in REMASKING:
+            raise ParamError("remasking", f"remasking must be one of {', '.join(REMASKING)}, "
+                             f"got {self.remasking!r}")
+        if self.cache not in CACHE_MODES:
+            raise ParamError("cache", f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.cfg_scale > 0 and self.cache != "none":
+            raise ParamError("cfg_scale", "classifier-free guidance (cfg_scale > 0) runs with cache='none' "
+                             f"only, got cache={self.cache!r}")
+        if self.seed is not None:
+            if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+                raise ParamError("seed", f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if prompt_len < 0:
+            raise ParamError("prompt", "negative prompt length")
+        if max_sequence_length is not None and prompt_len + self.gen_length > max_sequence_length:
+            raise ParamError("max_tokens", f"prompt ({prompt_len} tokens) + gen_length ({self.gen_length}) "
+                             f"= {prompt_len + self.gen_length} exceeds the model's max_sequence_length "
+                             f"{max_sequence_length}")
