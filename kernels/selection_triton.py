@@ -81,8 +81,10 @@ def _neg_log2_uniform(b):
 
 
 @triton.jit
-def _bits_kernel(seed_ptr, nonce_ptr, pos_ptr, tok_ptr, out_ptr, e_ptr, n, BLOCK: tl.constexpr):
-    """Test hook: the kernel's random bits and -log2 U for given (seed, nonce, position, token)."""
+def _bits_kernel(seed_ptr, nonce_ptr, pos_ptr, tok_ptr, raw_ptr, out_ptr, e_ptr, n,
+                 BLOCK: tl.constexpr):
+    """Test hook: the kernel's random bits for given (seed, nonce, position, token), and its
+    -log2 U for given raw 32-bit values."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     seed = tl.load(seed_ptr + offs, mask=ok, other=0)
@@ -92,7 +94,8 @@ def _bits_kernel(seed_ptr, nonce_ptr, pos_ptr, tok_ptr, out_ptr, e_ptr, n, BLOCK
     key = _row_key(seed, nonce, pos)
     b = _token_bits(key, tok)
     tl.store(out_ptr + offs, b.to(tl.int64), mask=ok)
-    tl.store(e_ptr + offs, _neg_log2_uniform(b), mask=ok)
+    raw = tl.load(raw_ptr + offs, mask=ok, other=0).to(tl.uint32)
+    tl.store(e_ptr + offs, _neg_log2_uniform(raw), mask=ok)
 
 
 @triton.jit
@@ -206,16 +209,20 @@ def sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids
     return x0, conf
 
 
-def rng_bits_triton(seed, nonce, position, token):
-    """Test hook: (bits int64, -log2 U float32) as the sampling kernel computes them (1-D int64)."""
+def rng_bits_triton(seed, nonce, position, token, raw=None):
+    """Test hook, as the sampling kernel computes them: (bits int64 of (seed, nonce, position,
+    token), -log2 U float32 of the raw 32-bit values `raw`, int64 in [0, 2^32), default zeros)."""
     n = seed.numel()
+    if raw is None:
+        raw = torch.zeros(n, dtype=torch.int64, device=seed.device)
     bits = torch.empty(n, dtype=torch.int64, device=seed.device)
     e = torch.empty(n, dtype=torch.float32, device=seed.device)
     if n:
         blk = 64
         _bits_kernel[(triton.cdiv(n, blk),)](
             seed.contiguous(), nonce.contiguous(), position.contiguous(),
-            token.to(torch.int32).contiguous(), bits, e, n, BLOCK=blk,
+            token.to(torch.int32).contiguous(), raw.to(torch.int64).contiguous(), bits, e, n,
+            BLOCK=blk,
         )
     return bits, e
 
