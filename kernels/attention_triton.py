@@ -22,18 +22,55 @@ the scale folded into one multiplier). Edges (queries past the segment, keys pas
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from triton import knobs
-
 _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
-    return bool(knobs.runtime.interpret)
+    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older Triton: the environment variable itself
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows, n_ok, stride_kt, stride_vt, offs_d,
+               qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax; MASKED only for the segment's ragged last tile."""
+    if MASKED:
+        kt = tl.load(k_base + k_rows[None, :] * stride_kt + offs_d[:, None],
+                     mask=n_ok[None, :], other=0.0)
+    else:
+        kt = tl.load(k_base + k_rows[None, :] * stride_kt + offs_d[:, None])
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    if MASKED:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    # Every tile holds at least one real key, so m_new is finite.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        vt = tl.load(v_base + k_rows[:, None] * stride_vt + offs_d[None, :],
+                     mask=n_ok[:, None], other=0.0)
+    else:
+        vt = tl.load(v_base + k_rows[:, None] * stride_vt + offs_d[None, :])
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -81,32 +118,17 @@ def _attn_fwd(
 
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_vh
-    for n0 in range(0, k_len, BLOCK_N):
-        n_ok = (n0 + offs_n) < k_len
+    n_full = (k_len // BLOCK_N) * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
         k_rows = (k0 + n0 + offs_n).to(tl.int64)
-        kt = tl.load(
-            k_base + k_rows[None, :] * stride_kt + offs_d[:, None],
-            mask=n_ok[None, :], other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-        # Every processed tile has at least one real key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(
-            v_base + k_rows[:, None] * stride_vt + offs_d[None, :],
-            mask=n_ok[:, None], other=0.0,
-        )
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows, offs_n < BLOCK_N,
+                                   stride_kt, stride_vt, offs_d, qk_scale,
+                                   MASKED=False, IEEE=IEEE)
+    if n_full < k_len:
+        k_rows = (k0 + n_full + offs_n).to(tl.int64)
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows,
+                                   (n_full + offs_n) < k_len, stride_kt, stride_vt, offs_d,
+                                   qk_scale, MASKED=True, IEEE=IEEE)
 
     # An empty key range gives zeros (as the reference's empty product does).
     denom = tl.where(l_i > 0.0, l_i, 1.0)

@@ -179,6 +179,12 @@ def test_temperature_rows_draw_the_reference_token(dtype, gen):
     temps[1] = 1.0  # all-tied row at temperature > 0: the noise decides
     temps[2] = 0.7  # -inf entries at temperature > 0
     temps[4] = 1.0  # a single finite token
+    # Peaked rows: most chunks cannot beat the leader even with the largest noise (skipped).
+    l[5, 3] = 200.0
+    l[6, vocab - 2] = 200.0
+    l[7, :] = l[7] * 0.1
+    l[7, gen.randrange(vocab)] = 3.0
+    temps[5], temps[6], temps[7] = 0.5, 1.5, 0.05
     temp, seed, nonce, pos = _row_inputs(n, temps)
     _compare_sample(l, temp, seed, nonce, pos, None, ctx=f"{dtype} hot")
 
