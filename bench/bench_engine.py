@@ -1,0 +1,268 @@
+"""End-to-end sampler throughput: our batched engine against the straightforward reference.
+
+    python -m bench.bench_engine                      # CUDA: random LLaDA-8B-shaped model in bf16
+    python -m bench.bench_engine --model DIR          # a real checkpoint
+    python -m bench.bench_engine --device cpu --shape tiny --quick   # the CPU smoke run (a test runs it)
+
+Every configuration runs through DiffusionBatch, the step the server's engine calls (no HTTP),
+and the baseline (sampler.reference: full recompute every step, eager, float64 softmax, per-row
+top-k loop, one request at a time) runs in the same process. The table gives tokens/s, ms per
+forward, forwards per token, peak GPU memory, the ratio to the baseline and to the roofline
+(weights bytes / measured copy bandwidth, or FLOPs / measured matmul rate when that is larger).
+Speed of a fixed schedule does not depend on the weights, so random weights are fine for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sampler.batch import DiffusionBatch
+from sampler.params import SamplingParams
+from sampler.reference import reference_generate
+from weights.checkpoint import SpecialIds, load_checkpoint
+from weights.config import LLaDAConfig
+from weights.model import LLaDAModel
+
+SHAPES = {
+    "8b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
+               vocab_size=126464, embedding_size=126464, max_sequence_length=4096,
+               mask_token_id=126336, eos_token_id=126081, pad_token_id=126081, rope_theta=500000.0),
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128,
+                 vocab_size=512, embedding_size=512, max_sequence_length=2048,
+                 mask_token_id=500, eos_token_id=501, pad_token_id=501, rope_theta=500000.0),
+}
+
+
+class Bundle:
+    def __init__(self, model, config, special):
+        self.model, self.config, self.special = model, config, special
+
+
+def build_random(shape: str, device: torch.device, dtype: torch.dtype) -> Bundle:
+    cfg = LLaDAConfig(**SHAPES[shape])
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.eval().requires_grad_(False)
+    return Bundle(model, cfg, SpecialIds(mask=cfg.mask_token_id, eos=cfg.eos_token_id))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_machine(device, dtype):
+    """(copy bandwidth bytes/s counting read+write, matmul FLOP/s) measured here and now."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    sync(device)
+    bw = 2 * n * reps / (time.perf_counter() - t)
+    m = 8192 if device.type == "cuda" else 512
+    x = torch.randn(m, m, device=device, dtype=dtype)
+    y = x @ x
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        y = x @ x
+    sync(device)
+    flops = 2 * m ** 3 * reps / (time.perf_counter() - t)
+    del a, b, x, y
+    return bw, flops
+
+
+@dataclass
+class Result:
+    name: str
+    tokens: int
+    seconds: float
+    forwards: int
+    tokens_in_forwards: int  # query tokens processed, for the FLOP roofline
+    peak_bytes: int
+    requests: int
+
+
+def run_batch(bundle, reqs, arrivals=None, max_requests=64) -> Result:
+    """Run (prompt, params) pairs through one DiffusionBatch; arrivals[i] = step at which i joins."""
+    dev = bundle.model.device
+    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
+    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows,
+                           max_requests=max(max_requests, 1))
+    arrivals = arrivals or [0] * len(reqs)
+    order = sorted(range(len(reqs)), key=lambda i: arrivals[i])
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(dev)
+    t = time.perf_counter()
+    step_no = 0
+    done = 0
+    tokens = 0
+    q_tokens = 0
+    while done < len(reqs):
+        while order and arrivals[order[0]] <= step_no and batch.can_admit(len(reqs[order[0]][0]),
+                                                                          reqs[order[0]][1]):
+            i = order.pop(0)
+            batch.add(i, *reqs[i])
+        q_tokens += _query_tokens(batch)
+        for ev in batch.step():
+            tokens += len(ev.positions)
+            if ev.finished:
+                batch.remove(ev.request_id)
+                done += 1
+        step_no += 1
+    sync(dev)
+    secs = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
+    return Result("", tokens, secs, batch.forwards, q_tokens, peak, len(reqs))
+
+
+def _query_tokens(batch: DiffusionBatch) -> int:
+    """Tokens the next step's forward processes (for the FLOP roofline)."""
+    total = 0
+    for r in batch.requests.values():
+        s = r.slot
+        length = int(batch.length[s])
+        if int(batch.mode[s]) == 0 or int(batch.step_in_block[s]) == 0:
+            total += length * (2 if bool(batch.cfg[s]) else 1)
+        else:
+            bs = int(batch.prompt_len[s] + batch.block[s] * batch.block_len[s])
+            total += (length - bs) if int(batch.mode[s]) == 1 else int(batch.block_len[s])
+    return total
+
+
+def run_baseline(bundle, reqs) -> Result:
+    dev = bundle.model.device
+    sync(dev)
+    t = time.perf_counter()
+    tokens = forwards = q = 0
+    for prompt, sp in reqs:
+        ids, fwd = reference_generate(bundle.model, prompt, sp, bundle.special.mask, bundle.special.stop)
+        tokens += len(ids)
+        forwards += fwd
+        q += fwd * (len(prompt) + sp.gen_length)
+    sync(dev)
+    return Result("", tokens, time.perf_counter() - t, forwards, q, 0, len(reqs))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random model shape")
+    ap.add_argument("--model", default=None, help="checkpoint directory instead of random weights")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+
+    dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                       (args.device if args.device != "auto" else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    shape = args.shape or ("8b" if dev.type == "cuda" else "tiny")
+    if args.model:
+        bundle = load_checkpoint(args.model, device=dev, dtype=dtype)
+        label = args.model
+    else:
+        bundle = build_random(shape, dev, dtype)
+        label = f"random {shape} shape"
+    cfg = bundle.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
+    bw, flops = measure_machine(dev, dtype)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+
+    q = args.quick
+    P, G, B = (16, 32, 8) if q else (128, 256, 32)
+    n_many = 8 if q else 64
+    vocab = cfg.vocab_size
+    rnd = random.Random(0)
+
+    def prompt(n=P):
+        return [rnd.randrange(0, min(vocab, cfg.mask_token_id)) for _ in range(n)]
+
+    one = lambda **kw: SamplingParams(gen_length=kw.pop("gen", G), block_length=B,
+                                      steps=kw.pop("steps", None), **kw)
+    rows = []
+
+    def record(label_, res: Result, base: Result | None):
+        tps = res.tokens / res.seconds
+        per_fwd = res.seconds / max(res.forwards, 1)
+        # Roofline of one forward: reading the weights once, or the FLOPs of the tokens it processes.
+        avg_q = res.tokens_in_forwards / max(res.forwards, 1)
+        floor = max(weight_bytes / bw, 2 * cfg.num_parameters * avg_q / flops)
+        roof_tps = (res.tokens / max(res.forwards, 1)) / floor
+        rows.append(dict(
+            config=label_, requests=res.requests, tokens_per_s=round(tps, 1),
+            ms_per_forward=round(per_fwd * 1e3, 2), forwards_per_token=round(res.forwards / max(res.tokens, 1), 3),
+            peak_gib=round(res.peak_bytes / 2**30, 2),
+            vs_baseline=round(tps / (base.tokens / base.seconds), 2) if base else None,
+            vs_roofline=round(tps / roof_tps, 2), roofline_ms=round(floor * 1e3, 2)))
+
+    # Warm-up (allocator, kernels' compilation).
+    run_batch(bundle, [(prompt(), one(gen=B, steps=4 if not q else 4, cache="dual"))])
+
+    base_req = [(prompt(), one())]
+    base = run_baseline(bundle, base_req)
+    record("baseline: reference, batch 1, exact", base, None)
+    record("1. batch 1, exact (no cache)", run_batch(bundle, base_req), base)
+    record("2. batch 1, dual cache", run_batch(bundle, [(base_req[0][0], one(cache="dual"))]), base)
+    many = [(prompt(), one(cache="dual")) for _ in range(n_many)]
+    record(f"3. {n_many} requests, dual cache", run_batch(bundle, many, max_requests=n_many), base)
+    lengths = [64, 128, 256, 512, 1024] if not q else [8, 16, 32, 64]
+    modes = ["dual", "prefix", "none", "dual"]
+    mixed = []
+    for i in range(n_many):
+        g = lengths[i % len(lengths)]
+        mixed.append((prompt(rnd.randrange(P // 2, 2 * P)),
+                      SamplingParams(gen_length=g, block_length=min(B, g), cache=modes[i % len(modes)])))
+    arrivals = sorted(rnd.randrange(0, 4 * G) for _ in range(n_many))
+    record(f"4. {n_many} mixed lengths/modes, joining", run_batch(bundle, mixed, arrivals, n_many), base)
+    long_g = 1024 if not q else 128
+    record(f"5. batch 1, gen {long_g}, dual cache",
+           run_batch(bundle, [(prompt(), one(gen=long_g, cache="dual"))]), base)
+    record("6. batch 1, threshold 0.9, dual cache",
+           run_batch(bundle, [(prompt(), one(threshold=0.9, cache="dual"))]), base)
+
+    print(f"device: {name}; model: {label} ({cfg.num_parameters / 1e9:.2f}B params, {str(dtype)[6:]}); "
+          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"matmul {flops / 1e12:.1f} TFLOP/s")
+    print(f"prompt {P}, gen {G}, block {B}, one token per forward unless said")
+    cols = ["config", "requests", "tokens_per_s", "ms_per_forward", "forwards_per_token", "peak_gib",
+            "vs_baseline", "vs_roofline", "roofline_ms"]
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) + " |")
+    if dev.type == "cuda":
+        per_req = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * (P + G) * torch.finfo(dtype).bits // 8
+        free = torch.cuda.mem_get_info()[0]
+        print(f"KV rows per request (prompt {P} + gen {G}): {per_req / 2**20:.0f} MiB; "
+              f"requests that fit in the free memory now: {free // per_req}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
