@@ -1,0 +1,395 @@
+"""The engine: one thread owns the model and a DiffusionBatch and runs continuous batching.
+
+Requests wait in a first-come-first-served queue and join the running batch at step boundaries
+while the batch has a free slot and room for their canvas (`max_batch_size`, `max_batch_tokens`).
+Every loop iteration is one `DiffusionBatch.step()`: one forward for all running requests, each at
+its own point in its own schedule. A request leaves the batch the moment it is finished, cancelled,
+timed out, or (optionally) as soon as its answer can no longer change.
+
+The engine talks to its callers through a `sink` per request: a callable that the engine thread
+calls with one item at a time (`("step", StepEvent)`, `("progress", final_prefix_ids)`,
+`("done", Result)` or `("error", EngineError)`). An asyncio server wraps it with
+`loop.call_soon_threadsafe`; a plain thread can pass `queue.Queue.put`.
+
+Early completion: tokens are never remasked once unmasked, so the contiguous run of unmasked
+positions at the start of the generated span (the "final prefix") never changes again. When that
+prefix holds a stop id (EOS/EoT) or reaches the answer's token limit, the answer is final and the
+request can leave the batch without changing its output.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sampler.batch import CapacityError, DiffusionBatch, StepEvent
+from sampler.params import ParamError, SamplingParams
+
+log = logging.getLogger("llada.engine")
+
+
+class EngineError(Exception):
+    """A request that the engine could not serve; `status` is the HTTP status it maps onto."""
+
+    def __init__(self, message: str, status: int = 500, type: str = "server_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.code = code
+        self.param = param
+
+
+class QueueFull(EngineError):
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message, status=429, type="rate_limit_error", code="queue_full")
+        self.retry_after = retry_after
+
+
+class EngineStopped(EngineError):
+    def __init__(self, message: str = "the server is shutting down and accepts no new requests"):
+        super().__init__(message, status=503, type="server_error", code="shutting_down")
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 32          # running requests per step
+    max_batch_tokens: int = 16384     # canvas rows (prompt + generated, twice with CFG) in the batch
+    max_queue: int = 256              # waiting requests; beyond it submissions are refused (429)
+    request_timeout: float | None = 600.0  # seconds from submission; None or <= 0: no limit
+    early_stop: bool = True           # leave the batch once the answer is final
+    idle_wait: float = 0.05           # seconds the loop sleeps when there is nothing to do
+
+
+@dataclass
+class Result:
+    gen_ids: list[int]        # the generated span (mask ids where a request left early)
+    nfe: int
+    steps: int
+    early: bool               # left the batch before its schedule ended
+    queued_s: float           # submission -> admission
+    duration_s: float         # submission -> completion
+    first_block_s: float | None
+
+
+@dataclass(eq=False)
+class Handle:
+    """One request inside the engine (a sub-request when the client asked for n > 1)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable
+    want_steps: bool = False       # deliver every StepEvent
+    want_progress: bool = False    # deliver the final prefix whenever it grows
+    answer_limit: int | None = None  # tokens the answer is cut at (early completion)
+    rid: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    deadline: float | None = None
+    first_block_s: float | None = None
+    canvas: list = field(default_factory=list)
+    prefix: int = 0
+    steps: int = 0
+    nfe: int = 0
+    done: bool = False
+    cancelled: bool = False
+    stop_seen: bool = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (thread safe; takes effect before the next step)."""
+        self.cancelled = True
+
+
+class Engine:
+    """Continuous-batching loop over one DiffusionBatch, in its own thread."""
+
+    def __init__(self, model, special, config: EngineConfig | None = None, metrics=None):
+        self.model = model
+        self.special = special
+        self.config = config or EngineConfig()
+        self.metrics = metrics
+        self.stop_ids = set(special.stop)
+        self.mask_id = special.mask
+        self.batch = DiffusionBatch(model, special, capacity_tokens=self.config.max_batch_tokens,
+                                    max_requests=self.config.max_batch_size)
+        self.waiting: collections.deque[Handle] = collections.deque()
+        self.running: dict[int, Handle] = {}
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._stop = False
+        self.alive = False
+        self.steps_run = 0
+        self.step_failures = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        if self._thread is not None:
+            return self
+        self._accepting = True
+        self.alive = True
+        self._thread = threading.Thread(target=self._run, name="llada-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self.alive
+
+    def stop_intake(self) -> None:
+        """Refuse new submissions; requests already waiting or running carry on."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify_all()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self.waiting and not self.running
+
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Stop intake, let in-flight requests finish for up to `grace` seconds, fail the rest."""
+        self.stop_intake()
+        deadline = time.monotonic() + max(0.0, grace)
+        while time.monotonic() < deadline and not self.idle():
+            time.sleep(0.02)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, grace))
+        self.alive = False
+
+    # ------------------------------------------------------------------ submission
+    def rows_needed(self, prompt_len: int, params: SamplingParams) -> int:
+        return DiffusionBatch.rows_needed(prompt_len, params)
+
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        rows = self.rows_needed(prompt_len, params)
+        if rows > self.config.max_batch_tokens:
+            raise EngineError(
+                f"the request needs {rows} canvas tokens (prompt {prompt_len} + gen_length "
+                f"{params.gen_length}{', doubled by cfg_scale' if params.cfg_scale > 0 else ''}); "
+                f"this server's max_batch_tokens is {self.config.max_batch_tokens}",
+                status=400, type="invalid_request_error", param="max_tokens")
+
+    def submit(self, handles: list[Handle]) -> list[Handle]:
+        """Queue handles together (all or none). Raises QueueFull or EngineStopped."""
+        for h in handles:
+            self.check_fits(len(h.prompt_ids), h.params)
+        with self._cv:
+            if not self.accepting:
+                raise EngineStopped()
+            if len(self.waiting) + len(handles) > self.config.max_queue:
+                raise QueueFull(f"the request queue is full ({len(self.waiting)} waiting, limit "
+                                f"{self.config.max_queue}); retry later", retry_after=self._retry_after())
+            now = time.monotonic()
+            timeout = self.config.request_timeout
+            for h in handles:
+                h.rid = next(self._ids)
+                h.submitted = now
+                h.deadline = now + timeout if timeout and timeout > 0 else None
+                h.canvas = [None] * h.params.gen_length
+                self.waiting.append(h)
+            self._gauges()
+            self._cv.notify_all()
+        return handles
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _retry_after(self) -> float:
+        return 1.0
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    self._reap()
+                    self._admit()
+                    if self._stop:
+                        self._fail_all(EngineStopped("the server shut down before this request finished"))
+                        return
+                    if not self.running:
+                        self._cv.wait(timeout=self.config.idle_wait)
+                        continue
+                self._step()
+        except BaseException as e:  # the loop itself must never die silently
+            log.exception("engine loop crashed: %s", e)
+            with self._cv:
+                self._fail_all(EngineError(f"the engine stopped: {e}", status=500))
+            self.alive = False
+            raise
+
+    def _reap(self) -> None:
+        """Drop cancelled and timed-out requests (holding the lock)."""
+        now = time.monotonic()
+        for h in list(self.waiting):
+            if h.cancelled:
+                self.waiting.remove(h)
+                h.done = True
+            elif h.deadline is not None and now > h.deadline:
+                self.waiting.remove(h)
+                self._finish_error(h, self._timeout_error())
+        for rid, h in list(self.running.items()):
+            if h.cancelled:
+                self._release(h)
+                h.done = True
+            elif h.deadline is not None and now > h.deadline:
+                self._release(h)
+                self._finish_error(h, self._timeout_error())
+        self._gauges()
+
+    def _timeout_error(self) -> EngineError:
+        return EngineError(f"the request did not finish within the server's request timeout "
+                           f"({self.config.request_timeout:g} s)", status=504, type="timeout_error",
+                           code="timeout")
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch, first come first served (holding the lock)."""
+        while self.waiting and len(self.running) < self.config.max_batch_size:
+            h = self.waiting[0]
+            if not self.batch.can_admit(len(h.prompt_ids), h.params):
+                if not self.running:  # an empty batch that cannot take it never will
+                    self.waiting.popleft()
+                    self._finish_error(h, EngineError("the request does not fit the batch buffers",
+                                                      status=400, type="invalid_request_error"))
+                    continue
+                break
+            self.waiting.popleft()
+            try:
+                self.batch.add(h.rid, h.prompt_ids, h.params)
+            except ParamError as e:
+                self._finish_error(h, EngineError(str(e), status=400, type="invalid_request_error",
+                                                  param=e.field))
+                continue
+            except CapacityError:
+                self.waiting.appendleft(h)
+                break
+            except Exception as e:  # noqa: BLE001 - a bad request must not stop the loop
+                log.exception("admitting request %s failed", h.rid)
+                self._finish_error(h, EngineError(f"could not start the request: {e}", status=500))
+                continue
+            h.admitted = time.monotonic()
+            self.running[h.rid] = h
+        self._gauges()
+
+    def _step(self) -> None:
+        n = len(self.batch)
+        t0 = time.perf_counter()
+        try:
+            events = self.batch.step()
+        except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+            self._step_failed(e)
+            return
+        dt = time.perf_counter() - t0
+        self.steps_run += 1
+        if self.metrics is not None:
+            self.metrics.observe_step(n, dt)
+        with self._cv:
+            for ev in events:
+                h = self.running.get(ev.request_id)
+                if h is None:
+                    continue
+                self._route(h, ev)
+            self._gauges()
+
+    def _step_failed(self, e: Exception) -> None:
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+        self.step_failures += 1
+        log.error("a step failed (%s: %s); failing the %d requests in it", type(e).__name__, e,
+                  len(self.running), exc_info=not oom)
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if oom:
+            err = EngineError("the server ran out of memory while running this request; retry with a "
+                              "smaller request or later", status=503, type="server_error",
+                              code="out_of_memory")
+        else:
+            err = EngineError(f"internal error while running this request ({type(e).__name__})",
+                              status=500, type="server_error", code="step_failed")
+        with self._cv:
+            failed = list(self.running.values())
+            for h in failed:
+                self._release(h)
+                self._finish_error(h, err)
+            self._gauges()
+        if self.metrics is not None:
+            self.metrics.observe_step_failure(len(failed))
+
+    def _route(self, h: Handle, ev: StepEvent) -> None:
+        h.steps = ev.step
+        h.nfe = ev.nfe
+        canvas = h.canvas
+        for p, t in zip(ev.positions, ev.token_ids):
+            canvas[p] = t
+        before = h.prefix
+        n = len(canvas)
+        while h.prefix < n and canvas[h.prefix] is not None:
+            if canvas[h.prefix] in self.stop_ids:
+                h.stop_seen = True
+            h.prefix += 1
+        if h.first_block_s is None and (h.prefix >= min(h.params.block, n) or ev.finished):
+            h.first_block_s = time.monotonic() - h.submitted
+            if self.metrics is not None:
+                self.metrics.observe_first_block(h.first_block_s)
+        if h.want_steps:
+            self._send(h, ("step", ev))
+        if h.want_progress and h.prefix > before:
+            self._send(h, ("progress", list(canvas[:h.prefix])))
+        final = (h.stop_seen or (h.answer_limit is not None and h.prefix >= h.answer_limit))
+        if ev.finished or (final and self.config.early_stop and not h.want_steps):
+            gen = ev.gen_ids if ev.finished else [self.mask_id if t is None else t for t in canvas]
+            self._release(h)
+            now = time.monotonic()
+            res = Result(gen_ids=list(gen), nfe=ev.nfe, steps=ev.step, early=not ev.finished,
+                         queued_s=(h.admitted or now) - h.submitted, duration_s=now - h.submitted,
+                         first_block_s=h.first_block_s)
+            if self.metrics is not None:
+                unmasked = sum(1 for t in canvas if t is not None)
+                self.metrics.observe_finished(unmasked / max(ev.nfe, 1))
+            h.done = True
+            self._send(h, ("done", res))
+
+    # ------------------------------------------------------------------ helpers (lock held)
+    def _release(self, h: Handle) -> None:
+        self.running.pop(h.rid, None)
+        try:
+            self.batch.remove(h.rid)
+        except Exception:  # noqa: BLE001
+            log.exception("removing request %s from the batch failed", h.rid)
+
+    def _finish_error(self, h: Handle, err: EngineError) -> None:
+        h.done = True
+        self._send(h, ("error", err))
+
+    def _send(self, h: Handle, item) -> None:
+        if h.cancelled and item[0] != "error":
+            return
+        try:
+            h.sink(item)
+        except Exception:  # noqa: BLE001 - a dead consumer must not stop the engine
+            log.debug("request %s: its consumer is gone", h.rid)
+            h.cancelled = True
+
+    def _fail_all(self, err: EngineError) -> None:
+        while self.waiting:
+            self._finish_error(self.waiting.popleft(), err)
+        for h in list(self.running.values()):
+            self._release(h)
+            self._finish_error(h, err)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_load(len(self.waiting), len(self.running))

@@ -1,0 +1,141 @@
+"""From generated ids to the answer a client sees, identically for streamed and whole responses.
+
+The answer is the generated span cut at the first EOS/EoT id and at `max_tokens` ids, decoded,
+then cut before the first stop string (the match that ends first; on a tie the longer one).
+While a request runs, only its final prefix (the unmasked run at the start of the span) is known;
+`Choice.on_progress` turns each longer prefix into the text that can be sent without ever having
+to take it back: it holds back a trailing partial UTF-8 character and any tail that could still
+grow into a stop string. Deltas therefore concatenate to exactly the whole answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Decoder:
+    """Token ids -> text. Without a tokenizer each id is written as `<id>`."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    def text(self, ids) -> str:
+        ids = list(ids)
+        if not ids:
+            return ""
+        if self.tokenizer is None:
+            return "".join(f"<{i}>" for i in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def piece(self, i: int) -> str:
+        """One token's own text (special tokens shown by name), for the per-step canvas."""
+        if self.tokenizer is None:
+            return f"<{i}>"
+        return self.tokenizer.decode([i], skip_special_tokens=False)
+
+
+@dataclass
+class Answer:
+    ids: list[int]
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Start of the stop-string match that ends first (ties: the longer match), or None."""
+    best = None  # (end, -length, start)
+    for s in stops:
+        i = text.find(s)
+        if i >= 0:
+            key = (i + len(s), -len(s), i)
+            if best is None or key < best:
+                best = key
+    return None if best is None else best[2]
+
+
+def stop_tail(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class Choice:
+    """The answer of one sub-request as it becomes known."""
+
+    def __init__(self, index: int, decoder: Decoder, stop_ids, max_tokens: int, stops: list[str]):
+        self.index = index
+        self.decoder = decoder
+        self.stop_ids = set(stop_ids)
+        self.max_tokens = max_tokens
+        self.stops = [s for s in stops if s]
+        self.sent = ""
+        self.answer: Answer | None = None
+
+    def _cut_ids(self, ids) -> tuple[list[int], bool]:
+        """(answer ids, ended by a stop id) for a run of known ids."""
+        out = []
+        for t in ids:
+            if t in self.stop_ids:
+                return out, True
+            if len(out) >= self.max_tokens:
+                break
+            out.append(t)
+        return out, False
+
+    def _finalize(self, ids: list[int], stopped: bool, text: str, cut: int | None) -> Answer:
+        reason = "stop" if stopped or cut is not None else "length"
+        tokens = len(ids)
+        if cut is not None:
+            text = text[:cut]
+            # tokens spent on the text kept: the shortest id prefix whose text covers it
+            tokens = next((k for k in range(len(ids) + 1) if len(self.decoder.text(ids[:k])) >= cut), len(ids))
+        return Answer(ids=ids[:tokens] if cut is not None else ids, text=text, finish_reason=reason,
+                      completion_tokens=tokens)
+
+    def _delta(self, text: str) -> str:
+        if not text.startswith(self.sent):
+            # Cannot happen with a prefix-consistent decoder; never resend what was sent.
+            return ""
+        d = text[len(self.sent):]
+        self.sent = text
+        return d
+
+    def on_progress(self, prefix_ids) -> str:
+        """A longer final prefix is known: the text that is now safe to send (may be empty)."""
+        if self.answer is not None:
+            return ""
+        ids, stopped = self._cut_ids(prefix_ids)
+        complete = stopped or len(ids) >= self.max_tokens
+        text = self.decoder.text(ids)
+        cut = find_stop(text, self.stops)
+        if cut is not None or complete:
+            self.answer = self._finalize(ids, stopped, text, cut)
+            return self._delta(self.answer.text)
+        safe = text
+        while safe.endswith("\ufffd"):
+            safe = safe[:-1]
+        hold = stop_tail(safe, self.stops)
+        if hold:
+            safe = safe[:-hold]
+        if len(safe) <= len(self.sent):
+            return ""
+        return self._delta(safe)
+
+    def on_done(self, gen_ids) -> str:
+        """The request finished (or left early with a final prefix): the rest of the answer."""
+        if self.answer is None:
+            known = []
+            for t in gen_ids:
+                if t is None:
+                    break
+                known.append(t)
+            ids, stopped = self._cut_ids(known)
+            text = self.decoder.text(ids)
+            self.answer = self._finalize(ids, stopped, text, find_stop(text, self.stops))
+        return self._delta(self.answer.text)

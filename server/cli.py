@@ -1,0 +1,138 @@
+"""`llada-serve`: load a checkpoint and serve it (every flag also reads LLADA_<FLAG> from the env)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger("llada.cli")
+
+
+def _env(name: str, default=None):
+    v = os.environ.get("LLADA_" + name.upper().replace("-", "_"))
+    return default if v is None or v == "" else v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llada-serve",
+        description="OpenAI-compatible server for LLaDA masked-diffusion language models. "
+                    "Each flag can also be set from the environment as LLADA_<FLAG> "
+                    "(for example LLADA_MODEL, LLADA_PORT, LLADA_API_KEY).")
+    a = p.add_argument
+    a("--model", default=_env("model"), help="checkpoint directory in the Hugging Face layout "
+      "(default: the embedded default model)")
+    a("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
+    a("--port", type=int, default=_env("port", 8000), help="port (default 8000)")
+    a("--device", choices=["auto", "cuda", "cpu"], default=_env("device", "auto"))
+    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"))
+    a("--served-model-name", default=_env("served_model_name"),
+      help="model id clients use (default: the checkpoint directory's name)")
+    a("--max-batch-size", type=int, default=_env("max_batch_size", 32), help="running requests per step")
+    a("--max-batch-tokens", type=int, default=_env("max_batch_tokens", 16384),
+      help="canvas tokens (prompt + generated) held by the running batch")
+    a("--max-queue", type=int, default=_env("max_queue", 256),
+      help="waiting requests before new ones are refused with 429")
+    a("--request-timeout", type=float, default=_env("request_timeout", 600.0),
+      help="seconds a request may take from arrival (0: no limit)")
+    a("--api-key", default=_env("api_key"), help="require 'Authorization: Bearer KEY' on /v1/*")
+    a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
+      help="seconds in-flight requests get to finish after SIGTERM")
+    a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _fail(msg: str, code: int = 1):
+    print(f"llada-serve: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1", 2)
+    if not 1 <= args.port <= 65535:
+        _fail(f"--port must be in 1..65535, got {args.port}", 2)
+
+    from weights import default_model_path
+
+    model_dir = args.model
+    if not model_dir:
+        default = default_model_path()
+        if not (default / "config.json").is_file():
+            _fail(f"no --model given (or LLADA_MODEL) and the embedded default model is not available: "
+                  f"{default} holds no config.json. Pass --model DIR with a LLaDA checkpoint in the "
+                  "Hugging Face layout.", 2)
+        model_dir = str(default)
+
+    import torch
+    import uvicorn
+
+    from sampler.scheduler import EngineConfig
+    from server.app import create_app
+    from weights.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype)
+    except (CheckpointError, OSError, ValueError) as e:
+        _fail(f"cannot load the model from {model_dir}: {e}")
+    cfg = bundle.config
+    name = args.served_model_name or bundle.name or "llada"
+    param_bytes = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
+    log.info("model %s from %s: %.2fM parameters, %d layers, d_model %d, vocab %d, max_sequence_length %d, "
+             "tokenizer %s", name, bundle.path, cfg.num_parameters / 1e6, cfg.n_layers, cfg.d_model,
+             cfg.vocab_size, cfg.max_sequence_length, "yes" if bundle.tokenizer is not None else "none")
+    econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                         max_queue=args.max_queue,
+                         request_timeout=args.request_timeout if args.request_timeout > 0 else None)
+    try:
+        app = create_app(bundle, econf, served_model_name=name, api_key=args.api_key or None,
+                         shutdown_grace=args.shutdown_grace)
+    except (RuntimeError, ValueError) as e:  # e.g. the KV buffers do not fit the device
+        _fail(f"cannot set up the engine: {e}")
+    engine = app.state.engine
+    kv_bytes = engine.batch.kv.nbytes
+    mem = ""
+    if bundle.device.type == "cuda":
+        mem = f", GPU memory allocated {torch.cuda.memory_allocated(bundle.device) / 2**20:.0f} MiB"
+    log.info("device %s, dtype %s, weights %.1f MiB, KV buffers %.1f MiB for %d canvas tokens%s",
+             bundle.device, str(bundle.dtype).replace("torch.", ""), param_bytes / 2**20, kv_bytes / 2**20,
+             args.max_batch_tokens, mem)
+    log.info("engine: max_batch_size %d, max_batch_tokens %d, max_queue %d, request_timeout %s, "
+             "shutdown_grace %gs, API key %s", args.max_batch_size, args.max_batch_tokens, args.max_queue,
+             f"{args.request_timeout:g}s" if args.request_timeout > 0 else "none", args.shutdown_grace,
+             "required" if args.api_key else "off")
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_grace, access_log=False)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Stop intake (new submissions get 503, /ready turns 503), let in-flight requests drain
+            # for up to the grace period, then exit 0.
+            if not self.should_exit:
+                log.info("signal %s: draining in-flight requests (grace %gs)", sig, args.shutdown_grace)
+            engine.stop_intake()
+            if self.should_exit and sig == 2:
+                self.force_exit = True
+            self.should_exit = True
+
+    server = Server(config)
+    log.info("listening on http://%s:%d (playground at /, OpenAI API at /v1, metrics at /metrics)",
+             args.host, args.port)
+    try:
+        server.run()
+    except OSError as e:
+        _fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    if not server.started:
+        sys.exit(1)
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()
