@@ -215,7 +215,7 @@ def main(argv=None) -> int:
             ms_per_forward=round(per_fwd * 1e3, 2), forwards_per_token=round(res.forwards / max(res.tokens, 1), 3),
             peak_gib=round(res.peak_bytes / 2**30, 2),
             vs_baseline=round(tps / (base.tokens / base.seconds), 2) if base else None,
-            vs_roofline=round(tps / roof_tps, 2), roofline_ms=round(floor * 1e3, 2)))
+            vs_roofline=round(tps / roof_tps, 4), roofline_ms=round(floor * 1e3, 2)))
 
     # Warm-up (allocator, kernels' compilation).
     run_batch(bundle, [(prompt(), one(gen=B, steps=4 if not q else 4, cache="dual"))])
