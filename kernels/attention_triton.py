@@ -144,7 +144,8 @@ def _cuda_configs():
     cfgs = []
     for bm, bn, warps, stages in (
         (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3),
+        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
+        (32, 64, 4, 3), (32, 128, 4, 3), (32, 32, 4, 4), (16, 64, 4, 3),
     ):
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
     return cfgs
@@ -159,7 +160,7 @@ def _prune(configs, named_args, **kwargs):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if d >= 256 and (bm > 64 or bn > 64):
             continue
-        if bm > max(32, q_bucket):
+        if bm > max(16, q_bucket) or (q_bucket >= 64 and bm < 64):
             continue
         out.append(c)
     return out or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
