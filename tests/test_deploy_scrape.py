@@ -28,6 +28,9 @@ GOLDEN = (ROOT / ".." / "shared" / "golden" / "tiny-llada").resolve()
 K8S = ROOT / "deploy" / "k8s"
 SHUTDOWN_GRACE = 5
 N_OK = 6
+# As in Kubernetes (the key comes from a Secret): /v1/* needs it, Prometheus scrapes /metrics without.
+API_KEY = "deploy-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 pytestmark = pytest.mark.skipif(
     ls.prometheus_binary() is None,
@@ -55,7 +58,8 @@ def stack(tmp_path_factory):
     st.server_log = work / "server.log"
     try:
         st.server = ls.start(
-            ls.server_command(port, str(GOLDEN), ["--device", "cpu", "--shutdown-grace", str(SHUTDOWN_GRACE)]),
+            ls.server_command(port, str(GOLDEN), ["--device", "cpu", "--shutdown-grace", str(SHUTDOWN_GRACE),
+                                                  "--api-key", API_KEY]),
             st.server_log,
         )
         st.prom = ls.Prometheus(work / "prometheus", f"127.0.0.1:{port}", interval="1s")
@@ -65,7 +69,7 @@ def stack(tmp_path_factory):
         # Prometheus sees the target up before any traffic, so rates cover the requests.
         ls.wait_until(lambda: st.prom.value('up{job="llada-serve"}') == 1.0, 30,
                       what="Prometheus to scrape llada-serve")
-        status, models = ls.http("GET", st.base + "/v1/models", timeout=10)
+        status, models = ls.http("GET", st.base + "/v1/models", timeout=10, headers=AUTH)
         assert status == 200, models
         st.model = models["data"][0]["id"]
         yield st
@@ -82,22 +86,26 @@ def stack(tmp_path_factory):
 
 def completion(st: Stack, prompt, max_tokens=8, **extra):
     body = {"model": st.model, "prompt": prompt, "max_tokens": max_tokens, **extra}
-    return ls.http("POST", st.base + "/v1/completions", body, timeout=120)
+    return ls.http("POST", st.base + "/v1/completions", body, timeout=120, headers=AUTH)
 
 
 @pytest.fixture(scope="module")
 def traffic(stack):
-    """N_OK good completions (concurrent, so steps batch), then one rejected request."""
+    """N_OK good completions in two concurrent waves (so steps batch, and Prometheus sees the
+    counters move between scrapes: a labelled series is only exported from its first increment),
+    then one rejected request."""
     results = []
 
     def one(i):
         results.append(completion(stack, [1 + i, 2, 3, 4], max_tokens=8, temperature=0.0))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(N_OK)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=150)
+    for wave in (range(0, N_OK // 2), range(N_OK // 2, N_OK)):
+        threads = [threading.Thread(target=one, args=(i,)) for i in wave]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=150)
+        time.sleep(2.5)  # at least two scrapes at 1 s
     assert len(results) == N_OK and all(s == 200 for s, _ in results), results
     stack.ok = N_OK
     status, body = completion(stack, [1, 2, 3], max_tokens=-5)
@@ -203,6 +211,11 @@ def test_alert_rules_load_and_evaluate_cleanly(traffic):
     assert not firing & {"LladaServeDown", "LladaServeAbsent", "LladaServeHighErrorRate", "LladaServeStepFailures"}
 
 
+def test_api_key_guards_the_api_but_not_the_scrape(stack):
+    assert ls.http("GET", stack.base + "/v1/models", timeout=10)[0] == 401
+    assert stack.prom.value('up{job="llada-serve"}') == 1.0
+
+
 def test_probe_paths_of_the_manifests_answer_on_the_live_server(stack):
     dep = yaml.safe_load((K8S / "deployment.yaml").read_text())
     (c,) = dep["spec"]["template"]["spec"]["containers"]
@@ -218,7 +231,7 @@ def test_server_drains_and_exits_on_sigterm(traffic):
     # Last in the module: a request in flight when SIGTERM arrives still completes, then the server
     # exits within the grace period (what docker stop / Kubernetes rely on).
     result = {}
-    t = threading.Thread(target=lambda: result.update(r=completion(traffic, [7, 8, 9], max_tokens=64)))
+    t = threading.Thread(target=lambda: result.update(r=completion(traffic, [7, 8, 9], max_tokens=128)))
     t.start()
     def admitted():
         if "r" in result:
@@ -229,9 +242,11 @@ def test_server_drains_and_exits_on_sigterm(traffic):
 
     ls.wait_until(admitted, 15, interval=0.02, what="the request to be admitted")
     start = time.monotonic()
+    in_flight = "r" not in result
     traffic.server.send_signal(signal.SIGTERM)
     t.join(timeout=60)
     rc = traffic.server.wait(timeout=SHUTDOWN_GRACE + 15)
     assert time.monotonic() - start <= SHUTDOWN_GRACE + 15
+    assert in_flight, "the request finished before SIGTERM: the drain was not exercised"
     assert result["r"][0] == 200, result
     assert rc in (0, -signal.SIGTERM), rc

@@ -40,9 +40,9 @@ panels = [
   ("Running batch size", "Requests per engine step: mean and p90 of the batch each forward served.", "short", [
     t(f'sum(rate(llada_batch_size_sum{{{SEL}}}[{RI}])) / sum(rate(llada_batch_size_count{{{SEL}}}[{RI}]))', "mean", "A"),
     t(q("0.9", "llada_batch_size"), "p90", "B")]),
-  ("Tokens per forward", "Tokens committed per forward pass (above 1 with parallel decoding); mean of the histogram and generated tokens / forwards.", "short", [
-    t(f'sum(rate(llada_tokens_per_forward_sum{{{SEL}}}[{RI}])) / sum(rate(llada_tokens_per_forward_count{{{SEL}}}[{RI}]))', "mean per step", "A"),
-    t(f'sum(rate(llada_generated_tokens_total{{{SEL}}}[{RI}])) / sum(rate(llada_forwards_total{{{SEL}}}[{RI}]))', "generated / forwards", "B")]),
+  ("Tokens per forward", "Tokens unmasked per forward a request took (above 1 with parallel decoding), mean over finished requests; and generated tokens per batched forward (parallel decoding times batching).", "short", [
+    t(f'sum(rate(llada_tokens_per_forward_sum{{{SEL}}}[{RI}])) / sum(rate(llada_tokens_per_forward_count{{{SEL}}}[{RI}]))', "per request (mean)", "A"),
+    t(f'sum(rate(llada_generated_tokens_total{{{SEL}}}[{RI}])) / sum(rate(llada_forwards_total{{{SEL}}}[{RI}]))', "generated / batched forward", "B")]),
   ("Step latency", "Duration of one engine step (one forward plus selection), p50 / p99.", "s", [
     t(q("0.5", "llada_step_duration_seconds"), "p50", "A"),
     t(q("0.99", "llada_step_duration_seconds"), "p99", "B")]),
