@@ -77,13 +77,12 @@ def _token_bits(key, token):
 def _neg_log2_uniform(b):
     """-log2(U) for U = (b + 0.5) / 2^32, accurate in fp32 over the whole range of b."""
     hi = b >= 0x80000000
-    u = (b.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
-    w = ((~b).to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 1 - U, exact bits
-    arg = tl.where(hi, 1.0 - w, u)
-    e = -tl.math.log2(arg)
+    # One int->float conversion: U itself below 1/2, w = 1 - U (exact from ~b) above.
+    f = (tl.where(hi, ~b, b).to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
+    e = -tl.math.log2(tl.where(hi, 1.0 - f, f))
     # -ln(1 - w) = w + w^2/2 + w^3/3 + ... ; five terms are exact to fp32 for w < 1/16.
-    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * (0.25 + w * 0.2))))
-    return tl.where(hi & (w < 0.0625), series * 1.4426950408889634, e)
+    series = f * (1.0 + f * (0.5 + f * (0.3333333333333333 + f * (0.25 + f * 0.2))))
+    return tl.where(hi & (f < 0.0625), series * 1.4426950408889634, e)
 
 
 @triton.jit
