@@ -34,9 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-
-
 def _interpreting() -> bool:
     """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1)."""
     try:
@@ -188,7 +185,7 @@ def _tuned_sample():
                 (2048, 8, 3), (8192, 16, 2),
             )
         ]
-        _sample_tuned = triton.autotune(configs=cfgs, key=["N_BAN"])(_sample_kernel)
+        _sample_tuned = triton.autotune(configs=cfgs, key=["vocab", "N_BAN"])(_sample_kernel)
     return _sample_tuned
 
 
