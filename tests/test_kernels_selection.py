@@ -1,14 +1,21 @@
 """The Triton selection kernels against the PyTorch references, and the sampler's statistics.
 
-Runs under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set here, before triton is
-imported). With TRITON_INTERPRET=0 exported and a GPU present, the same tests run on CUDA.
+Without a GPU they run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set here,
+before triton is imported, and checked). With a GPU (or TRITON_INTERPRET=0 exported) the same tests
+run the compiled kernels on CUDA.
 Inputs are fresh random draws every run; the seed is printed and named in every failure
 (KERNEL_TEST_SEED=<n> replays one).
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Before anything imports triton: the interpreter, unless the caller chose (TRITON_INTERPRET=0 to
+# test the compiled kernels) or a GPU is present (then the compiled kernels are tested on it and
+# the rest of the session is not switched to the interpreter).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
 import random  # noqa: E402
@@ -16,7 +23,6 @@ import time  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
