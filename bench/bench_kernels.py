@@ -349,6 +349,18 @@ def bench_selection(table, cfg, device, read_bw):
     table.add("transfer mask", tshape, "per-request top-k loop", t_tl, "", ratio(t_tk, t_tl))
 
 
+def autotune_report():
+    """The configurations Triton's autotuner picked, per key (for the record next to the table)."""
+    import kernels.attention_triton as at
+    import kernels.selection_triton as st
+
+    lines = ["autotuned configurations:"]
+    for name, tuner in (("attention", at._attn_fwd_tuned), ("sample", st._sample_tuned)):
+        for key, cfg in (getattr(tuner, "cache", None) or {}).items():
+            lines.append(f"  {name} {key}: {cfg}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -409,6 +421,8 @@ def main(argv=None):
              f" attention {str(dtype).replace('torch.', '')}{', SMOKE shapes' if smoke else ''};"
              f" 'ours vs this' = our time / its time)")
     text = table.render(title)
+    if CUDA:
+        text += "\n\n" + autotune_report()
     print(text)
     print(f"\n(total {time.perf_counter() - t0:.1f} s)")
     for f in table.failures:
