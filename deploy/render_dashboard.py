@@ -31,7 +31,6 @@ COLORS = ["#73bf69", "#f2cc0c", "#5794f2", "#ff9830", "#f2495c", "#b877d9", "#8a
 
 def drive_load(base: str, model: str, seconds: float, vocab: int, seed: int = 0) -> dict:
     """Clients whose number rises and falls over the run; some requests are invalid (4xx)."""
-    rng = random.Random(seed)
     stop_at = time.monotonic() + seconds
     counts = {"ok": 0, "error": 0}
     lock = threading.Lock()
@@ -65,7 +64,6 @@ def drive_load(base: str, model: str, seconds: float, vocab: int, seed: int = 0)
         t.start()
     for t in threads:
         t.join()
-    del rng
     return counts
 
 
@@ -139,11 +137,15 @@ def render(prom: ls.Prometheus, start: float, end: float, out: Path, subtitle: s
                 ax.plot(xs, ys, color=color, linewidth=1.6, label=legend_name(t.get("legendFormat", ""), labels))
                 ax.fill_between(xs, ys, color=color, alpha=0.06)
                 n += 1
-        if n == 0:
-            ax.text(0.5, 0.5, "No data", color=MUTED, ha="center", va="center", transform=ax.transAxes)
+        peak = max([max(line.get_ydata(), default=0) for line in ax.get_lines()], default=0)
+        if n == 0 or peak == 0:
+            note = "No data" if n == 0 else "all 0 (e.g. GPU memory on a CPU run)"
+            ax.text(0.5, 0.5, note, color=MUTED, ha="center", va="center", transform=ax.transAxes)
         else:
             ax.legend(loc="upper left", fontsize=8, frameon=False, labelcolor=TEXT, ncol=4)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=None if peak > 0 else 1)
+        if peak == 0:
+            ax.set_yticks([0])
         ax.set_xlim(datetime.fromtimestamp(start, timezone.utc), datetime.fromtimestamp(end, timezone.utc))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
     fig.text(0.01 + pad_l, 1 - 0.4 / height, dash["title"], color=TEXT, fontsize=16, fontweight="bold")
