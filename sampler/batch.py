@@ -286,7 +286,16 @@ class DiffusionBatch:
         seed = self.seed[slots][row_req].to(dev)
         nonce = self.steps_done[slots][row_req].to(dev)
         pos_d = position.to(dev)
-        x0, conf = sample_candidates(logits, self.temperature[slots][row_req].to(dev), seed, nonce, pos_d)
+        temp = self.temperature[slots][row_req].to(dev)
+        x0, conf = sample_candidates(logits, temp, seed, nonce, pos_d)
+        # A candidate equal to the mask id would leave its position masked for ever (the block never
+        # completes). Trained models never propose it; for the rows that do, draw again without it.
+        bad = x0 == self.mask_id
+        if bool(bad.any()):
+            rows = bad.nonzero().squeeze(1)
+            x0b, confb = sample_candidates(logits.index_select(0, rows), temp[rows], seed[rows], nonce[rows],
+                                           pos_d[rows], ban_ids=[self.mask_id])
+            x0, conf = x0.index_copy(0, rows, x0b), conf.index_copy(0, rows, confb.to(conf.dtype))
         rnd = self.random_remask[slots][row_req]
         if bool(rnd.any()):
             u = rng.uniform(seed, nonce, pos_d, torch.full_like(pos_d, rng.REMASK_STREAM))
