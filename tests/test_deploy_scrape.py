@@ -211,6 +211,23 @@ def test_alert_rules_load_and_evaluate_cleanly(traffic):
     assert not firing & {"LladaServeDown", "LladaServeAbsent", "LladaServeHighErrorRate", "LladaServeStepFailures"}
 
 
+def test_every_series_the_deploy_files_query_is_exported(traffic):
+    status, text = ls.http("GET", traffic.base + "/metrics", timeout=5)
+    assert status == 200
+    exported = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{|\s)", text, re.M))
+    referenced = set()
+    for _, _, expr in ls.dashboard_targets():
+        referenced |= set(re.findall(r"\bllada_[a-z0-9_]+\b", expr))
+    for g in yaml.safe_load(ls.ALERTS_YML.read_text())["groups"]:
+        for r in g["rules"]:
+            referenced |= set(re.findall(r"\bllada_[a-z0-9_]+\b", r["expr"]))
+    hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
+    referenced |= {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert len(referenced) >= 15
+    missing = referenced - exported
+    assert not missing, f"queried by deploy/ but not exported by the server: {sorted(missing)}"
+
+
 def test_api_key_guards_the_api_but_not_the_scrape(stack):
     assert ls.http("GET", stack.base + "/v1/models", timeout=10)[0] == 401
     assert stack.prom.value('up{job="llada-serve"}') == 1.0
