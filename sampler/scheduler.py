@@ -347,6 +347,13 @@ class Engine:
             self._send(h, ("step", ev))
         if h.want_progress and h.prefix > before:
             self._send(h, ("progress", list(canvas[:h.prefix])))
+        if not ev.finished and ev.step > h.params.gen_length + h.params.blocks + 1:
+            # Every step unmasks at least one position; a request past that bound is stuck.
+            log.error("request %s made no progress after %d steps; failing it", h.rid, ev.step)
+            self._release(h)
+            self._finish_error(h, EngineError("the sampler made no progress on this request",
+                                              status=500, code="no_progress"))
+            return
         final = (h.stop_seen or (h.answer_limit is not None and h.prefix >= h.answer_limit))
         if ev.finished or (final and self.config.early_stop and not h.want_steps):
             gen = ev.gen_ids if ev.finished else [self.mask_id if t is None else t for t in canvas]
