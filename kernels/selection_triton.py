@@ -11,7 +11,8 @@ in chunks of BLOCK_V tokens, keeping
   first-occurrence rule);
 - at temperature > 0 the score is the Gumbel-max score. The reference takes
   argmax(l - T * ln(-ln U)); dividing by ln 2 and dropping a per-row constant gives the same argmax
-  as x - T * log2(-log2 U), which is what the kernel computes (log2/exp2 are the fast hardware forms).
+  as x - T * log2(-log2 U), which is what the kernel computes (log2/exp2 are the fast hardware forms
+  when compiled).
   U comes from the same 32 bits as `kernels.rng.uniform` (the murmur3 finaliser on uint32 registers,
   the row key derived in-kernel from seed, nonce and position), so the GPU and the CPU reference
   draw the same token. -log2 U is evaluated without cancellation for U close to 1 (where U rounds to
@@ -33,6 +34,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 def _interpreting() -> bool:
     """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1)."""
@@ -71,20 +73,30 @@ def _token_bits(key, token):
 
 
 @triton.jit
-def _neg_log2_uniform(b):
+def _log2(x, FAST: tl.constexpr):
+    """log2: the hardware approximation (lg2.approx, ~2^-22 absolute) when compiled, else exact."""
+    if FAST:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.math.log2(x)
+
+
+@triton.jit
+def _neg_log2_uniform(b, FAST: tl.constexpr):
     """-log2(U) for U = (b + 0.5) / 2^32, accurate in fp32 over the whole range of b."""
     hi = b >= 0x80000000
     # One int->float conversion: U itself below 1/2, w = 1 - U (exact from ~b) above.
-    f = (tl.where(hi, ~b, b).to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
-    e = -tl.math.log2(tl.where(hi, 1.0 - f, f))
-    # -ln(1 - w) = w + w^2/2 + w^3/3 + ... ; five terms are exact to fp32 for w < 1/16.
-    series = f * (1.0 + f * (0.5 + f * (0.3333333333333333 + f * (0.25 + f * 0.2))))
-    return tl.where(hi & (f < 0.0625), series * 1.4426950408889634, e)
+    f = tl.where(hi, ~b, b).to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    e = -_log2(tl.where(hi, 1.0 - f, f), FAST)
+    # -log2(1 - w) = (w + w^2/2 + w^3/3 + ...) / ln 2; five terms are exact to fp32 for w < 1/16.
+    series = f * (1.4426950408889634 + f * (0.7213475204444817 + f * (
+        0.48089834696298783 + f * (0.36067376022224085 + f * 0.28853900817779266))))
+    return tl.where(hi & (f < 0.0625), series, e)
 
 
 @triton.jit
 def _bits_kernel(seed_ptr, nonce_ptr, pos_ptr, tok_ptr, raw_ptr, out_ptr, e_ptr, n,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, FAST: tl.constexpr):
     """Test hook: the kernel's random bits for given (seed, nonce, position, token), and its
     -log2 U for given raw 32-bit values."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -97,7 +109,43 @@ def _bits_kernel(seed_ptr, nonce_ptr, pos_ptr, tok_ptr, raw_ptr, out_ptr, e_ptr,
     b = _token_bits(key, tok)
     tl.store(out_ptr + offs, b.to(tl.int64), mask=ok)
     raw = tl.load(raw_ptr + offs, mask=ok, other=0).to(tl.uint32)
-    tl.store(e_ptr + offs, _neg_log2_uniform(raw), mask=ok)
+    tl.store(e_ptr + offs, _neg_log2_uniform(raw, FAST), mask=ok)
+
+
+@triton.jit
+def _sample_chunk(base, offs, vocab, ban_ptr, key, temp, hot,
+                  run_max, run_sum, best, best_tok, best_score,
+                  N_BAN: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
+    """Fold one chunk of a row into the running state (MASKED only for the ragged last chunk)."""
+    if MASKED:
+        x = tl.load(base + offs, mask=offs < vocab, other=float("-inf"))
+    else:
+        x = tl.load(base + offs)
+    x = x.to(tl.float32) * 1.4426950408889634
+    for i in tl.static_range(N_BAN):
+        x = tl.where(offs == tl.load(ban_ptr + i), float("-inf"), x)
+    # Online log-sum-exp (base 2), one rescale per chunk.
+    chunk_max = tl.max(x, axis=0)
+    new_max = tl.maximum(run_max, chunk_max)
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    run_sum = run_sum * tl.math.exp2(run_max - safe) + tl.sum(tl.math.exp2(x - safe), axis=0)
+    run_max = new_max
+    if hot:
+        # -log2(-log2 U) <= 32.48 for every 32-bit U: the noise never exceeds 33 T, so a chunk
+        # whose best logit cannot reach the best score so far is skipped, exactly (it could
+        # only tie, and earlier tokens win ties). Peaked rows skip most of the vocabulary.
+        if chunk_max + temp * 33.0 >= best_score:
+            e = _neg_log2_uniform(_token_bits(key, offs), FAST)
+            score = x - temp * _log2(e, FAST)
+            take = score > best
+            best = tl.where(take, score, best)
+            best_tok = tl.where(take, offs, best_tok)
+            best_score = tl.maximum(best_score, tl.max(score, axis=0))
+    else:
+        take = x > best
+        best = tl.where(take, x, best)
+        best_tok = tl.where(take, offs, best_tok)
+    return run_max, run_sum, best, best_tok, best_score
 
 
 @triton.jit
@@ -107,6 +155,7 @@ def _sample_kernel(
     x0_ptr, conf_ptr,
     N_BAN: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    FAST: tl.constexpr,  # hardware log2 (compiled); exact log2 under the interpreter
 ):
     row = tl.program_id(0)
     temp = tl.load(temp_ptr + row).to(tl.float32)
@@ -119,43 +168,28 @@ def _sample_kernel(
     run_sum = tl.zeros([], tl.float32)
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
     best_tok = lanes
-    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
     best_score = tl.full([], float("-inf"), tl.float32)
 
-    for v0 in range(0, vocab, BLOCK_V):
-        offs = v0 + lanes
-        ok = offs < vocab
-        x = tl.load(base + offs, mask=ok, other=float("-inf")).to(tl.float32) * 1.4426950408889634
-        for i in tl.static_range(N_BAN):
-            x = tl.where(offs == tl.load(ban_ptr + i), float("-inf"), x)
-        # Online log-sum-exp (base 2), one rescale per chunk.
-        chunk_max = tl.max(x, axis=0)
-        new_max = tl.maximum(run_max, chunk_max)
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.math.exp2(run_max - safe) + tl.sum(tl.math.exp2(x - safe), axis=0)
-        run_max = new_max
-        if hot:
-            # -log2(-log2 U) <= 32.48 for every 32-bit U: the noise never exceeds 33 T, so a chunk
-            # whose best logit cannot reach the best score so far is skipped, exactly (it could
-            # only tie, and earlier tokens win ties). Peaked rows skip most of the vocabulary.
-            if chunk_max + temp * 33.0 >= best_score:
-                e = _neg_log2_uniform(_token_bits(key, offs))
-                score = x - temp * tl.math.log2(e)
-                take = score > best
-                best = tl.where(take, score, best)
-                best_tok = tl.where(take, offs, best_tok)
-                best_x = tl.where(take, x, best_x)
-                best_score = tl.maximum(best_score, tl.max(score, axis=0))
-        else:
-            take = x > best
-            best = tl.where(take, x, best)
-            best_tok = tl.where(take, offs, best_tok)
-            best_x = tl.where(take, x, best_x)
+    # Whole chunks without masks (vector loads), then the ragged tail of the vocabulary.
+    v_full = (vocab // BLOCK_V) * BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):
+        run_max, run_sum, best, best_tok, best_score = _sample_chunk(
+            base, v0 + lanes, vocab, ban_ptr, key, temp, hot,
+            run_max, run_sum, best, best_tok, best_score,
+            N_BAN=N_BAN, MASKED=False, FAST=FAST)
+    if v_full < vocab:
+        run_max, run_sum, best, best_tok, best_score = _sample_chunk(
+            base, v_full + lanes, vocab, ban_ptr, key, temp, hot,
+            run_max, run_sum, best, best_tok, best_score,
+            N_BAN=N_BAN, MASKED=True, FAST=FAST)
 
     top = tl.max(best, axis=0)
     tok = tl.min(tl.where(best == top, best_tok, 0x7FFFFFFF), axis=0)
-    x_tok = tl.max(tl.where((best == top) & (best_tok == tok), best_x, float("-inf")), axis=0)
+    # The chosen token's logit, read again (one element). A row with no finite logit has no
+    # finite score (top == -inf): NaN, as the reference's exp(-inf - -inf).
+    x_tok = tl.load(base + tok).to(tl.float32) * 1.4426950408889634
     conf = tl.math.exp2(x_tok - run_max - tl.math.log2(run_sum))
+    conf = tl.where(top == float("-inf"), float("nan"), conf)
     tl.store(x0_ptr + row, tok.to(tl.int64))
     tl.store(conf_ptr + row, conf)
 
@@ -215,9 +249,10 @@ def sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids
     ban_t = _ban_tensor(ban, dev)
     args = (logits, logits.stride(0), vocab, temperature, seed, nonce, position, ban_t, x0, conf)
     if _block_v is not None or _interpreting() or not logits.is_cuda:
-        _sample_kernel[(n,)](*args, N_BAN=len(ban), BLOCK_V=_block_v or 64)
+        _sample_kernel[(n,)](*args, N_BAN=len(ban), BLOCK_V=_block_v or 64,
+                             FAST=not _interpreting())
     else:
-        _tuned_sample()[(n,)](*args, N_BAN=len(ban))
+        _tuned_sample()[(n,)](*args, N_BAN=len(ban), FAST=True)
     return x0, conf
 
 
@@ -234,7 +269,7 @@ def rng_bits_triton(seed, nonce, position, token, raw=None):
         _bits_kernel[(triton.cdiv(n, blk),)](
             seed.contiguous(), nonce.contiguous(), position.contiguous(),
             token.to(torch.int32).contiguous(), raw.to(torch.int64).contiguous(), bits, e, n,
-            BLOCK=blk,
+            BLOCK=blk, FAST=not _interpreting(),
         )
     return bits, e
 

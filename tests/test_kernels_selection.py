@@ -92,7 +92,8 @@ def test_rng_bits_identical_to_reference(gen):
 
 def test_neg_log2_uniform_accurate_over_the_whole_range(gen):
     raw = torch.randint(0, 2**32, (700,), dtype=torch.int64, device=DEVICE)
-    edges = [0, 1, 2, 2**24, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2**28, 2**32 - 2**27 - 1,
+    edges = [0, 1, 2, 2**24, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2**28, 2**32 - 2**28 - 1,
+             2**32 - 2**28 + 1, 2**32 - 2**27 - 1,
              2**32 - 2**20, 2**32 - 3, 2**32 - 2, 2**32 - 1]
     raw[: len(edges)] = _i64(edges)
     z = torch.zeros_like(raw)
@@ -100,7 +101,9 @@ def test_neg_log2_uniform_accurate_over_the_whole_range(gen):
     want = -torch.log2(rng.to_unit(raw))
     rel = ((e.double() - want) / want).abs()
     assert torch.isfinite(e).all() and (e > 0).all(), f"seed {SEED}"
-    assert rel.max() < 2e-6, f"seed {SEED}: rel err {rel.max():.3g} at raw {raw[rel.argmax()]}"
+    # Compiled, log2 is the hardware approximation (absolute error ~2^-22.6): a looser bound.
+    bound = 2e-6 if INTERPRET else 6e-6
+    assert rel.max() < bound, f"seed {SEED}: rel err {rel.max():.3g} at raw {raw[rel.argmax()]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +205,9 @@ def test_other_chunk_sizes_and_strided_rows(gen):
     temp, seed, nonce, pos = _row_inputs(n, [0, 1, 0, 0.5, 2, 0])
     for bv in (16, 128, 512):
         _compare_sample(l, temp, seed, nonce, pos, [7], block_v=bv, ctx=f"block_v={bv}")
+    # A vocabulary that is an exact multiple of the chunk (no ragged tail).
+    l = torch.randn(n, 256, device=DEVICE).to(torch.float16)
+    _compare_sample(l, temp, seed, nonce, pos, None, block_v=64, ctx="vocab 256, block_v=64")
 
 
 def test_single_token_vocabulary_and_empty_batch(gen):
