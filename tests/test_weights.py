@@ -32,8 +32,10 @@ def test_ragged_full_logits_match_single():
 
 
 def test_grouped_query_attention_equals_repeated_heads(tmp_path):
-    gqa = load_checkpoint(make_checkpoint(tmp_path / "gqa", n_heads=4, n_kv_heads=2), "cpu", "float64")
-    full = load_checkpoint(make_checkpoint(tmp_path / "mha", n_heads=4, n_kv_heads=4), "cpu", "float64")
+    gqa = load_checkpoint(make_checkpoint(tmp_path / "gqa", n_heads=4, n_kv_heads=2), "cpu", "float64",
+                          fuse=False)
+    full = load_checkpoint(make_checkpoint(tmp_path / "mha", n_heads=4, n_kv_heads=4), "cpu", "float64",
+                           fuse=False)
     hd = gqa.config.head_dim
     with torch.no_grad():
         for name, p in full.model.named_parameters():
@@ -44,6 +46,15 @@ def test_grouped_query_attention_equals_repeated_heads(tmp_path):
                 p.copy_(src)
     ids = torch.randint(0, 180, (2, 19))
     assert torch.allclose(gqa.model.full_logits(ids), full.model.full_logits(ids), atol=1e-10)
+
+
+def test_fused_projections_give_the_same_logits(tmp_path):
+    d = make_checkpoint(tmp_path / "m", n_heads=4, n_kv_heads=2)
+    fused = load_checkpoint(d, "cpu", "float64")
+    plain = load_checkpoint(d, "cpu", "float64", fuse=False)
+    assert fused.model.blocks[0].qkv is not None and plain.model.blocks[0].qkv is None
+    ids = torch.randint(0, 180, (3, 17))
+    assert torch.allclose(fused.model.full_logits(ids), plain.model.full_logits(ids), atol=1e-12)
 
 
 def test_sharded_and_single_file_load_the_same(tmp_path):

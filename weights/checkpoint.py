@@ -116,7 +116,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return files
 
 
-def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None) -> ModelBundle:
+def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None,
+                    fuse: bool = True) -> ModelBundle:
+    """Config, weights (tensor by tensor, straight to `device` in `dtype`) and tokenizer of a
+    checkpoint directory. `fuse` merges q/k/v and gate/up per block for serving; pass False to
+    keep the checkpoint's own parameters (training, export)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -175,6 +179,8 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
         bar.close()
     model.eval()
     model.requires_grad_(False)
+    if fuse:
+        model.fuse()
 
     tokenizer = Tokenizer.from_dir(path)
     eot = bos = None

@@ -111,14 +111,34 @@ class Block(nn.Module):
         self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+        self.qkv = self.gate_up = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Replace q/k/v and gate/up by one matrix each: one product instead of three and two.
+        Serving calls it after loading; training keeps the checkpoint's separate projections."""
+        if self.qkv is not None:
+            return
+        with torch.no_grad():
+            self.qkv = nn.Linear(1, 1, bias=False)
+            self.qkv.weight = nn.Parameter(torch.cat(
+                [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]), requires_grad=False)
+            self.gate_up = nn.Linear(1, 1, bias=False)
+            self.gate_up.weight = nn.Parameter(torch.cat(
+                [self.ff_proj.weight, self.up_proj.weight]), requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj, self.ff_proj, self.up_proj
 
     def forward(self, x, cos, sin, layout: AttnLayout, k_buf, v_buf):
         cfg = self.cfg
         t = x.shape[0]
+        kv = cfg.n_kv_heads * cfg.head_dim
         n = rms_norm(x, self.attn_norm.weight, cfg.rms_norm_eps)
-        q = self.q_proj(n).view(t, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(n).view(t, cfg.n_kv_heads, cfg.head_dim)
-        v = self.v_proj(n).view(t, cfg.n_kv_heads, cfg.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(n).split([cfg.d_model, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(n), self.k_proj(n), self.v_proj(n)
+        q = q.reshape(t, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(t, cfg.n_kv_heads, cfg.head_dim)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         if k_buf is None:  # no buffers: every segment attends to its own fresh rows
             k_all, v_all = k, v
@@ -130,7 +150,11 @@ class Block(nn.Module):
                       layout.max_q, layout.max_k)
         x = x + self.attn_out(o.reshape(t, cfg.d_model))
         m = rms_norm(x, self.ff_norm.weight, cfg.rms_norm_eps)
-        return x + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(m).chunk(2, dim=-1)
+        else:
+            gate, up = self.ff_proj(m), self.up_proj(m)
+        return x + self.ff_out(F.silu(gate) * up)
 
 
 class LLaDAModel(nn.Module):
@@ -143,6 +167,12 @@ class LLaDAModel(nn.Module):
         self.ln_f.weight = nn.Parameter(torch.ones(config.d_model))
         self.ff_out = nn.Linear(config.d_model, config.embedding_size, bias=False)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
+
+    def fuse(self) -> "LLaDAModel":
+        """Fuse every block's projections for serving (see Block.fuse)."""
+        for block in self.blocks:
+            block.fuse()
+        return self
 
     @property
     def device(self) -> torch.device:
