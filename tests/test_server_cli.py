@@ -1,0 +1,106 @@
+"""`python -m server.cli` as a process: flags from the environment, clear failures, SIGTERM drain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from weights import default_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("LLADA_")}
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["PYTHONUNBUFFERED"] = "1"
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def run_cli(args, timeout=60, **envs):
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=env(**envs),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif((default_model_path() / "config.json").is_file(), reason="the default model exists")
+def test_without_a_model_it_says_so_and_exits_non_zero():
+    r = run_cli(["--port", "1"])
+    assert r.returncode != 0
+    assert "default model" in r.stderr and "--model" in r.stderr
+
+
+def test_an_unloadable_model_exits_non_zero(tmp_path):
+    r = run_cli([], LLADA_MODEL=str(tmp_path / "nothing-here"))
+    assert r.returncode == 1 and "cannot load the model" in r.stderr
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    r = run_cli(["--model", str(tmp_path / "broken")])
+    assert r.returncode == 1 and "cannot load the model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_flag_values_are_refused():
+    r = run_cli(["--max-batch-size", "0", "--model", "x"])
+    assert r.returncode == 2 and "--max-batch-size" in r.stderr
+    r = run_cli(["--device", "tpu"])
+    assert r.returncode == 2
+
+
+def test_env_configuration_and_sigterm_drain(golden_dir, free_port, tmp_path):
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env=env(LLADA_MODEL=golden_dir, LLADA_PORT=free_port, LLADA_API_KEY="k1",
+                LLADA_SERVED_MODEL_NAME="from-env", LLADA_DEVICE="cpu", LLADA_SHUTDOWN_GRACE=10,
+                LLADA_MAX_BATCH_TOKENS=2048),
+        start_new_session=True)
+    base = f"http://127.0.0.1:{free_port}"
+    auth = {"Authorization": "Bearer k1"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.1)
+        models = httpx.get(base + "/v1/models", headers=auth, timeout=5).json()
+        assert models["data"][0]["id"] == "from-env"
+        assert httpx.get(base + "/v1/models", timeout=5).status_code == 401
+
+        # A long request is in flight when SIGTERM arrives: it still completes, then the process exits 0.
+        result = {}
+        body = {"prompt": [1, 2, 3], "max_tokens": 256, "block_length": 256, "steps": 256}
+        t = threading.Thread(target=lambda: result.update(
+            r=httpx.post(base + "/v1/completions", json=body, headers=auth, timeout=60)))
+        t.start()
+        deadline = time.monotonic() + 15
+        while "llada_running_requests 1.0" not in httpx.get(base + "/metrics", timeout=5).text:
+            assert time.monotonic() < deadline and "r" not in result, "the request was never admitted"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        t.join(60)
+        rc = proc.wait(timeout=30)
+        assert result["r"].status_code == 200, result["r"].text
+        assert len(result["r"].json()["choices"][0]["token_ids"]) <= 256
+        assert rc == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+    text = (tmp_path / "server.log").read_text()
+    for needle in ("parameters", "device cpu", "dtype float32", "KV buffers", "listening on http://127.0.0.1",
+                   "draining"):
+        assert needle in text, needle
