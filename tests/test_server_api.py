@@ -230,3 +230,19 @@ def test_metrics_move_with_the_requests(server):
     assert metric(after, "llada_queue_length") == 0 and metric(after, "llada_running_requests") == 0
     assert metric(after, "llada_step_failures_total") == 0
     assert metric(after, "llada_gpu_memory_bytes") == 0  # CPU
+
+
+def test_load_script_reports_throughput_and_latency(server):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "load.py"), "--url", server.url, "--clients", "4",
+                        "--requests", "12", "--time-limit", "60", "--prompt-ids", "1,2,3", "--max-tokens", "8",
+                        "--stream", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] == 12 and out["errors"] == {} and out["requests_per_s"] > 0
+    assert out["latency_s"]["p50"] <= out["latency_s"]["p99"] and out["first_chunk_s"]["p50"] is not None
