@@ -9,7 +9,8 @@ Same contract as `kernels.attention.attention_reference`:
 - segment b attends, with no mask inside the range, to key rows
   `k_start[b] : k_start[b] + k_len[b]`, so a query slice (the current block) may read a longer
   key range (the cache modes);
-- the result [Tq, H, D] is in q's dtype; scores, softmax and the output accumulate in fp32.
+- the result [Tq, H, D] is in q's dtype; scores, softmax and the output accumulate in fp32;
+- D is any head dim up to 256 (powers of two unpadded, others zero-padded in registers).
 
 One program computes one tile of BLOCK_M queries of one segment for one head: the grid is
 (ceil(max_q / BLOCK_M), H, B) and a program whose tile lies past its segment's end returns at
@@ -42,12 +43,13 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows, n_ok, stride_kt, stride_vt, offs_d,
-               qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """One key tile of the online softmax; MASKED only for the segment's ragged last tile."""
-    if MASKED:
+def _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows, n_ok, stride_kt, stride_vt, offs_d, d_ok,
+               qk_scale, MASKED: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax; MASKED only for the segment's ragged last tile,
+    EVEN_D false only for head dims that are not a power of two (zero-padded to BLOCK_D)."""
+    if MASKED or (not EVEN_D):
         kt = tl.load(k_base + k_rows[None, :] * stride_kt + offs_d[:, None],
-                     mask=n_ok[None, :], other=0.0)
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
     else:
         kt = tl.load(k_base + k_rows[None, :] * stride_kt + offs_d[:, None])
     if IEEE:
@@ -61,9 +63,9 @@ def _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows, n_ok, stride_kt, stride
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if MASKED:
+    if MASKED or (not EVEN_D):
         vt = tl.load(v_base + k_rows[:, None] * stride_vt + offs_d[None, :],
-                     mask=n_ok[:, None], other=0.0)
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         vt = tl.load(v_base + k_rows[:, None] * stride_vt + offs_d[None, :])
     if IEEE:
@@ -85,6 +87,7 @@ def _attn_fwd(
     q_bucket,  # autotuning key only (the query-length class of the launch)
     GROUP: tl.constexpr,  # H // KH
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (at least 16)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: full-precision products instead of tf32
@@ -103,18 +106,19 @@ def _attn_fwd(
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < q_len
 
     q_rows = (q0 + offs_m).to(tl.int64)
     q = tl.load(
         q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        mask=m_ok[:, None], other=0.0,
+        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_vh
@@ -122,13 +126,13 @@ def _attn_fwd(
     for n0 in range(0, n_full, BLOCK_N):
         k_rows = (k0 + n0 + offs_n).to(tl.int64)
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows, offs_n < BLOCK_N,
-                                   stride_kt, stride_vt, offs_d, qk_scale,
-                                   MASKED=False, IEEE=IEEE)
+                                   stride_kt, stride_vt, offs_d, d_ok, qk_scale,
+                                   MASKED=False, EVEN_D=BLOCK_D == HEAD_DIM, IEEE=IEEE)
     if n_full < k_len:
         k_rows = (k0 + n_full + offs_n).to(tl.int64)
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows,
-                                   (n_full + offs_n) < k_len, stride_kt, stride_vt, offs_d,
-                                   qk_scale, MASKED=True, IEEE=IEEE)
+                                   (n_full + offs_n) < k_len, stride_kt, stride_vt, offs_d, d_ok,
+                                   qk_scale, MASKED=True, EVEN_D=BLOCK_D == HEAD_DIM, IEEE=IEEE)
 
     # An empty key range gives zeros (as the reference's empty product does).
     denom = tl.where(l_i > 0.0, l_i, 1.0)
@@ -136,7 +140,7 @@ def _attn_fwd(
     tl.store(
         o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty),
-        mask=m_ok[:, None],
+        mask=m_ok[:, None] & d_ok[None, :],
     )
 
 
@@ -153,7 +157,7 @@ def _cuda_configs():
 
 def _prune(configs, named_args, **kwargs):
     """Keep tiles that fit the head dimension and do not dwarf the longest query segment."""
-    d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     q_bucket = named_args["q_bucket"]
     out = []
     for c in configs:
@@ -195,8 +199,8 @@ def attention_triton(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scal
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [Tk, KH, {d}]")
     if kh == 0 or h % kh:
         raise ValueError(f"query heads {h} not a multiple of key heads {kh}")
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"head dim {d} must be a power of two in 16..256")
+    if d < 1 or d > 256:
+        raise ValueError(f"head dim {d} must be in 1..256")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -226,6 +230,7 @@ def attention_triton(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scal
 
     q_bucket = min(128, triton.next_power_of_2(max_q))
     ieee = q.dtype == torch.float32
+    block_d = max(16, triton.next_power_of_2(d))
     args = (
         q, k, v, out, cu_q, k_start, k_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -235,11 +240,12 @@ def attention_triton(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scal
     if _blocks is not None or _interpreting() or not q.is_cuda:
         bm, bn = _blocks if _blocks is not None else (16, 16)
         grid = (triton.cdiv(max_q, bm), h, b)
-        _attn_fwd[grid](*args, GROUP=h // kh, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee)
+        _attn_fwd[grid](*args, GROUP=h // kh, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+                        IEEE=ieee)
         return out
 
     def grid(meta):
         return (triton.cdiv(max_q, meta["BLOCK_M"]), h, b)
 
-    _tuned_kernel()[grid](*args, GROUP=h // kh, HEAD_DIM=d, IEEE=ieee)
+    _tuned_kernel()[grid](*args, GROUP=h // kh, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee)
     return out

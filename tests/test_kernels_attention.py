@@ -150,6 +150,16 @@ def test_head_dim_extremes(d, gen):
     _check(q, k, v, cu_q, k_start, k_len, ctx=f"d={d}")
 
 
+@pytest.mark.parametrize("d", [8, 12, 24])
+def test_head_dims_not_a_power_of_two(d, gen):
+    """Small test models have head dims like 12: zero-padded to the next power of two (>= 16)."""
+    q_lens, ranges = [3, 17], [(0, 20), (4, 17)]
+    cu_q, k_start, k_len = _layout(q_lens, ranges)
+    for dtype in DTYPES:
+        q, k, v = _rand((20, 4, d), dtype), _rand((22, 2, d), dtype), _rand((22, 2, d), dtype)
+        _check(q, k, v, cu_q, k_start, k_len, extra_rows=2, ctx=f"d={d} {dtype}")
+
+
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
 def test_other_tile_shapes_and_strided_inputs(blocks, gen):
     """Unequal tile sizes; q, k, v as strided views of one fused QKV projection; custom scale."""
@@ -204,8 +214,8 @@ def test_rejects_bad_shapes():
     cu, ks, kl = _layout([4], [(0, 4)])
     with pytest.raises(ValueError):
         attn_mod.attention_triton(q, k, k, cu, ks, kl, 4, 4, None)
-    q = torch.zeros(4, 2, 24, device=DEVICE)
-    k = torch.zeros(4, 2, 24, device=DEVICE)
+    q = torch.zeros(4, 2, 288, device=DEVICE)
+    k = torch.zeros(4, 2, 288, device=DEVICE)
     with pytest.raises(ValueError):
         attn_mod.attention_triton(q, k, k, cu, ks, kl, 4, 4, None)
 

@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent(
                   "stride_ot", "stride_oh"):
             sig[n] = "i32"
         sig.update(qk_scale="fp32", q_bucket="i32", GROUP="constexpr", HEAD_DIM="constexpr",
-                   BLOCK_M="constexpr", BLOCK_N="constexpr", IEEE="constexpr")
+                   BLOCK_D="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", IEEE="constexpr")
         return sig
 
     def sample_sig(dt):
@@ -67,17 +67,17 @@ SCRIPT = textwrap.dedent(
 
     # The LLaDA-8B case on Hopper must use wgmma with pipelined (async) K/V loads.
     k = compile_for(90, at._attn_fwd, attn_sig("bf16"),
-                    dict(GROUP=1, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, IEEE=False),
+                    dict(GROUP=1, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=64, IEEE=False),
                     num_warps=8, num_stages=3)
     assert "warp_group_dot" in k.asm["ttgir"] and "async_copy" in k.asm["ttgir"]
     compile_for(90, at._attn_fwd, attn_sig("fp16"),
-                dict(GROUP=4, HEAD_DIM=64, BLOCK_M=32, BLOCK_N=64, IEEE=False),
+                dict(GROUP=4, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=32, BLOCK_N=64, IEEE=False),
                 num_warps=4, num_stages=3)
     compile_for(90, at._attn_fwd, attn_sig("fp32"),
-                dict(GROUP=2, HEAD_DIM=32, BLOCK_M=32, BLOCK_N=32, IEEE=True),
+                dict(GROUP=2, HEAD_DIM=12, BLOCK_D=16, BLOCK_M=32, BLOCK_N=32, IEEE=True),
                 num_warps=4, num_stages=2)
     compile_for(80, at._attn_fwd, attn_sig("bf16"),
-                dict(GROUP=1, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, IEEE=False),
+                dict(GROUP=1, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=64, IEEE=False),
                 num_warps=8, num_stages=3)
     for arch in (90, 80):
         compile_for(arch, st._sample_kernel, sample_sig("bf16"),
