@@ -70,7 +70,8 @@ def _use_triton(q: torch.Tensor) -> bool:
     if os.environ.get("LLADA_DISABLE_TRITON") == "1":
         return False
     if q.is_cuda:
-        return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        # The kernel takes head dims up to 256; anything else stays on the reference.
+        return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
     return False
 
 
