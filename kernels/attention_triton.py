@@ -170,6 +170,41 @@ def _prune(configs, named_args, **kwargs):
     return out or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
 
 
+def _default_config(block_d, q_bucket):
+    """(BLOCK_M, BLOCK_N, warps, stages) used where the autotuner may not run."""
+    if q_bucket <= 16:
+        return 16, 64, 4, 3
+    if q_bucket <= 32:
+        return 32, 64, 4, 3
+    if block_d >= 256:
+        return 64, 32, 4, 2
+    if q_bucket <= 64:
+        return 64, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def autotune_allowed(t: torch.Tensor) -> bool:
+    """Autotuning benchmarks (and synchronises), so it is off inside a CUDA graph capture and when
+    LLADA_KERNEL_AUTOTUNE=0; the kernels then use the tuner's earlier choice for the same key, or
+    a fixed default."""
+    if os.environ.get("LLADA_KERNEL_AUTOTUNE", "1") == "0":
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def cached_config(tuner, args, kwargs):
+    """The autotuner's stored choice for this call's key, or None (mirrors Triton's key: the key
+    arguments, then the dtypes of the tensor arguments)."""
+    try:
+        named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+        named = {k: v for k, v in named.items() if k in tuner.arg_names}
+        key = [named[k] for k in tuner.keys if k in named]
+        key += [str(a.dtype) for a in named.values() if hasattr(a, "dtype")]
+        return tuner.cache.get(tuple(key))
+    except Exception:  # a Triton without these internals: fall back to the default
+        return None
+
+
 _attn_fwd_tuned = None
 
 
@@ -191,7 +226,8 @@ def attention_triton(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scal
     `max_q` (the longest query segment) sizes the grid; when None it is read from `cu_q` (a host
     synchronisation). `max_k` is accepted for the common signature and not needed. `out`, when
     given, is written in place (tests poison it first). `_blocks=(BLOCK_M, BLOCK_N)` pins the
-    tile sizes (tests); otherwise the interpreter uses 16x16 tiles and CUDA autotunes.
+    tile sizes (tests); otherwise the interpreter uses 16x16 tiles and CUDA autotunes (see
+    `autotune_allowed` for CUDA graph capture).
     """
     tq, h, d = q.shape
     tk, kh, dk = k.shape
@@ -244,8 +280,20 @@ def attention_triton(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scal
                         IEEE=ieee)
         return out
 
-    def grid(meta):
-        return (triton.cdiv(max_q, meta["BLOCK_M"]), h, b)
+    kw = dict(GROUP=h // kh, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee)
+    tuner = _tuned_kernel()
+    if autotune_allowed(q):
+        def grid(meta):
+            return (triton.cdiv(max_q, meta["BLOCK_M"]), h, b)
 
-    _tuned_kernel()[grid](*args, GROUP=h // kh, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee)
+        tuner[grid](*args, **kw)
+        return out
+    cfg = cached_config(tuner, args, kw)
+    if cfg is not None:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        warps, stages = cfg.num_warps, cfg.num_stages
+    else:
+        bm, bn, warps, stages = _default_config(block_d, q_bucket)
+    _attn_fwd[(triton.cdiv(max_q, bm), h, b)](*args, **kw, BLOCK_M=bm, BLOCK_N=bn,
+                                              num_warps=warps, num_stages=stages)
     return out

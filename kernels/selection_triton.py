@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels.attention_triton import autotune_allowed, cached_config
+
 def _interpreting() -> bool:
     """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1)."""
     try:
@@ -251,8 +253,18 @@ def sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids
     if _block_v is not None or _interpreting() or not logits.is_cuda:
         _sample_kernel[(n,)](*args, N_BAN=len(ban), BLOCK_V=_block_v or 64,
                              FAST=not _interpreting())
+        return x0, conf
+    kw = dict(N_BAN=len(ban), FAST=True)
+    tuner = _tuned_sample()
+    if autotune_allowed(logits):
+        tuner[(n,)](*args, **kw)
+        return x0, conf
+    cfg = cached_config(tuner, args, kw)  # inside a graph capture, or autotuning switched off
+    if cfg is not None:
+        block_v, warps, stages = cfg.kwargs["BLOCK_V"], cfg.num_warps, cfg.num_stages
     else:
-        _tuned_sample()[(n,)](*args, N_BAN=len(ban), FAST=True)
+        block_v, warps, stages = 4096, 8, 2
+    _sample_kernel[(n,)](*args, **kw, BLOCK_V=block_v, num_warps=warps, num_stages=stages)
     return x0, conf
 
 

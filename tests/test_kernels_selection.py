@@ -338,3 +338,31 @@ def test_transfer_mask_edge_counts(gen):
     assert got.tolist() == [False, False, False, True, False, False, True]
     empty = sel_mod.transfer_mask_triton(conf[:0], _i64([0, 0]), _i64([1]), thr[:1])
     assert empty.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch without autotuning (inside a CUDA graph capture): the tuner's stored choice is found.
+
+
+def test_cached_config_finds_the_autotuners_choice(gen):
+    from kernels.attention_triton import cached_config
+
+    configs = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in ((64, 4), (128, 2))]
+    tuner = triton.autotune(configs=configs, key=["vocab", "N_BAN"])(sel_mod._sample_kernel)
+    # No timing on CPU: pretend the larger chunk is faster.
+    tuner._bench = lambda *a, config, **k: [1.0 / config.kwargs["BLOCK_V"]]
+    n, vocab = 3, 150
+    logits = torch.randn(n, vocab, device=DEVICE)
+    temp, seed, nonce, pos = _row_inputs(n, [0, 1, 0])
+    x0 = torch.full((n,), -7, dtype=torch.int64, device=DEVICE)
+    conf = torch.full((n,), float("nan"), device=DEVICE)
+    args = (logits, logits.stride(0), vocab, temp, seed, nonce, pos,
+            sel_mod._ban_tensor([], DEVICE), x0, conf)
+    kw = dict(N_BAN=0, FAST=not INTERPRET)
+    assert cached_config(tuner, args, kw) is None
+    tuner[(n,)](*args, **kw)
+    cfg = cached_config(tuner, args, kw)
+    assert cfg is not None and cfg.kwargs["BLOCK_V"] == 128 and cfg.num_warps == 2
+    assert cached_config(tuner, args, dict(kw, N_BAN=1)) is None  # another key
+    rx0, _ = sample_candidates_reference(logits, temp, seed, nonce, pos)
+    assert torch.equal(x0, rx0), f"seed {SEED}"
