@@ -73,6 +73,10 @@ SCRIPT = textwrap.dedent(
     compile_for(90, at._attn_fwd, attn_sig("fp16"),
                 dict(GROUP=4, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=32, BLOCK_N=64, IEEE=False),
                 num_warps=4, num_stages=3)
+    bm, bn, warps, stages = at._default_config(128, 16)  # the fixed launch for short blocks
+    compile_for(90, at._attn_fwd, attn_sig("bf16"),
+                dict(GROUP=1, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=bm, BLOCK_N=bn, IEEE=False),
+                num_warps=warps, num_stages=stages)
     compile_for(90, at._attn_fwd, attn_sig("fp32"),
                 dict(GROUP=2, HEAD_DIM=12, BLOCK_D=16, BLOCK_M=32, BLOCK_N=32, IEEE=True),
                 num_warps=4, num_stages=2)
