@@ -77,7 +77,7 @@ def _use_triton(q: torch.Tensor) -> bool:
 
 def attention(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None):
     """Dispatcher: the fused Triton kernel on CUDA, the PyTorch reference elsewhere."""
-    if _use_triton(q):
+    if _use_triton(q) and k.dtype == q.dtype and v.dtype == q.dtype:
         try:
             from kernels.attention_triton import attention_triton
         except ImportError:  # Triton missing on this CUDA machine: the reference still works
