@@ -246,3 +246,17 @@ def test_load_script_reports_throughput_and_latency(server):
     out = json.loads(r.stdout)
     assert out["ok"] == 12 and out["errors"] == {} and out["requests_per_s"] > 0
     assert out["latency_s"]["p50"] <= out["latency_s"]["p99"] and out["first_chunk_s"]["p50"] is not None
+
+
+def test_per_step_stream_with_n_and_threshold(server):
+    body = {"prompt": PROMPT, "max_tokens": 16, "block_length": 8, "threshold": 0.3, "n": 2,
+            "temperature": 1.0, "seed": 9, "stream_steps": True}
+    events = [e for e in sse_events(server.url + "/v1/completions", body) if isinstance(e, dict)]
+    whole = complete(server, **{k: v for k, v in body.items() if k != "stream_steps"})
+    for i in (0, 1):
+        steps = [e for e in events if e["object"] == "diffusion.step" and e["index"] == i]
+        assert steps[-1]["masks_remaining"] == 0
+        assert sum(len(e["positions"]) for e in steps) == 16
+        assert len(steps) <= 16 and steps[-1]["nfe"] == len(steps)
+        done = next(e for e in events if e["object"] == "diffusion.done" and e["index"] == i)
+        assert done["token_ids"] == whole["choices"][i]["token_ids"]

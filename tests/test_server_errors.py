@@ -249,3 +249,12 @@ def test_request_timeout(bundle, live_server):
     assert_error(r, 504, code="timeout")
     assert _gauges(srv.url) == (0, 0)
     assert post(srv.url, "/v1/completions", {"model": "tiny", "prompt": [1, 2], "max_tokens": 4}).status_code == 200
+
+
+def test_draining_refuses_new_work_and_reports_not_ready(bundle, live_server):
+    srv = live_server(create_app(bundle, EngineConfig(max_batch_tokens=256), served_model_name="tiny"))
+    assert httpx.get(srv.url + "/ready").status_code == 200
+    srv.app.state.engine.stop_intake()
+    assert httpx.get(srv.url + "/ready").status_code == 503
+    assert httpx.get(srv.url + "/health").status_code == 200
+    assert_error(post(srv.url, "/v1/completions", GOOD), 503, code="shutting_down")
