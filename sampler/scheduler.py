@@ -301,7 +301,12 @@ class Engine:
                 h = self.running.get(ev.request_id)
                 if h is None:
                     continue
-                self._route(h, ev)
+                try:
+                    self._route(h, ev)
+                except Exception as e:  # noqa: BLE001 - one request's bookkeeping must not stop the loop
+                    log.exception("request %s: handling its step event failed", h.rid)
+                    self._release(h)
+                    self._finish_error(h, EngineError(f"internal error ({type(e).__name__})", status=500))
             self._gauges()
 
     def _step_failed(self, e: Exception) -> None:
