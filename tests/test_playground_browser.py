@@ -143,3 +143,26 @@ def test_playground_unmasks_to_the_api_answer(server, browser, tmp_path):
         want = r.json()["choices"][0]["text"]
     assert r.status_code == 200
     assert shown == want
+
+
+def test_playground_with_token_id_prompts(golden_dir, live_server, browser):
+    from selenium.webdriver.common.by import By
+
+    bundle = load_checkpoint(golden_dir, device="cpu", dtype="float32")
+    srv = live_server(create_app(bundle, EngineConfig(max_batch_tokens=1024), served_model_name="golden"))
+    browser.get(srv.url + "/playground")
+    wait_for(lambda: "no tokenizer" in browser.find_element(By.ID, "model-name").text, 15, "the model info")
+    assert not browser.find_element(By.ID, "chat").is_enabled()
+    fill(browser, "api-key", "")
+    fill(browser, "prompt", "5, 17, 42")
+    for k, v in {"max-tokens": 16, "steps": 8, "block-length": 8, "temperature": 0, "threshold": "",
+                 "seed": "", "delay": 0}.items():
+        fill(browser, k, v)
+    browser.find_element(By.ID, "generate").click()
+    wait_for(lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") not in ("idle", "running"),
+             60, "the last step")
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
+    assert browser.find_element(By.ID, "step-counter").text == "8"
+    r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+        "prompt": [5, 17, 42], "max_tokens": 16, "steps": 8, "block_length": 8, "temperature": 0})
+    assert browser.find_element(By.ID, "answer").get_attribute("textContent") == r.json()["choices"][0]["text"]
