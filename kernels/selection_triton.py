@@ -115,7 +115,7 @@ def _bits_kernel(seed_ptr, nonce_ptr, pos_ptr, tok_ptr, raw_ptr, out_ptr, e_ptr,
 
 
 @triton.jit
-def _sample_chunk(base, offs, vocab, ban_ptr, key, temp, hot,
+def _sample_chunk(base, offs, vocab, ban_ptr, ban_on, key, temp, hot,
                   run_max, run_sum, best, best_tok, best_score,
                   N_BAN: tl.constexpr, MASKED: tl.constexpr, FAST: tl.constexpr):
     """Fold one chunk of a row into the running state (MASKED only for the ragged last chunk)."""
@@ -125,7 +125,7 @@ def _sample_chunk(base, offs, vocab, ban_ptr, key, temp, hot,
         x = tl.load(base + offs)
     x = x.to(tl.float32) * 1.4426950408889634
     for i in tl.static_range(N_BAN):
-        x = tl.where(offs == tl.load(ban_ptr + i), float("-inf"), x)
+        x = tl.where((offs == tl.load(ban_ptr + i)) & ban_on, float("-inf"), x)
     # Online log-sum-exp (base 2), one rescale per chunk.
     chunk_max = tl.max(x, axis=0)
     new_max = tl.maximum(run_max, chunk_max)
@@ -153,9 +153,10 @@ def _sample_chunk(base, offs, vocab, ban_ptr, key, temp, hot,
 @triton.jit
 def _sample_kernel(
     logits_ptr, stride_row, vocab,
-    temp_ptr, seed_ptr, nonce_ptr, pos_ptr, ban_ptr,
+    temp_ptr, seed_ptr, nonce_ptr, pos_ptr, ban_ptr, ban_rows_ptr,
     x0_ptr, conf_ptr,
     N_BAN: tl.constexpr,
+    BAN_ROWS: tl.constexpr,  # the ban applies only to rows whose ban_rows flag is set
     BLOCK_V: tl.constexpr,
     FAST: tl.constexpr,  # hardware log2 (compiled); exact log2 under the interpreter
 ):
@@ -164,6 +165,10 @@ def _sample_kernel(
     hot = temp > 0.0
     key = _row_key(tl.load(seed_ptr + row), tl.load(nonce_ptr + row), tl.load(pos_ptr + row))
     base = logits_ptr + row.to(tl.int64) * stride_row
+    if BAN_ROWS:
+        ban_on = tl.load(ban_rows_ptr + row) != 0
+    else:
+        ban_on = True
 
     lanes = tl.arange(0, BLOCK_V)
     run_max = tl.full([], float("-inf"), tl.float32)
@@ -176,12 +181,12 @@ def _sample_kernel(
     v_full = (vocab // BLOCK_V) * BLOCK_V
     for v0 in range(0, v_full, BLOCK_V):
         run_max, run_sum, best, best_tok, best_score = _sample_chunk(
-            base, v0 + lanes, vocab, ban_ptr, key, temp, hot,
+            base, v0 + lanes, vocab, ban_ptr, ban_on, key, temp, hot,
             run_max, run_sum, best, best_tok, best_score,
             N_BAN=N_BAN, MASKED=False, FAST=FAST)
     if v_full < vocab:
         run_max, run_sum, best, best_tok, best_score = _sample_chunk(
-            base, v_full + lanes, vocab, ban_ptr, key, temp, hot,
+            base, v_full + lanes, vocab, ban_ptr, ban_on, key, temp, hot,
             run_max, run_sum, best, best_tok, best_score,
             N_BAN=N_BAN, MASKED=True, FAST=FAST)
 
@@ -221,16 +226,19 @@ def _tuned_sample():
                 (2048, 8, 3), (8192, 16, 2),
             )
         ]
-        _sample_tuned = triton.autotune(configs=cfgs, key=["vocab", "N_BAN"])(_sample_kernel)
+        _sample_tuned = triton.autotune(configs=cfgs, key=["vocab", "N_BAN", "BAN_ROWS"])(
+            _sample_kernel)
     return _sample_tuned
 
 
 def sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids=None,
-                             out=None, _block_v=None):
+                             out=None, ban_rows=None, _block_v=None):
     """(x0 int64 [N], conf float32 [N]); same contract as `sample_candidates_reference`.
 
-    `out=(x0, conf)` writes into given tensors (tests poison them first); `_block_v` pins the
-    chunk size (tests); otherwise the interpreter uses 64 and CUDA autotunes.
+    `ban_rows` (bool [N], optional) limits `ban_ids` to the flagged rows (per-request EOS
+    suppression without a copy of the logits); None bans them in every row. `out=(x0, conf)`
+    writes into given tensors (tests poison them first); `_block_v` pins the chunk size (tests);
+    otherwise the interpreter uses 64 and CUDA autotunes.
     """
     n, vocab = logits.shape
     dev = logits.device
@@ -249,12 +257,15 @@ def sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids
     position = position.to(device=dev, dtype=torch.int64)
     ban = list(ban_ids) if ban_ids else []
     ban_t = _ban_tensor(ban, dev)
-    args = (logits, logits.stride(0), vocab, temperature, seed, nonce, position, ban_t, x0, conf)
+    if ban_rows is not None:
+        ban_rows = ban_rows.to(device=dev, dtype=torch.int8).contiguous()
+    args = (logits, logits.stride(0), vocab, temperature, seed, nonce, position, ban_t,
+            ban_rows if ban_rows is not None else ban_t, x0, conf)
     if _block_v is not None or _interpreting() or not logits.is_cuda:
-        _sample_kernel[(n,)](*args, N_BAN=len(ban), BLOCK_V=_block_v or 64,
-                             FAST=not _interpreting())
+        _sample_kernel[(n,)](*args, N_BAN=len(ban), BAN_ROWS=ban_rows is not None,
+                             BLOCK_V=_block_v or 64, FAST=not _interpreting())
         return x0, conf
-    kw = dict(N_BAN=len(ban), FAST=True)
+    kw = dict(N_BAN=len(ban), BAN_ROWS=ban_rows is not None, FAST=True)
     tuner = _tuned_sample()
     if autotune_allowed(logits):
         tuner[(n,)](*args, **kw)

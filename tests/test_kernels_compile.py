@@ -56,8 +56,8 @@ SCRIPT = textwrap.dedent(
     def sample_sig(dt):
         return {"logits_ptr": "*" + dt, "stride_row": "i32", "vocab": "i32", "temp_ptr": "*fp32",
                 "seed_ptr": "*i64", "nonce_ptr": "*i64", "pos_ptr": "*i64", "ban_ptr": "*i32",
-                "x0_ptr": "*i64", "conf_ptr": "*fp32", "N_BAN": "constexpr",
-                "BLOCK_V": "constexpr", "FAST": "constexpr"}
+                "ban_rows_ptr": "*i8", "x0_ptr": "*i64", "conf_ptr": "*fp32", "N_BAN": "constexpr",
+                "BAN_ROWS": "constexpr", "BLOCK_V": "constexpr", "FAST": "constexpr"}
 
     transfer_sig = {"conf_ptr": "*fp32", "cu_ptr": "*i32", "k_ptr": "*i64", "thr_ptr": "*fp32",
                     "out_ptr": "*u8", "BLOCK_I": "constexpr", "BLOCK_J": "constexpr"}
@@ -85,10 +85,10 @@ SCRIPT = textwrap.dedent(
                 num_warps=8, num_stages=3)
     for arch in (90, 80):
         compile_for(arch, st._sample_kernel, sample_sig("bf16"),
-                    dict(N_BAN=2, BLOCK_V=4096, FAST=True), num_warps=8, num_stages=2)
-    compile_for(90, st._sample_kernel, sample_sig("fp16"), dict(N_BAN=0, BLOCK_V=1024, FAST=True),
+                    dict(N_BAN=2, BAN_ROWS=True, BLOCK_V=4096, FAST=True), num_warps=8, num_stages=2)
+    compile_for(90, st._sample_kernel, sample_sig("fp16"), dict(N_BAN=0, BAN_ROWS=False, BLOCK_V=1024, FAST=True),
                 num_warps=4, num_stages=2)
-    compile_for(90, st._sample_kernel, sample_sig("fp32"), dict(N_BAN=1, BLOCK_V=8, FAST=False),
+    compile_for(90, st._sample_kernel, sample_sig("fp32"), dict(N_BAN=1, BAN_ROWS=False, BLOCK_V=8, FAST=False),
                 num_warps=4, num_stages=2)
     compile_for(90, st._transfer_kernel, transfer_sig, dict(BLOCK_I=64, BLOCK_J=64), num_warps=4)
     compile_for(90, st._bits_kernel, bits_sig, dict(BLOCK=64, FAST=True), num_warps=4)

@@ -110,12 +110,12 @@ def test_neg_log2_uniform_accurate_over_the_whole_range(gen):
 # Candidate sampling.
 
 
-def _run_sample(logits, temp, seed, nonce, pos, ban, block_v=None):
+def _run_sample(logits, temp, seed, nonce, pos, ban, block_v=None, ban_rows=None):
     n = logits.shape[0]
     x0 = torch.full((n,), -7, dtype=torch.int64, device=logits.device)
     conf = torch.full((n,), float("nan"), dtype=torch.float32, device=logits.device)
     out = sel_mod.sample_candidates_triton(logits, temp, seed, nonce, pos, ban, out=(x0, conf),
-                                           _block_v=block_v)
+                                           ban_rows=ban_rows, _block_v=block_v)
     assert out[0].data_ptr() == x0.data_ptr() and out[1].data_ptr() == conf.data_ptr()
     return x0, conf
 
@@ -196,6 +196,24 @@ def test_temperature_rows_draw_the_reference_token(dtype, gen):
     temps[5], temps[6], temps[7] = 0.5, 1.5, 0.05
     temp, seed, nonce, pos = _row_inputs(n, temps)
     _compare_sample(l, temp, seed, nonce, pos, None, ctx=f"{dtype} hot")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ban_limited_to_flagged_rows(dtype, gen):
+    """Per-row suppression: the same as the reference run on logits with -inf in flagged rows."""
+    vocab, n = 211, 8
+    l = _awkward_logits(n, vocab, dtype, gen)
+    ban = sorted({int(l[5].float().argmax()), int(l[6].float().argmax()), vocab - 1})
+    flags = torch.tensor([gen.random() < 0.5 for _ in range(n)], device=DEVICE)
+    flags[5], flags[6] = True, False
+    temp, seed, nonce, pos = _row_inputs(n, [0, 1, 0, 0.5, 0, 0, 2.0, 1.0])
+    x0, conf = _run_sample(l, temp, seed, nonce, pos, ban, ban_rows=flags)
+    masked = l.clone()
+    rows = flags.nonzero().squeeze(1)
+    masked[rows.unsqueeze(1), torch.tensor(ban, device=DEVICE).unsqueeze(0)] = NEG_INF
+    rx0, rconf = sample_candidates_reference(masked, temp, seed, nonce, pos)
+    assert torch.equal(x0, rx0), f"seed {SEED}: {x0.tolist()} vs {rx0.tolist()} flags {flags.tolist()}"
+    assert torch.allclose(conf, rconf, rtol=2e-5, atol=1e-7, equal_nan=True), f"seed {SEED}"
 
 
 def test_other_chunk_sizes_and_strided_rows(gen):
@@ -348,7 +366,8 @@ def test_cached_config_finds_the_autotuners_choice(gen):
     from kernels.attention_triton import cached_config
 
     configs = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in ((64, 4), (128, 2))]
-    tuner = triton.autotune(configs=configs, key=["vocab", "N_BAN"])(sel_mod._sample_kernel)
+    tuner = triton.autotune(configs=configs, key=["vocab", "N_BAN", "BAN_ROWS"])(
+        sel_mod._sample_kernel)
     # No timing on CPU: pretend the larger chunk is faster.
     tuner._bench = lambda *a, config, **k: [1.0 / config.kwargs["BLOCK_V"]]
     n, vocab = 3, 150
@@ -356,9 +375,9 @@ def test_cached_config_finds_the_autotuners_choice(gen):
     temp, seed, nonce, pos = _row_inputs(n, [0, 1, 0])
     x0 = torch.full((n,), -7, dtype=torch.int64, device=DEVICE)
     conf = torch.full((n,), float("nan"), device=DEVICE)
-    args = (logits, logits.stride(0), vocab, temp, seed, nonce, pos,
-            sel_mod._ban_tensor([], DEVICE), x0, conf)
-    kw = dict(N_BAN=0, FAST=not INTERPRET)
+    ban_t = sel_mod._ban_tensor([], DEVICE)
+    args = (logits, logits.stride(0), vocab, temp, seed, nonce, pos, ban_t, ban_t, x0, conf)
+    kw = dict(N_BAN=0, BAN_ROWS=False, FAST=not INTERPRET)
     assert cached_config(tuner, args, kw) is None
     tuner[(n,)](*args, **kw)
     cfg = cached_config(tuner, args, kw)
