@@ -129,6 +129,7 @@ class Engine:
         self._stop = False
         self.alive = False
         self.steps_run = 0
+        self._recent_duration: float | None = None  # moving average of request durations (s)
         self.step_failures = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -208,7 +209,10 @@ class Engine:
             self._cv.notify_all()
 
     def _retry_after(self) -> float:
-        return 1.0
+        """Seconds until a slot is likely free: recent request time scaled by the queue's depth."""
+        per = self._recent_duration or 1.0
+        depth = 1 + len(self.waiting) / max(1, self.config.max_batch_size)
+        return min(60.0, max(1.0, per * depth))
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -367,6 +371,8 @@ class Engine:
             res = Result(gen_ids=list(gen), nfe=ev.nfe, steps=ev.step, early=not ev.finished,
                          queued_s=(h.admitted or now) - h.submitted, duration_s=now - h.submitted,
                          first_block_s=h.first_block_s)
+            d = res.duration_s
+            self._recent_duration = d if self._recent_duration is None else 0.9 * self._recent_duration + 0.1 * d
             if self.metrics is not None:
                 unmasked = sum(1 for t in canvas if t is not None)
                 self.metrics.observe_finished(unmasked / max(ev.nfe, 1))

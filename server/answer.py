@@ -10,7 +10,10 @@ grow into a stop string. Deltas therefore concatenate to exactly the whole answe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger("llada.server")
 
 
 class Decoder:
@@ -101,6 +104,7 @@ class Choice:
     def _delta(self, text: str) -> str:
         if not text.startswith(self.sent):
             # Cannot happen with a prefix-consistent decoder; never resend what was sent.
+            log.warning("choice %d: decoded text no longer extends what was streamed", self.index)
             return ""
         d = text[len(self.sent):]
         self.sent = text

@@ -33,6 +33,7 @@ from server.schemas import ChatCompletionRequest, CompletionRequest, refused_fie
 log = logging.getLogger("llada.server")
 STATIC = Path(__file__).resolve().parent / "static"
 SEED_STRIDE = 0x9E3779B97F4A7C15
+KEEPALIVE_S = 15.0  # an SSE comment after this long without an event (proxies close idle streams)
 
 
 @dataclass
@@ -302,6 +303,7 @@ class Job:
     async def events(self, request: Request | None = None):
         """Yield (index, kind, payload) until every sub-request is done; cancel on disconnect."""
         closed: set[int] = set()
+        last = time.monotonic()
         while len(closed) < len(self.handles):
             try:
                 idx, (kind, payload) = await asyncio.wait_for(self.queue.get(), timeout=0.5)
@@ -309,7 +311,11 @@ class Job:
                 if request is not None and await request.is_disconnected():
                     self.cancel()
                     return
+                if time.monotonic() - last >= KEEPALIVE_S:
+                    last = time.monotonic()
+                    yield None, "ping", None
                 continue
+            last = time.monotonic()
             if idx in closed:
                 continue
             if kind in ("done", "error"):
@@ -504,7 +510,9 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
                 return sse.event(mk(job.id, job.created, svc.name, idx, {} if chat else "", a.finish_reason))
 
             async for idx, kind, payload in job.events(request):
-                if kind == "delta":
+                if kind == "ping":
+                    yield b": keep-alive\n\n"
+                elif kind == "delta":
                     if payload:
                         yield text_chunk(idx, payload)
                 elif kind == "finished":
@@ -544,7 +552,9 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
                     "max_tokens": c.max_tokens, "mask_token_id": bundle.special.mask})
             done = 0
             async for idx, kind, payload in job.events(request):
-                if kind == "step":
+                if kind == "ping":
+                    yield b": keep-alive\n\n"
+                elif kind == "step":
                     yield sse.event(sse.step_event(idx, payload, svc.decoder))
                 elif kind == "done":
                     c = job.choices[idx]

@@ -258,3 +258,19 @@ def test_draining_refuses_new_work_and_reports_not_ready(bundle, live_server):
     assert httpx.get(srv.url + "/ready").status_code == 503
     assert httpx.get(srv.url + "/health").status_code == 200
     assert_error(post(srv.url, "/v1/completions", GOOD), 503, code="shutting_down")
+
+
+def test_queued_streams_get_keepalive_comments(slow, monkeypatch):
+    import server.app
+
+    monkeypatch.setattr(server.app, "KEEPALIVE_S", 0.2)
+    long = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 48, "block_length": 16}
+    t = threading.Thread(target=lambda: post(slow.url, "/v1/completions", long))
+    t.start()
+    _wait_for(lambda: _gauges(slow.url)[0] == 1, what="the first request running")
+    with httpx.stream("POST", slow.url + "/v1/completions", timeout=30,
+                      json={"model": "tiny", "prompt": [4, 5], "max_tokens": 8, "stream": True}) as r:
+        lines = list(r.iter_lines())
+    t.join(30)
+    assert ": keep-alive" in lines
+    assert lines[-2] == "data: [DONE]" or lines[-1] == "data: [DONE]"
