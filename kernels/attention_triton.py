@@ -277,7 +277,7 @@ def attention_triton(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scal
         bm, bn = _blocks if _blocks is not None else (16, 16)
         grid = (triton.cdiv(max_q, bm), h, b)
         _attn_fwd[grid](*args, GROUP=h // kh, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-                        IEEE=ieee)
+                        IEEE=ieee, num_warps=4, num_stages=2)
         return out
 
     kw = dict(GROUP=h // kh, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee)

@@ -69,7 +69,12 @@ def _layout(q_lens, k_ranges, device=DEVICE):
     return cu_q, k_start, k_len
 
 
-def _check(q, k, v, cu_q, k_start, k_len, extra_rows=0, scale=None, max_q="auto", blocks=None,
+# Compiled on a GPU, every new shape class would run the autotuner (several compilations): pin the
+# tiles there, and exercise the autotuned launch in one test of its own.
+FIXED = None if INTERPRET else (32, 32)
+
+
+def _check(q, k, v, cu_q, k_start, k_len, extra_rows=0, scale=None, max_q="auto", blocks=FIXED,
            ctx="", tol=None):
     """Run the kernel into a NaN-poisoned buffer; compare every element with a float64 oracle."""
     tq, h, d = q.shape
@@ -228,3 +233,14 @@ def test_scale_default_matches_reference(gen):
     a = attn_mod.attention_triton(q, k, v, cu, ks, kl, 7, 9, None)
     b = attn_mod.attention_triton(q, k, v, cu, ks, kl, 7, 9, 1.0 / math.sqrt(d))
     assert torch.allclose(a, b, atol=1e-6), f"seed {SEED}"
+
+
+def test_autotuned_launch(gen):
+    """The launch without pinned tiles (autotuned on CUDA, 16x16 under the interpreter)."""
+    h, kh, d = 4, 2, 64
+    q_lens, ranges = [gen.randint(1, 40), 40, 7], [(0, 45), (10, 40), (3, 60)]
+    cu_q, k_start, k_len = _layout(q_lens, ranges)
+    t = int(cu_q[-1])
+    q, k, v = _rand((t, h, d), torch.float16), _rand((64, kh, d), torch.float16), _rand(
+        (64, kh, d), torch.float16)
+    _check(q, k, v, cu_q, k_start, k_len, blocks=None, ctx="autotuned")

@@ -110,7 +110,12 @@ def test_neg_log2_uniform_accurate_over_the_whole_range(gen):
 # Candidate sampling.
 
 
-def _run_sample(logits, temp, seed, nonce, pos, ban, block_v=None, ban_rows=None):
+# Compiled on a GPU, each new vocabulary size would run the autotuner: pin the chunk there, and
+# exercise the autotuned launch in one test of its own.
+FIXED_V = None if INTERPRET else 64
+
+
+def _run_sample(logits, temp, seed, nonce, pos, ban, block_v=FIXED_V, ban_rows=None):
     n = logits.shape[0]
     x0 = torch.full((n,), -7, dtype=torch.int64, device=logits.device)
     conf = torch.full((n,), float("nan"), dtype=torch.float32, device=logits.device)
@@ -120,7 +125,7 @@ def _run_sample(logits, temp, seed, nonce, pos, ban, block_v=None, ban_rows=None
     return x0, conf
 
 
-def _compare_sample(logits, temp, seed, nonce, pos, ban, block_v=None, ctx=""):
+def _compare_sample(logits, temp, seed, nonce, pos, ban, block_v=FIXED_V, ctx=""):
     x0, conf = _run_sample(logits, temp, seed, nonce, pos, ban, block_v)
     rx0, rconf = sample_candidates_reference(logits, temp, seed, nonce, pos, ban)
     msg = f"seed {SEED} {ctx} vocab={logits.shape[1]} ban={ban}"
@@ -226,6 +231,14 @@ def test_other_chunk_sizes_and_strided_rows(gen):
     # A vocabulary that is an exact multiple of the chunk (no ragged tail).
     l = torch.randn(n, 256, device=DEVICE).to(torch.float16)
     _compare_sample(l, temp, seed, nonce, pos, None, block_v=64, ctx="vocab 256, block_v=64")
+
+
+def test_autotuned_launch(gen):
+    """The launch without a pinned chunk (autotuned on CUDA, 64 under the interpreter)."""
+    vocab, n = 1000, 5
+    l = _awkward_logits(n, vocab, torch.float16, gen)
+    temp, seed, nonce, pos = _row_inputs(n, [0, 1, 0.5, 0, 2])
+    _compare_sample(l, temp, seed, nonce, pos, [2, 999], block_v=None, ctx="autotuned")
 
 
 def test_single_token_vocabulary_and_empty_batch(gen):
