@@ -456,9 +456,10 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
         async for idx, kind, payload in job.events(request):
             if kind == "done":
                 job.choices[idx].on_done(payload.gen_ids)
-            elif kind == "error" and error is None:
+            elif kind == "error":
                 error = payload
-                job.cancel()
+                job.cancel()  # the other sub-requests stop too (they send nothing more)
+                break
         if error is not None:
             raise ApiError.from_engine(error)
         if any(c.answer is None for c in job.choices):

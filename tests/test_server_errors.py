@@ -274,3 +274,28 @@ def test_queued_streams_get_keepalive_comments(slow, monkeypatch):
     t.join(30)
     assert ": keep-alive" in lines
     assert lines[-2] == "data: [DONE]" or lines[-1] == "data: [DONE]"
+
+
+class FailAt:
+    """Raises on the k-th forward only."""
+
+    def __init__(self, model, k):
+        self.inner, self.k, self.calls = model, k, 0
+        self.config, self.device, self.dtype = model.config, model.device, model.dtype
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.k:
+            raise RuntimeError("injected failure on one forward")
+        return self.inner(*args, **kwargs)
+
+
+def test_one_failed_choice_fails_the_request_promptly(bundle, live_server):
+    b = dataclasses.replace(bundle, model=FailAt(bundle.model, k=2))
+    srv = live_server(create_app(b, EngineConfig(max_batch_size=1, max_batch_tokens=256), served_model_name="tiny"))
+    t0 = time.monotonic()
+    r = post(srv.url, "/v1/completions", {"prompt": [1, 2], "max_tokens": 4, "block_length": 4, "n": 2},
+             timeout=20)
+    assert_error(r, 500, code="step_failed")
+    assert time.monotonic() - t0 < 10
+    assert post(srv.url, "/v1/completions", {"prompt": [1, 2], "max_tokens": 4}).status_code == 200
