@@ -91,3 +91,24 @@ def test_chat_errors(server):
     r = post(server.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "hello"}, {"type": "text", "text": " world"}]}], "max_tokens": 4})
     assert r.status_code == 200
+
+
+def test_default_model_serves_chat_out_of_the_box(live_server):
+    from weights import default_model_path
+
+    path = default_model_path()
+    if not (path / "config.json").is_file():
+        pytest.skip("the embedded default model is not in weights/default yet")
+    b = load_checkpoint(path, device="cpu", dtype="float32")
+    srv = live_server(create_app(b, EngineConfig(max_batch_tokens=4096)))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    name = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "Reverse the list: a b c d"}]
+    out = client.chat.completions.create(model=name, messages=msgs, max_tokens=32)
+    ids = b.tokenizer.apply_chat_template(msgs)
+    ref = generate(b, [ids], SamplingParams(gen_length=32, block_length=32, steps=32))[0]
+    assert out.choices[0].message.content == b.tokenizer.decode(cut_answer(ref.gen_ids, b.special.stop))
+    assert out.choices[0].finish_reason == "stop"  # the model ends its answer
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=name, messages=msgs, max_tokens=32, stream=True) if c.choices)
+    assert streamed == out.choices[0].message.content
