@@ -20,13 +20,20 @@ from kernels import rng
 NEG_INF = float("-inf")
 
 
-def sample_candidates_reference(logits, temperature, seed, nonce, position, ban_ids=None):
-    """(x0 int64 [N], conf float32 [N]) computed in float64, as the reference sampler does."""
+def sample_candidates_reference(logits, temperature, seed, nonce, position, ban_ids=None,
+                                ban_rows=None):
+    """(x0 int64 [N], conf float32 [N]) computed in float64, as the reference sampler does.
+    `ban_ids` get logit -inf, on every row or only on the rows flagged by `ban_rows` (bool [N])."""
     n, vocab = logits.shape
     l = logits.to(torch.float64)
     if ban_ids:
-        l = l.clone()
-        l[:, list(ban_ids)] = NEG_INF
+        l = l.clone() if l.data_ptr() == logits.data_ptr() else l
+        cols = torch.tensor(list(ban_ids), device=l.device)
+        if ban_rows is None:
+            l[:, cols] = NEG_INF
+        else:
+            rows = ban_rows.nonzero().squeeze(1)
+            l[rows.unsqueeze(1), cols.unsqueeze(0)] = NEG_INF
     x0 = torch.argmax(l, dim=-1)
     hot = temperature > 0
     if bool(hot.any()):
@@ -87,7 +94,7 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("LLADA_DISABLE_TRITON") != "1"
 
 
-def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None):
+def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None, ban_rows=None):
     """Dispatcher for candidate sampling (Triton on CUDA, PyTorch reference elsewhere)."""
     if _use_triton(logits):
         try:
@@ -95,8 +102,9 @@ def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None):
         except ImportError:
             pass
         else:
-            return sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids)
-    return sample_candidates_reference(logits, temperature, seed, nonce, position, ban_ids)
+            return sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids,
+                                            ban_rows=ban_rows)
+    return sample_candidates_reference(logits, temperature, seed, nonce, position, ban_ids, ban_rows)
 
 
 def transfer_mask(conf, cu_rows, k, threshold):

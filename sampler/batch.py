@@ -280,22 +280,12 @@ class DiffusionBatch:
         canvas_idx = (self.offset[slots][row_req] + position).to(dev)
         cand = self.tokens.index_select(0, canvas_idx) == self.mask_id
         ban = self.ban_eos[slots][row_req]
-        if bool(ban.any()):
-            logits = logits.clone()
-            logits[ban.nonzero().squeeze(1).to(dev), self.eos_id] = NEG_INF
         seed = self.seed[slots][row_req].to(dev)
         nonce = self.steps_done[slots][row_req].to(dev)
         pos_d = position.to(dev)
-        temp = self.temperature[slots][row_req].to(dev)
-        x0, conf = sample_candidates(logits, temp, seed, nonce, pos_d)
-        # A candidate equal to the mask id would leave its position masked for ever (the block never
-        # completes). Trained models never propose it; for the rows that do, draw again without it.
-        bad = x0 == self.mask_id
-        if bool(bad.any()):
-            rows = bad.nonzero().squeeze(1)
-            x0b, confb = sample_candidates(logits.index_select(0, rows), temp[rows], seed[rows], nonce[rows],
-                                           pos_d[rows], ban_ids=[self.mask_id])
-            x0, conf = x0.index_copy(0, rows, x0b), conf.index_copy(0, rows, confb.to(conf.dtype))
+        banned = dict(ban_ids=[self.eos_id], ban_rows=ban.to(dev)) if bool(ban.any()) else {}
+        x0, conf = sample_candidates(logits, self.temperature[slots][row_req].to(dev), seed, nonce, pos_d,
+                                     **banned)
         rnd = self.random_remask[slots][row_req]
         if bool(rnd.any()):
             u = rng.uniform(seed, nonce, pos_d, torch.full_like(pos_d, rng.REMASK_STREAM))
