@@ -1,0 +1,1 @@
+"""The embedded default model's files (Hugging Face layout); see README.md here."""
