@@ -284,8 +284,21 @@ class DiffusionBatch:
         nonce = self.steps_done[slots][row_req].to(dev)
         pos_d = position.to(dev)
         banned = dict(ban_ids=[self.eos_id], ban_rows=ban.to(dev)) if bool(ban.any()) else {}
-        x0, conf = sample_candidates(logits, self.temperature[slots][row_req].to(dev), seed, nonce, pos_d,
-                                     **banned)
+        temp = self.temperature[slots][row_req].to(dev)
+        x0, conf = sample_candidates(logits, temp, seed, nonce, pos_d, **banned)
+        # A candidate equal to the mask id would leave its position masked for ever (the block never
+        # completes, the request never ends). Trained models never propose it; rows that do are drawn
+        # again without it (and without EOS where the request bans EOS). Other rows are unchanged.
+        bad = x0 == self.mask_id
+        if bool(bad.any()):
+            for also_eos in (False, True):
+                rows = (bad & (ban.to(dev) == also_eos)).nonzero().squeeze(1)
+                if len(rows):
+                    ids = [self.mask_id, self.eos_id] if also_eos else [self.mask_id]
+                    x0b, confb = sample_candidates(logits.index_select(0, rows), temp[rows], seed[rows],
+                                                   nonce[rows], pos_d[rows], ban_ids=ids)
+                    x0 = x0.index_copy(0, rows, x0b)
+                    conf = conf.index_copy(0, rows, confb.to(conf.dtype))
         rnd = self.random_remask[slots][row_req]
         if bool(rnd.any()):
             u = rng.uniform(seed, nonce, pos_d, torch.full_like(pos_d, rng.REMASK_STREAM))

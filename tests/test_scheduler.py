@@ -224,3 +224,27 @@ def test_shutdown_past_the_grace_fails_what_is_left(engine_factory, bundle):
     eng.shutdown(grace=0.1)
     kinds = [result(h, timeout=5) for h in hs]
     assert all(k == "error" and e.status == 503 for k, e in kinds)
+
+
+class PrefersMask:
+    """A network whose favourite token is always the mask id (random test models sometimes are)."""
+
+    def __init__(self, model, mask_id):
+        self.inner, self.mask_id = model, mask_id
+        self.config, self.device, self.dtype = model.config, model.device, model.dtype
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs).clone()
+        out[:, self.mask_id] += 1000.0
+        return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"ban_eos": True}, {"temperature": 1.0, "seed": 3},
+                                   {"threshold": 0.5}])
+def test_a_model_that_proposes_the_mask_id_still_finishes(engine_factory, bundle, extra):
+    eng = engine_factory(model=PrefersMask(bundle.model, bundle.special.mask), max_batch_size=2)
+    sp = SamplingParams(gen_length=8, block_length=4, **extra)
+    kind, res = result(eng.submit([handle([1, 2, 3], sp)])[0], timeout=30)
+    assert kind == "done", res
+    assert bundle.special.mask not in res.gen_ids
+    assert res.steps <= 8
