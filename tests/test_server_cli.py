@@ -31,11 +31,46 @@ def run_cli(args, timeout=60, **envs):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif((default_model_path() / "config.json").is_file(), reason="the default model exists")
-def test_without_a_model_it_says_so_and_exits_non_zero():
-    r = run_cli(["--port", "1"])
-    assert r.returncode != 0
-    assert "default model" in r.stderr and "--model" in r.stderr
+def test_without_a_model_and_no_default_it_says_so_and_exits_non_zero(monkeypatch, tmp_path, capsys):
+    import weights
+    from server.cli import main
+
+    monkeypatch.setattr(weights, "default_model_path", lambda: tmp_path / "absent")
+    with pytest.raises(SystemExit) as e:
+        main(["--port", "1"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "default model" in err and "--model" in err
+
+
+@pytest.mark.skipif(not (default_model_path() / "config.json").is_file(), reason="no embedded default model yet")
+def test_without_a_model_it_serves_the_default(free_port, tmp_path):
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--port", str(free_port)], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+    base = f"http://127.0.0.1:{free_port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.1)
+        name = httpx.get(base + "/v1/models", timeout=5).json()["data"][0]["id"]
+        r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": name, "messages": [{"role": "user", "content": "Copy: a b c"}], "max_tokens": 16})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
 
 
 def test_an_unloadable_model_exits_non_zero(tmp_path):
