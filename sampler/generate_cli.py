@@ -12,6 +12,7 @@ import argparse
 import sys
 
 MASK_GLYPH = "\u2591"
+SHORT = {"<|endoftext|>": "\u2039eos\u203a", "<|eot_id|>": "\u2039eot\u203a"}  # canvas labels for stop tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +93,8 @@ def main(argv=None) -> None:
             return MASK_GLYPH
         if tok is None:
             return f"{t} "
-        return tok.decode([t], skip_special_tokens=False).replace("\n", "\u23ce")
+        text = tok.decode([t], skip_special_tokens=False)
+        return SHORT.get(text, text).replace("\n", "\u23ce")
 
     canvas = [None] * params.gen_length
 
