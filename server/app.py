@@ -33,6 +33,7 @@ from server.schemas import ChatCompletionRequest, CompletionRequest, refused_fie
 log = logging.getLogger("llada.server")
 STATIC = Path(__file__).resolve().parent / "static"
 SEED_STRIDE = 0x9E3779B97F4A7C15
+DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client went away
 KEEPALIVE_S = 15.0  # an SSE comment after this long without an event (proxies close idle streams)
 
 
@@ -303,19 +304,25 @@ class Job:
     async def events(self, request: Request | None = None):
         """Yield (index, kind, payload) until every sub-request is done; cancel on disconnect."""
         closed: set[int] = set()
-        last = time.monotonic()
+        last = checked = time.monotonic()
         while len(closed) < len(self.handles):
             try:
-                idx, (kind, payload) = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                item = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                item = None
+            now = time.monotonic()
+            if request is not None and now - checked >= DISCONNECT_POLL_S:
+                checked = now
+                if await request.is_disconnected():
                     self.cancel()
                     return
-                if time.monotonic() - last >= KEEPALIVE_S:
-                    last = time.monotonic()
+            if item is None:
+                if now - last >= KEEPALIVE_S:
+                    last = now
                     yield None, "ping", None
                 continue
-            last = time.monotonic()
+            last = now
+            idx, (kind, payload) = item
             if idx in closed:
                 continue
             if kind in ("done", "error"):

@@ -210,16 +210,22 @@ def test_disconnect_mid_stream_frees_the_slot(slow):
                 if seen == 3:
                     break
         assert _gauges(slow.url)[0] == 1
-    # 64 steps at 20 ms would take 1.3 s more; the slot must come back well before.
-    _wait_for(lambda: _gauges(slow.url) == (0, 0), timeout=1.0, what="running gauge back to 0")
+        at_disconnect = metric(metrics(slow.url), "llada_forwards_total")
+    _wait_for(lambda: _gauges(slow.url) == (0, 0), timeout=5.0, what="running gauge back to 0")
+    # It left the batch long before its 64 steps were done.
+    assert metric(metrics(slow.url), "llada_forwards_total") - at_disconnect < 30
     assert post(slow.url, "/v1/completions", {"model": "tiny", "prompt": [1], "max_tokens": 4}).status_code == 200
 
 
-def test_disconnect_while_waiting_for_a_whole_answer(slow):
-    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 64, "block_length": 8}
+@pytest.mark.parametrize("extra", [{}, {"stop": "never"}])
+def test_disconnect_while_waiting_for_a_whole_answer(slow, extra):
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 128, "block_length": 8, "ban_eos": True, **extra}
+    before = metric(metrics(slow.url), "llada_forwards_total")
     with pytest.raises(httpx.TimeoutException):
         httpx.post(slow.url + "/v1/completions", json=body, timeout=0.3)
-    _wait_for(lambda: _gauges(slow.url) == (0, 0), timeout=2.0, what="running gauge back to 0")
+    _wait_for(lambda: _gauges(slow.url) == (0, 0), timeout=5.0, what="running gauge back to 0")
+    # 128 steps would have run to the end; the server noticed the client leave and stopped early.
+    assert metric(metrics(slow.url), "llada_forwards_total") - before < 100
 
 
 def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(slow):
