@@ -441,6 +441,7 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
             job.submit()
         except ApiError as e:
             metrics.request_done(endpoint, e.status)
+            log.info("%s %d: %s", endpoint, e.status, e.message)
             return e.response()
         if req.stream or req.stream_steps:
             gen = _stream_steps(job, request) if req.stream_steps else _stream_openai(job, request)
@@ -456,7 +457,13 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
             return Response(status_code=499)
         metrics.request_done(endpoint, 200, time.monotonic() - t0)
         metrics.usage(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        _log_done(endpoint, 200, job, t0)
         return body
+
+    def _log_done(endpoint: str, status: int, job: Job, t0: float, how: str = "") -> None:
+        u = job.usage()
+        log.info("%s %d%s: %d choice(s), %d prompt + %d generated tokens, %.3fs", endpoint, status, how,
+                 len(job.choices), u["prompt_tokens"], u["completion_tokens"], time.monotonic() - t0)
 
     async def _collect(job: Job, request: Request):
         error = None
@@ -496,6 +503,7 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
             job.cancel()
             status = state["status"]
             metrics.request_done(endpoint, status, time.monotonic() - t0)
+            _log_done(endpoint, status, job, t0, " (stream)")
             if status == 200:
                 u = job.usage()
                 metrics.usage(u["prompt_tokens"], u["completion_tokens"])
