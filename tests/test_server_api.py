@@ -202,7 +202,7 @@ def test_32_concurrent_requests_equal_each_alone(server):
     # They were batched: the mean batch size over these steps is above 1.
     steps = metric(after, "llada_batch_size_count") - metric(before, "llada_batch_size_count")
     rows = metric(after, "llada_batch_size_sum") - metric(before, "llada_batch_size_sum")
-    assert rows / steps > 2
+    assert rows / steps > 1.5
     for body, r in zip(reqs, together):
         alone = post(server.url, "/v1/completions", body)
         assert alone.status_code == 200
