@@ -34,7 +34,7 @@ def usage_chunk(rid: str, created: int, model: str, obj: str, usage: dict) -> di
 
 
 def step_event(index: int, ev, decoder) -> dict:
-    """One denoising step of one choice (see docs/server.md, "The per-step stream")."""
+    """One denoising step of one choice (see the README, "The per-step stream")."""
     return {
         "object": "diffusion.step", "index": index, "step": ev.step, "block": ev.block,
         "positions": list(ev.positions), "token_ids": list(ev.token_ids),

@@ -502,7 +502,7 @@ def test_k8s_config_secret_and_model_volume():
     key = env["LLADA_API_KEY"]["valueFrom"]["secretKeyRef"]
     assert "LLADA_API_KEY" not in cm, "the API key belongs in the Secret, not the ConfigMap"
     # The Secret is created by the operator; the docs give the exact command with this name and key.
-    doc = (ROOT / "docs" / "deploy.md").read_text()
+    doc = (ROOT / "README.md").read_text()
     assert f"create secret generic {key['name']}" in doc and f"--from-literal={key['key']}=" in doc
 
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
