@@ -36,7 +36,6 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 from kernels import rng  # noqa: E402
-from kernels.attention import attention_reference  # noqa: E402
 from kernels.selection import (  # noqa: E402
     sample_candidates_reference,
     transfer_mask_loop,
@@ -101,7 +100,7 @@ def g3(x):
     return f"{x:.3g}"
 
 
-SDPA = SDPA if CUDA else "SDPA (CPU)"
+SDPA = "SDPA (flash)" if CUDA else "SDPA (CPU)"
 
 
 class Table:

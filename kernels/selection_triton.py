@@ -29,24 +29,13 @@ comparing against all rows of its request, and applies the top-k or the threshol
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels.attention_triton import autotune_allowed, cached_config
-
-def _interpreting() -> bool:
-    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1)."""
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # older Triton: the environment variable itself
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
+from kernels.attention_triton import _interpreting, autotune_allowed, cached_config
 
 @triton.jit
 def _fmix32(h):

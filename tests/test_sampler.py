@@ -1,11 +1,9 @@
 """The diffusion samplers: golden conformance, the reference oracle, batch invariance, seeds."""
 
-import itertools
 import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from ckpt_factory import make_checkpoint
 from sampler import conformance
