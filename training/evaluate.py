@@ -75,6 +75,8 @@ def run_setting(bundle, heldout, setting: Setting, chunk: int = 128):
     acc = {k: sum(v) / len(v) for k, v in per_task.items()}
     all_hits = [h for v in per_task.values() for h in v]
     mean_nfe = sum(nfes) / len(nfes)
+    # answer tokens: the expected answer's tokens plus its <|eot_id|>
+    ans_tokens = [len(bundle.tokenizer.encode(ex.answer)) + 1 for ex in exs]
     return {
         "label": setting.label,
         "per_task": acc,
@@ -82,19 +84,20 @@ def run_setting(bundle, heldout, setting: Setting, chunk: int = 128):
         "task_mean": sum(acc.values()) / len(acc),
         "mean_nfe": mean_nfe,
         "forwards_per_token": mean_nfe / setting.params.gen_length,
+        "forwards_per_answer_token": sum(n / a for n, a in zip(nfes, ans_tokens)) / len(nfes),
         "samples": [(n, e.prompt, e.answer, o) for n, e, o in zip(names, exs, outs)],
     }
 
 
 def markdown(results, heldout, args, seconds) -> str:
     tasks = list(heldout)
-    head = "| setting | " + " | ".join(tasks) + " | all prompts | mean NFE | forwards / token |"
-    sep = "|---" * (len(tasks) + 4) + "|"
+    head = "| setting | " + " | ".join(tasks) + " | all prompts | mean NFE | forwards / token | forwards / answer token |"
+    sep = "|---" * (len(tasks) + 5) + "|"
     rows = []
     for r in results:
         cells = " | ".join(f"{r['per_task'][t]:.0%}" for t in tasks)
         rows.append(f"| {r['label']} | {cells} | **{r['overall']:.1%}** | {r['mean_nfe']:.2f} | "
-                    f"{r['forwards_per_token']:.3f} |")
+                    f"{r['forwards_per_token']:.3f} | {r['forwards_per_answer_token']:.2f} |")
     counts = ", ".join(f"{t} {len(v)}" for t, v in heldout.items())
     misses = [s for s in results[0]["samples"] if s[2] != s[3]][:12]
     miss_rows = "\n".join(f"| {n} | `{p}` | `{a}` | `{o}` |" for n, p, a, o in misses) or "| | | | |"
@@ -112,7 +115,9 @@ Held-out prompts per task: {counts}.
 "steps N": the s/t schedule with N steps for the {args.gen_length} masked tokens (steps
 {args.gen_length} = one token per forward). "threshold T": Fast-dLLM confidence-threshold
 decoding (each forward unmasks the most confident position and every other one with confidence
->= T). "forwards / token" = model forwards per generated position (mean NFE / gen_length).
+>= T). "forwards / token" = model forwards per generated position (mean NFE / gen_length);
+"forwards / answer token" = forwards per token of the expected answer and its `<|eot_id|>` (the
+rest of the span is EOS padding), averaged over prompts.
 
 {head}
 {sep}

@@ -45,44 +45,39 @@ def _join(xs) -> str:
 # ---- task definitions: each returns (key, prompt, answer) ------------------------------------
 
 def _copy(rng):
-    xs = _letters(rng, 3, 8)
+    xs = _letters(rng, 3, 6, distinct=True)
     p = rng.choice(["Repeat the list: {}", "Copy: {}"])
     return _join(xs), p.format(_join(xs)), _join(xs)
 
 
 def _reverse(rng):
-    xs = _letters(rng, 3, 8)
+    xs = _letters(rng, 3, 6, distinct=True)
     p = rng.choice(["Reverse the list: {}", "Reverse: {}"])
     return _join(xs), p.format(_join(xs)), _join(reversed(xs))
 
 
 def _sort(rng):
-    xs = _letters(rng, 3, 8)
+    xs = _letters(rng, 3, 5, distinct=True)
     p = rng.choice(["Sort the list: {}", "Sort: {}"])
     return _join(xs), p.format(_join(xs)), _join(sorted(xs))
 
 
 def _add(rng):
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
+    if rng.random() < 0.5:
+        a, b = b, a
     p = rng.choice(["What is {} + {}?", "{} + {} ="])
     return f"{a}+{b}", p.format(a, b), str(a + b)
 
 
-def _subtract(rng):
-    a = rng.randint(0, 99)
-    b = rng.randint(0, a)
-    p = rng.choice(["What is {} - {}?", "{} - {} ="])
-    return f"{a}-{b}", p.format(a, b), str(a - b)
-
-
 def _count(rng):
-    xs = _letters(rng, 1, 9)
+    xs = _letters(rng, 1, 8)
     p = rng.choice(["How many letters are in: {}?", "Count the letters: {}"])
     return _join(xs), p.format(_join(xs)), str(len(xs))
 
 
 def _last(rng):
-    xs = _letters(rng, 2, 8)
+    xs = _letters(rng, 2, 6)
     if rng.random() < 0.5:
         p = rng.choice(["What is the first letter of: {}?", "First item of: {}"])
         return "first:" + _join(xs), p.format(_join(xs)), xs[0]
@@ -90,33 +85,11 @@ def _last(rng):
     return "last:" + _join(xs), p.format(_join(xs)), xs[-1]
 
 
-def _max(rng):
-    xs = [rng.randint(0, 99) for _ in range(rng.randint(2, 6))]
-    if rng.random() < 0.5:
-        p = rng.choice(["What is the largest number in: {}?", "Max of: {}"])
-        return "max:" + _join(xs), p.format(_join(xs)), str(max(xs))
-    p = rng.choice(["What is the smallest number in: {}?", "Min of: {}"])
-    return "min:" + _join(xs), p.format(_join(xs)), str(min(xs))
-
-
-def _next_letter(rng):
-    # "after/before" on runs of letters: the key is the run, so held-out runs are unseen
-    i = rng.randint(0, 24)
-    n = rng.randint(1, 3)
-    if rng.random() < 0.5:
-        start = max(0, i - n + 1)
-        run = LETTERS[start:i + 1]
-        return f"after:{run}", f"What letter comes after {_join(run)}?", LETTERS[i + 1]
-    j = i + 1
-    run = LETTERS[j:j + n]
-    return f"before:{run}", f"What letter comes before {_join(run)}?", LETTERS[j - 1]
-
-
 _GREETINGS = ["Hello", "Hi", "Hey", "Good morning", "Good evening", "Hello there", "Hi there"]
 _ASKS = [
     ("Who are you?", "I am a tiny LLaDA model. I can copy, reverse and sort lists, and add numbers."),
-    ("What can you do?", "I can copy, reverse and sort lists of letters, add and subtract numbers, "
-                         "and count letters."),
+    ("What can you do?", "I can copy, reverse and sort lists of letters, count them, "
+                         "and add small numbers."),
     ("What is your name?", "I am the default model of llada-serve."),
     ("How do you work?", "I am a diffusion model: I start from masks and fill in the answer."),
 ]
@@ -144,12 +117,11 @@ class Task:
 
 TASKS: list[Task] = [
     Task("copy", _copy, 1.0),
-    Task("reverse", _reverse, 1.5),
+    Task("reverse", _reverse, 1.0),
     Task("sort", _sort, 1.5),
     Task("add", _add, 2.0),
-    Task("count", _count, 1.0),
+    Task("count", _count, 0.7),
     Task("first_last", _last, 1.0),
-    Task("min_max", _max, 1.0),
     # a handful of fixed replies so a first-time user's greeting gets a sensible answer
     Task("chat", _chat, 0.3, evaluate=False),
 ]

@@ -224,7 +224,8 @@ def model_card(args, config, n_params, history, quick, seconds, tok) -> str:
         for t in TASKS)
     last = history[-1]
     quick_rows = "\n".join(f"| {k} | {v:.0%} |" for k, v in quick.items())
-    cmd = "python training/train.py " + " ".join(sys.argv[1:])
+    cmd = "python training/train.py " + " ".join(
+        a if not Path(a).is_absolute() else _rel(a) for a in sys.argv[1:])
     return f"""# llada-serve default model
 
 A small masked-diffusion language model of the LLaDA architecture ({n_params / 1e6:.2f} M
@@ -254,7 +255,10 @@ training examples (`training/train_tokenizer.py`, same seed).
 |---|---|---|
 {task_rows}
 
-Lists are 1 to 9 lowercase letters; numbers are 0 to 99.
+Lists are lowercase letters a-z separated by spaces: 3 to 6 distinct letters for copy and
+reverse, 3 to 5 distinct letters for sort, 1 to 8 letters for count, 2 to 6 for first/last item.
+Additions are of a number 0-99 and a digit 0-9 (either order). Each task has two phrasings (see
+`training/tasks.py`); `chat` is a few fixed greetings and self-descriptions.
 
 ## Training
 
@@ -286,6 +290,13 @@ Generation: chat template, then `gen_length` masks (16 to 64 fit the training); 
 the first `<|eot_id|>` or `<|endoftext|>`. Positions past {args.max_trained_position} tokens were
 never seen in training.
 """
+
+
+def _rel(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
 
 
 # ---- main ------------------------------------------------------------------------------------
