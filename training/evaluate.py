@@ -39,8 +39,10 @@ class Setting:
 
 def settings(gen_length: int) -> list[Setting]:
     out = []
-    for div in (1, 2, 4):
+    for div in (1, 2, 4, 8, 16):
         steps = gen_length // div
+        if steps < 1:
+            continue
         out.append(Setting(f"steps {steps}", SamplingParams(gen_length=gen_length, steps=steps)))
     for th in (0.9, 0.7, 0.5, 0.3):
         out.append(Setting(f"threshold {th}", SamplingParams(gen_length=gen_length, threshold=th)))
@@ -143,6 +145,7 @@ def plot(results, heldout, path: Path, gen_length: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    tasks = list(heldout)
     for kind, marker in (("steps", "o"), ("threshold", "s")):
         rs = sorted((r for r in results if r["label"].startswith(kind)),
                     key=lambda r: r["forwards_per_token"])
@@ -150,15 +153,23 @@ def plot(results, heldout, path: Path, gen_length: int) -> None:
             continue
         xs = [r["forwards_per_token"] for r in rs]
         ys = [100 * r["overall"] for r in rs]
-        ax.plot(xs, ys, marker=marker, label="s/t schedule" if kind == "steps" else "threshold decoding")
-        for r, x, y in zip(rs, xs, ys):
-            ax.annotate(r["label"].split()[1], (x, y), textcoords="offset points", xytext=(4, -12),
+        ax.plot(xs, ys, marker=marker, label="s/t schedule: steps" if kind == "steps"
+                else "threshold decoding: threshold")
+        for i, (r, x, y) in enumerate(zip(rs, xs, ys)):
+            dy = -14 if kind == "steps" else 8 + 10 * (i % 2)
+            ax.annotate(r["label"].split()[1], (x, y), textcoords="offset points", xytext=(-4, dy),
                         fontsize=8)
+        # the worst task at each point, to show where the loss comes from
+        ax.scatter(xs, [100 * min(r["per_task"][t] for t in tasks) for r in rs], marker=marker,
+                   facecolors="none", edgecolors="grey", s=18)
     ax.axhline(90, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel(f"model forwards per generated token (gen_length {gen_length})")
-    ax.set_ylabel("held-out exact match, all tasks (%)")
-    ax.set_title("llada-serve default model: accuracy against forwards")
-    ax.set_ylim(0, 102)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"model forwards per generated token (gen_length {gen_length}, log scale)")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title("default model: accuracy against forwards\n(filled: all prompts, hollow grey: worst task)",
+                 fontsize=10)
+    low = min(100 * min(r["per_task"].values()) for r in results)
+    ax.set_ylim(max(0, low - 8), 102)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
