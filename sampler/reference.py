@@ -19,6 +19,17 @@ def schedule(masked: int, steps: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(steps)]
 
 
+def candidates(logits, temperature, seed, step_no, lo, hi):
+    """argmax per position; inside the block [lo, hi) a Gumbel-max sample when temperature > 0."""
+    x0 = torch.argmax(logits, dim=-1)
+    if temperature > 0:
+        for pos in range(lo, hi):
+            u = rng.uniform(torch.tensor(seed), torch.tensor(step_no), torch.tensor(pos),
+                            torch.arange(logits.shape[1], device=logits.device))
+            x0[pos] = torch.argmax(logits[pos] - temperature * torch.log(-torch.log(u)))
+    return x0
+
+
 @torch.no_grad()
 def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
                        stop_ids=()) -> tuple[list[int], int]:
@@ -50,13 +61,15 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
                 logits = u + (params.cfg_scale + 1) * (c - u)
             if params.ban_eos:
                 logits[:, model.config.eos_token_id] = float("-inf")
-            x0 = torch.argmax(logits, dim=-1)
             positions = torch.arange(x.numel(), device=dev)
-            if params.temperature > 0:
-                for pos in range(lo, hi):
-                    u = rng.uniform(torch.tensor(seed), torch.tensor(step_no), torch.tensor(pos),
-                                    torch.arange(logits.shape[1], device=dev))
-                    x0[pos] = torch.argmax(logits[pos] - params.temperature * torch.log(-torch.log(u)))
+            x0 = candidates(logits, params.temperature, seed, step_no, lo, hi)
+            # A candidate equal to the mask id would leave its position masked: such rows are
+            # drawn again with the mask id banned (the server's rule; trained models never do it).
+            bad = (x0 == mask_id).nonzero().squeeze(1)
+            if len(bad):
+                logits = logits.clone()
+                logits[bad, mask_id] = float("-inf")
+                x0 = candidates(logits, params.temperature, seed, step_no, lo, hi)
             probs = torch.softmax(logits, dim=-1)
             if params.remasking == "low_confidence":
                 conf = probs.gather(1, x0.unsqueeze(1)).squeeze(1)
