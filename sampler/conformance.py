@@ -18,7 +18,7 @@ import torch
 
 from sampler.generate import generate
 from sampler.params import ParamError, SamplingParams
-from weights.checkpoint import CheckpointError, load_checkpoint
+from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
 
 def case_params(case: dict) -> SamplingParams:
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         bundle = load_checkpoint(args.model, device=args.device, dtype=args.dtype)
+        pick_cpu_threads(bundle.config, bundle.device)
         data = json.loads(Path(args.cases).read_text())
     except (CheckpointError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)

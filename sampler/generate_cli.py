@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     from sampler.generate import cut_answer, generate
     from sampler.params import ParamError, SamplingParams
     from weights import default_model_path
-    from weights.checkpoint import CheckpointError, load_checkpoint
+    from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
     from weights.tokenizer import TemplateError
 
     model_dir = args.model or default_model_path()
@@ -56,6 +56,7 @@ def main(argv=None) -> None:
         _fail("no --model given and the embedded default model is not available", 2)
     try:
         bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype)
+        pick_cpu_threads(bundle.config, bundle.device)
     except (CheckpointError, OSError, ValueError) as e:
         _fail(f"cannot load {model_dir}: {e}")
     tok = bundle.tokenizer

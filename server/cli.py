@@ -75,10 +75,11 @@ def main(argv=None) -> None:
 
     from sampler.scheduler import EngineConfig
     from server.app import create_app
-    from weights.checkpoint import CheckpointError, load_checkpoint
+    from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
     try:
         bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype)
+        threads = pick_cpu_threads(bundle.config, bundle.device)
     except (CheckpointError, OSError, ValueError) as e:
         _fail(f"cannot load the model from {model_dir}: {e}")
     cfg = bundle.config
@@ -100,6 +101,8 @@ def main(argv=None) -> None:
     mem = ""
     if bundle.device.type == "cuda":
         mem = f", GPU memory allocated {torch.cuda.memory_allocated(bundle.device) / 2**20:.0f} MiB"
+    else:
+        mem = f", {threads} CPU thread{'s' if threads > 1 else ''}"
     log.info("device %s, dtype %s, weights %.1f MiB, KV buffers %.1f MiB for %d canvas tokens%s",
              bundle.device, str(bundle.dtype).replace("torch.", ""), param_bytes / 2**20, kv_bytes / 2**20,
              args.max_batch_tokens, mem)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -18,6 +20,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 GOLDEN = (ROOT / ".." / "shared" / "golden" / "tiny-llada").resolve()
+
+# Every model in the tests is tiny: one intra-op thread, as the entry points choose for small models
+# (weights.checkpoint.pick_cpu_threads), keeps the suite fast when other processes hold a core.
+if not os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
