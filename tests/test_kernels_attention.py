@@ -1,51 +1,23 @@
 """The Triton attention kernel against the PyTorch reference.
 
-Without a GPU they run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set here,
-before triton is imported, and checked). With a GPU (or TRITON_INTERPRET=0 exported) the same tests
+Without a GPU they run under the Triton interpreter on CPU tensors (tests/kernel_testing.py sets
+TRITON_INTERPRET=1 before triton is imported; checked). With a GPU (or TRITON_INTERPRET=0 exported) the same tests
 run the compiled kernels on CUDA.
 Inputs are fresh random draws every run; the seed is printed and named in every failure
 (KERNEL_TEST_SEED=<n> replays one).
 """
 
-import os
+import math
 
+import pytest
 import torch
 
-# Before anything imports triton: the interpreter, unless the caller chose (TRITON_INTERPRET=0 to
-# test the compiled kernels) or a GPU is present (then the compiled kernels are tested on it and
-# the rest of the session is not switched to the interpreter).
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-import zlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
+from kernel_testing import SEED, case_random, kernel_module  # first: chooses the interpreter
 from kernels.attention import attention_reference  # noqa: E402
-import kernels.attention_triton as attn_mod  # noqa: E402
 
-INTERPRET = attn_mod._interpreting()
-if INTERPRET:
-    from triton.runtime.interpreter import InterpretedFunction
+attn_mod, DEVICE = kernel_module("kernels.attention_triton", "_attn_fwd")
+INTERPRET = DEVICE == "cpu"
 
-    if not isinstance(attn_mod._attn_fwd, InterpretedFunction):
-        # Imported earlier without the interpreter: rebuild the kernels under it.
-        attn_mod = importlib.reload(attn_mod)
-    assert isinstance(attn_mod._attn_fwd, InterpretedFunction)
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
-
-SEED = int(os.environ.get("KERNEL_TEST_SEED", time.time_ns() % (2**31)))
-print(f"test_kernels_attention seed: KERNEL_TEST_SEED={SEED}")
 
 DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
@@ -53,10 +25,7 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 2e-2), torch.bfloat16:
 
 @pytest.fixture
 def gen(request):
-    seed = (SEED + zlib.crc32(request.node.name.encode())) % (2**31)
-    print(f"KERNEL_TEST_SEED={SEED} (case seed {seed})")
-    torch.manual_seed(seed)
-    return random.Random(seed)
+    return case_random(request)
 
 
 def _layout(q_lens, k_ranges, device=DEVICE):

@@ -1,51 +1,27 @@
 """The Triton selection kernels against the PyTorch references, and the sampler's statistics.
 
-Without a GPU they run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set here,
-before triton is imported, and checked). With a GPU (or TRITON_INTERPRET=0 exported) the same tests
+Without a GPU they run under the Triton interpreter on CPU tensors (tests/kernel_testing.py sets
+TRITON_INTERPRET=1 before triton is imported; checked). With a GPU (or TRITON_INTERPRET=0 exported) the same tests
 run the compiled kernels on CUDA.
 Inputs are fresh random draws every run; the seed is printed and named in every failure
 (KERNEL_TEST_SEED=<n> replays one).
 """
 
-import os
-
+import pytest
 import torch
 
-# Before anything imports triton: the interpreter, unless the caller chose (TRITON_INTERPRET=0 to
-# test the compiled kernels) or a GPU is present (then the compiled kernels are tested on it and
-# the rest of the session is not switched to the interpreter).
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_testing import SEED, case_random, kernel_module  # first: chooses the interpreter
 
-import importlib  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-import zlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
+import triton  # noqa: E402
 from kernels import rng  # noqa: E402
 from kernels.selection import (  # noqa: E402
     sample_candidates_reference,
     transfer_mask_loop,
     transfer_mask_reference,
 )
-import kernels.selection_triton as sel_mod  # noqa: E402
 
-INTERPRET = sel_mod._interpreting()
-if INTERPRET:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(sel_mod._sample_kernel, InterpretedFunction):
-        sel_mod = importlib.reload(sel_mod)
-    assert isinstance(sel_mod._sample_kernel, InterpretedFunction)
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+sel_mod, DEVICE = kernel_module("kernels.selection_triton", "_sample_kernel")
+INTERPRET = DEVICE == "cpu"
 
 # Rows with no finite logit compute -inf - -inf on purpose (NaN confidence, as the reference).
 pytestmark = [
@@ -53,8 +29,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
 ]
 
-SEED = int(os.environ.get("KERNEL_TEST_SEED", time.time_ns() % (2**31)))
-print(f"test_kernels_selection seed: KERNEL_TEST_SEED={SEED}")
 
 DTYPES = [torch.float32, torch.float16]
 NEG_INF = float("-inf")
@@ -62,10 +36,7 @@ NEG_INF = float("-inf")
 
 @pytest.fixture
 def gen(request):
-    seed = (SEED + zlib.crc32(request.node.name.encode())) % (2**31)
-    print(f"KERNEL_TEST_SEED={SEED} (case seed {seed})")
-    torch.manual_seed(seed)
-    return random.Random(seed)
+    return case_random(request)
 
 
 def _i64(values):
