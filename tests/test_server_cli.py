@@ -43,6 +43,21 @@ def test_without_a_model_and_no_default_it_says_so_and_exits_non_zero(monkeypatc
     assert "default model" in err and "--model" in err
 
 
+
+def wait_ready(proc, base, log_path, limit=60.0):
+    """Poll /ready until 200; fail with the server's log if it dies or takes over `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.1)
+
+
 @pytest.mark.skipif(not (default_model_path() / "config.json").is_file(), reason="no embedded default model yet")
 def test_without_a_model_it_serves_the_default(free_port, tmp_path):
     log = open(tmp_path / "server.log", "w")
@@ -50,16 +65,7 @@ def test_without_a_model_it_serves_the_default(free_port, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
     base = f"http://127.0.0.1:{free_port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+        wait_ready(proc, base, tmp_path / "server.log")
         name = httpx.get(base + "/v1/models", timeout=5).json()["data"][0]["id"]
         r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
             "model": name, "messages": [{"role": "user", "content": "Copy: a b c"}], "max_tokens": 16})
@@ -100,16 +106,7 @@ def test_env_configuration_and_sigterm_drain(golden_dir, free_port, tmp_path):
     base = f"http://127.0.0.1:{free_port}"
     auth = {"Authorization": "Bearer k1"}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+        wait_ready(proc, base, tmp_path / "server.log")
         models = httpx.get(base + "/v1/models", headers=auth, timeout=5).json()
         assert models["data"][0]["id"] == "from-env"
         assert httpx.get(base + "/v1/models", timeout=5).status_code == 401
