@@ -541,11 +541,8 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
                         yield text_chunk(idx, rest)
                     yield finish_chunk(idx)
                 elif kind == "error":
-                    job.cancel()
-                    state["status"] = payload.status
-                    yield sse.event(sse.error_event(payload.status, payload.message, payload.type,
-                                                    payload.code, payload.param))
-                    yield sse.DONE
+                    for chunk in _end_with_error(job, state, payload):
+                        yield chunk
                     return
             if len(finished) < len(job.choices):
                 return  # disconnected
@@ -556,6 +553,12 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
             state["status"] = 200
             yield sse.DONE
         return gen
+
+    def _end_with_error(job: Job, state, err):
+        """A stream's last events after a failure: the OpenAI error body, then [DONE]."""
+        job.cancel()
+        state["status"] = err.status
+        return [sse.event(sse.error_event(err.status, err.message, err.type, err.code, err.param)), sse.DONE]
 
     def _stream_steps(job: Job, request: Request):
         async def gen(state):
@@ -582,11 +585,8 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
                                      "completion_tokens": a.completion_tokens, "nfe": payload.nfe,
                                      "steps": payload.steps, "gen_ids": payload.gen_ids})
                 elif kind == "error":
-                    job.cancel()
-                    state["status"] = payload.status
-                    yield sse.event(sse.error_event(payload.status, payload.message, payload.type,
-                                                    payload.code, payload.param))
-                    yield sse.DONE
+                    for chunk in _end_with_error(job, state, payload):
+                        yield chunk
                     return
             if done < len(job.choices):
                 return
