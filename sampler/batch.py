@@ -104,6 +104,7 @@ class DiffusionBatch:
         self.config = model.config
         self.mask_id = special.mask
         self.stop_ids = list(special.stop)
+        self.stop_ids_d = torch.tensor(self.stop_ids, dtype=torch.int64, device=model.device)
         self.eos_id = special.eos
         self.device = model.device
         self.capacity = capacity_tokens
@@ -283,29 +284,28 @@ class DiffusionBatch:
         seed = self.seed[slots][row_req].to(dev)
         nonce = self.steps_done[slots][row_req].to(dev)
         pos_d = position.to(dev)
-        banned = dict(ban_ids=[self.eos_id], ban_rows=ban.to(dev)) if bool(ban.any()) else {}
         temp = self.temperature[slots][row_req].to(dev)
+        ban_d = ban.to(dev) if bool(ban.any()) else None
+        banned = dict(ban_ids=[self.eos_id], ban_rows=ban_d) if ban_d is not None else {}
         x0, conf = sample_candidates(logits, temp, seed, nonce, pos_d, **banned)
         # A candidate equal to the mask id would leave its position masked for ever (the block never
         # completes, the request never ends). Trained models never propose it; rows that do are drawn
-        # again without it (and without EOS where the request bans EOS). Other rows are unchanged.
-        bad = x0 == self.mask_id
-        if bool(bad.any()):
-            for also_eos in (False, True):
-                rows = (bad & (ban.to(dev) == also_eos)).nonzero().squeeze(1)
-                if len(rows):
-                    ids = [self.mask_id, self.eos_id] if also_eos else [self.mask_id]
-                    x0b, confb = sample_candidates(logits.index_select(0, rows), temp[rows], seed[rows],
-                                                   nonce[rows], pos_d[rows], ban_ids=ids)
-                    x0 = x0.index_copy(0, rows, x0b)
-                    conf = conf.index_copy(0, rows, confb.to(conf.dtype))
+        # again with the mask logit at -inf (same noise, same EOS ban). Other rows are unchanged.
+        rows = (x0 == self.mask_id).nonzero().squeeze(1)
+        if len(rows):
+            sub = logits.index_select(0, rows)
+            sub[:, self.mask_id] = NEG_INF
+            banned = dict(ban_ids=[self.eos_id], ban_rows=ban_d[rows]) if ban_d is not None else {}
+            x0b, confb = sample_candidates(sub, temp[rows], seed[rows], nonce[rows], pos_d[rows], **banned)
+            x0 = x0.index_copy(0, rows, x0b)
+            conf = conf.index_copy(0, rows, confb.to(conf.dtype))
         rnd = self.random_remask[slots][row_req]
         if bool(rnd.any()):
             u = rng.uniform(seed, nonce, pos_d, torch.full_like(pos_d, rng.REMASK_STREAM))
             conf = torch.where(rnd.to(dev), u.to(conf.dtype), conf)
         defer = self.defer_eos[slots][row_req]
         if bool(defer.any()) and self.stop_ids:
-            stop = torch.isin(x0, torch.tensor(self.stop_ids, device=dev))
+            stop = torch.isin(x0, self.stop_ids_d)
             conf = torch.where(defer.to(dev) & stop, torch.full_like(conf, DEFERRED), conf)
         conf = torch.where(cand, conf, torch.full_like(conf, NEG_INF))
 
