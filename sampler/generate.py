@@ -44,12 +44,12 @@ def generate(bundle, prompts, params, keep_events: bool = False, on_event=None) 
     return [results[i] for i in range(len(prompts))]
 
 
-def cut_answer(gen_ids, stop_ids, mask_id=None) -> list[int]:
-    """The answer: the generated ids up to (not including) the first EOS/EoT."""
+def cut_answer(gen_ids, stop_ids, limit: int | None = None) -> list[int]:
+    """The answer: the generated ids up to (not including) the first EOS/EoT, at most `limit`."""
     stops = set(stop_ids)
     out = []
     for t in gen_ids:
-        if t in stops:
+        if t in stops or (limit is not None and len(out) >= limit):
             break
         out.append(t)
     return out

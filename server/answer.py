@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sampler.generate import cut_answer
+
 log = logging.getLogger("llada.server")
 
 
@@ -82,14 +84,8 @@ class Choice:
 
     def _cut_ids(self, ids) -> tuple[list[int], bool]:
         """(answer ids, ended by a stop id) for a run of known ids."""
-        out = []
-        for t in ids:
-            if t in self.stop_ids:
-                return out, True
-            if len(out) >= self.max_tokens:
-                break
-            out.append(t)
-        return out, False
+        out = cut_answer(ids, self.stop_ids, self.max_tokens)
+        return out, len(out) < len(ids) and ids[len(out)] in self.stop_ids
 
     def _finalize(self, ids: list[int], stopped: bool, text: str, cut: int | None) -> Answer:
         reason = "stop" if stopped or cut is not None else "length"
