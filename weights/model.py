@@ -111,7 +111,8 @@ class Block(nn.Module):
         self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
-        self.qkv = self.gate_up = None  # set by fuse()
+        self.register_parameter("qkv", None)  # set by fuse()
+        self.register_parameter("gate_up", None)
 
     def fuse(self) -> None:
         """Replace q/k/v and gate/up by one matrix each: one product instead of three and two.
@@ -119,12 +120,10 @@ class Block(nn.Module):
         if self.qkv is not None:
             return
         with torch.no_grad():
-            self.qkv = nn.Linear(1, 1, bias=False)
-            self.qkv.weight = nn.Parameter(torch.cat(
-                [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]), requires_grad=False)
-            self.gate_up = nn.Linear(1, 1, bias=False)
-            self.gate_up.weight = nn.Parameter(torch.cat(
-                [self.ff_proj.weight, self.up_proj.weight]), requires_grad=False)
+            self.qkv = nn.Parameter(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+                                    requires_grad=False)
+            self.gate_up = nn.Parameter(torch.cat([self.ff_proj.weight, self.up_proj.weight]),
+                                        requires_grad=False)
         del self.q_proj, self.k_proj, self.v_proj, self.ff_proj, self.up_proj
 
     def forward(self, x, cos, sin, layout: AttnLayout, k_buf, v_buf):
@@ -133,7 +132,7 @@ class Block(nn.Module):
         kv = cfg.n_kv_heads * cfg.head_dim
         n = rms_norm(x, self.attn_norm.weight, cfg.rms_norm_eps)
         if self.qkv is not None:
-            q, k, v = self.qkv(n).split([cfg.d_model, kv, kv], dim=-1)
+            q, k, v = F.linear(n, self.qkv).split([cfg.d_model, kv, kv], dim=-1)
         else:
             q, k, v = self.q_proj(n), self.k_proj(n), self.v_proj(n)
         q = q.reshape(t, cfg.n_heads, cfg.head_dim)
@@ -151,7 +150,7 @@ class Block(nn.Module):
         x = x + self.attn_out(o.reshape(t, cfg.d_model))
         m = rms_norm(x, self.ff_norm.weight, cfg.rms_norm_eps)
         if self.gate_up is not None:
-            gate, up = self.gate_up(m).chunk(2, dim=-1)
+            gate, up = F.linear(m, self.gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.ff_proj(m), self.up_proj(m)
         return x + self.ff_out(F.silu(gate) * up)
