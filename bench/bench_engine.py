@@ -218,7 +218,7 @@ def main(argv=None) -> int:
             vs_roofline=round(tps / roof_tps, 4), roofline_ms=round(floor * 1e3, 2)))
 
     # Warm-up (allocator, kernels' compilation).
-    run_batch(bundle, [(prompt(), one(gen=B, steps=4 if not q else 4, cache="dual"))])
+    run_batch(bundle, [(prompt(), one(gen=B, steps=4, cache="dual"))])
 
     base_req = [(prompt(), one())]
     base = run_baseline(bundle, base_req)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,8 +128,6 @@ def pick_cpu_threads(config: LLaDAConfig, device: torch.device) -> int:
     machine with one other busy process: a 16-step answer of the default model took 47 ms on one
     thread and 5.1 s on two). Large models keep torch's default. An explicit OMP_NUM_THREADS or
     LLADA_CPU_THREADS wins."""
-    import os
-
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     want = os.environ.get("LLADA_CPU_THREADS")
