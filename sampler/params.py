@@ -77,9 +77,20 @@ class SamplingParams:
 
     def for_block_diffusion(self) -> "SamplingParams":
         """These parameters with LLaDA2 `generate`'s defaults filled in where unset."""
-        return replace(self, block_length=self.block_length or LLADA2_DEFAULTS["block_length"],
+        return replace(self, block_length=LLADA2_DEFAULTS["block_length"] if self.block_length is None else self.block_length,
                        steps=self.llada2_steps,
                        threshold=LLADA2_DEFAULTS["threshold"] if self.threshold is None else self.threshold)
+
+    def step_limit(self, prompt_len: int, block_diffusion: bool = False) -> int:
+        """Steps a request can take at most; one past it is stuck. LLaDA: every step unmasks at
+        least one position. Block diffusion: at most `steps` per block (LLaDA2.0), or one per
+        position plus max_post_steps per block (LLaDA2.1)."""
+        if not block_diffusion:
+            return self.gen_length + self.blocks + 1
+        p = self.for_block_diffusion()
+        blocks = -(-(prompt_len + p.gen_length) // p.block) - prompt_len // p.block
+        per_block = p.block + p.max_post_steps + 1 if p.editing_threshold is not None else p.llada2_steps
+        return blocks * per_block + 1
 
     def with_seed(self, seed: int) -> "SamplingParams":
         return replace(self, seed=seed)
