@@ -11,6 +11,7 @@ MAX_SEED = 2**63 - 1
 # LLaDA2.0's and LLaDA2.1's `generate` defaults (the released remote code).
 LLADA2_DEFAULTS = dict(block_length=32, steps=32, threshold=0.95, minimal_topk=1, eos_early_stop=False)
 LLADA21_DEFAULTS = dict(LLADA2_DEFAULTS, editing_threshold=0.9, max_post_steps=16, num_to_transfer=1)
+RELEASED_DEFAULTS = {"llada": {}, "llada2.0": LLADA2_DEFAULTS, "llada2.1": LLADA21_DEFAULTS}
 LLADA2_FIELDS = ("minimal_topk", "eos_early_stop", "editing_threshold", "max_post_steps", "num_to_transfer")
 
 

@@ -25,7 +25,9 @@ __all__ = ["ApiError", "Service", "ServerLimits", "create_app", "derive_seed"]
 
 DESCRIPTION = ("OpenAI-compatible server for LLaDA masked-diffusion language models. The request bodies "
                "take OpenAI's fields plus the diffusion extensions (steps, block_length, remasking, "
-               "cfg_scale, threshold, cache, ban_eos, defer_eos, stream_steps). Errors use OpenAI's body.")
+               "cfg_scale, threshold, cache, ban_eos, defer_eos, stream_steps; on LLaDA2.x checkpoints also "
+               "minimal_topk, eos_early_stop, editing_threshold, max_post_steps, num_to_transfer). "
+               "Errors use OpenAI's body.")
 
 
 class Service:
@@ -50,7 +52,8 @@ class Service:
         tok = self.tokenizer
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llada-serve",
                 "max_model_len": self.config.max_sequence_length,
-                "llada": {"tokenizer": tok is not None, "chat_template": bool(tok is not None and tok.chat_template),
+                "llada": {"family": self.config.family, "decoding": self.bundle.decoding,
+                          "tokenizer": tok is not None, "chat_template": bool(tok is not None and tok.chat_template),
                           "vocab_size": self.config.vocab_size, "mask_token_id": self.bundle.special.mask,
                           "stop_token_ids": self.stop_ids}}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sampler.params import MAX_SEED, ParamError, SamplingParams
+from sampler.params import LLADA2_FIELDS, MAX_SEED, RELEASED_DEFAULTS, ParamError, SamplingParams
 from sampler.scheduler import EngineError
 from server.errors import ApiError
 from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field
@@ -117,25 +117,39 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
     if max_tokens < 1:
         raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens",
                        code="invalid_value")
+    blocks = bool(svc.config.block_diffusion)
     if req.block_length is not None:
         block = req.block_length
         if block < 1:
             raise ApiError(400, f"block_length must be >= 1, got {block}", param="block_length",
                            code="invalid_value")
+    elif blocks:
+        block = None  # the released generate's block length
     else:
         block = min(lim.default_block_length, max_tokens)
-    gen_length = -(-max_tokens // block) * block
+    # LLaDA2 decodes exactly max_tokens (its last block runs past them); LLaDA, whole blocks.
+    gen_length = max_tokens if blocks else -(-max_tokens // block) * block
+    # Unset block-diffusion fields take the checkpoint's released `generate` defaults.
+    released = RELEASED_DEFAULTS[svc.bundle.decoding]
+    extra = {}
+    for name in LLADA2_FIELDS:
+        value = getattr(req, name) if getattr(req, name) is not None else released.get(name)
+        if value is not None:
+            extra[name] = value
     sp = SamplingParams(
         gen_length=gen_length, block_length=block, steps=req.steps,
         temperature=0.0 if req.temperature is None else req.temperature,
         remasking=req.remasking or "low_confidence",
         cfg_scale=0.0 if req.cfg_scale is None else req.cfg_scale,
-        threshold=req.threshold, cache=req.cache or "none",
-        seed=derive_seed(base_seed, index), ban_eos=bool(req.ban_eos), defer_eos=bool(req.defer_eos))
+        threshold=req.threshold if req.threshold is not None else released.get("threshold"),
+        cache=req.cache or "none", seed=derive_seed(base_seed, index), ban_eos=bool(req.ban_eos),
+        defer_eos=bool(req.defer_eos), **extra)
+    if blocks:
+        sp = sp.for_block_diffusion()
     try:
         if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
             raise ParamError("seed", f"seed must be an integer in [0, 2**63), got {req.seed}")
-        sp.validate(prompt_len, svc.config.max_sequence_length)
+        sp.validate(prompt_len, svc.config.max_sequence_length, blocks)
     except ParamError as e:
         raise ApiError(400, str(e), param=e.field, code="invalid_value") from None
     try:

@@ -38,16 +38,29 @@ class DiffusionFields(BaseModel):
 
     # Diffusion extensions (the openai client sends them with extra_body).
     steps: StrictInt | None = Field(None, description="denoising steps over the whole answer "
-                                    "(default: one token per step)")
+                                    "(default: one token per step); LLaDA2: steps per block (default 32)")
     block_length: StrictInt | None = Field(None, description="semi-autoregressive block length")
     remasking: StrictStr | None = Field(None, description="low_confidence (default) or random")
     cfg_scale: StrictFloat | None = Field(None, description="classifier-free guidance scale (0: off)")
-    threshold: StrictFloat | None = Field(None, description="confidence-threshold parallel decoding, (0, 1]")
+    threshold: StrictFloat | None = Field(None, description="confidence-threshold parallel decoding, (0, 1]; "
+                                          "LLaDA2: unmask every position above it, [0, 1] (default 0.95)")
     cache: StrictStr | None = Field(None, description="none (default), prefix or dual")
     ban_eos: StrictBool | None = None
     defer_eos: StrictBool | None = None
     stream_steps: StrictBool | None = Field(None, description="the per-step unmasking stream instead of "
                                             "OpenAI chunks")
+    # Block diffusion (LLaDA2.x checkpoints only; defaults: the checkpoint's released generate).
+    minimal_topk: StrictInt | None = Field(None, description="LLaDA2: caps steps per block at "
+                                           "max_tokens // minimal_topk (default 1)")
+    eos_early_stop: StrictBool | None = Field(None, description="LLaDA2: stop as soon as an EOS is "
+                                              "decoded with nothing masked before it (default false)")
+    editing_threshold: StrictFloat | None = Field(None, description="LLaDA2.1 token editing: a decoded "
+                                                  "token is replaced when the model's choice there has "
+                                                  "probability above this, [0, 1]")
+    max_post_steps: StrictInt | None = Field(None, description="LLaDA2.1: editing forwards per block "
+                                             "after its last mask (default 16)")
+    num_to_transfer: StrictInt | None = Field(None, description="LLaDA2.1: tokens unmasked per step when "
+                                              "too few pass threshold (default 1)")
 
     # OpenAI fields accepted only at a neutral value (see NEUTRAL).
     top_p: StrictFloat | None = None

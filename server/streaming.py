@@ -49,6 +49,10 @@ def step_event(index: int, ev, decoder) -> dict:
         "tokens": [decoder.piece(t) for t in ev.token_ids],
         "confidences": [finite(round(c, 6)) for c in ev.confidences],
         "masks_remaining": ev.masks_remaining, "nfe": ev.nfe,
+        # Token editing (LLaDA2.1): decoded positions that took a new token this step.
+        "edited_positions": list(ev.edited_positions), "edited_token_ids": list(ev.edited_token_ids),
+        "edited_tokens": [decoder.piece(t) for t in ev.edited_token_ids],
+        "edited_confidences": [finite(round(c, 6)) for c in ev.edited_confidences],
     }
 
 

@@ -59,6 +59,7 @@ class ModelBundle:
     special: SpecialIds
     path: Path
     name: str = field(default="")
+    decoding: str = "llada"  # the checkpoint's own generate: "llada", "llada2.0" or "llada2.1"
 
     @property
     def device(self) -> torch.device:
@@ -221,7 +222,21 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
     log.info("loaded %s (%s): %.1fM parameters (%.1fM active) on %s in %s", path, config.family,
              config.num_parameters / 1e6, config.active_parameters / 1e6, dev, str(dt).replace("torch.", ""))
     return ModelBundle(model=model, config=config, tokenizer=tokenizer, special=special, path=path,
-                       name=path.name)
+                       name=path.name, decoding=released_decoding(config, path))
+
+
+def released_decoding(config, path: Path) -> str:
+    """Which `generate` the checkpoint ships: LLaDA2.0 and 2.1 share the network and the config; the
+    2.1 release's remote code (modeling_*.py) is the one with token editing (`editing_threshold`)."""
+    if config.family != "llada2":
+        return "llada"
+    for f in sorted(path.glob("modeling_*.py")):
+        try:
+            if "editing_threshold" in f.read_text(errors="replace"):
+                return "llada2.1"
+        except OSError:
+            continue
+    return "llada2.0"
 
 
 def special_ids(config, tokenizer: Tokenizer | None, path: Path) -> SpecialIds:
