@@ -31,7 +31,7 @@ influence the others but are not reported in events.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,7 +56,7 @@ class BlockState:
     t: int = 0                 # steps taken in the current block
     post: int = 0              # LLaDA2.1: forwards started after the block had no [MASK]
     unmasked: int = 0          # positions of the generated span unmasked so far
-    events: list = field(default_factory=list)
+    steps: int = 0             # steps (= forwards) taken
 
     @classmethod
     def start(cls, prompt_len: int, params) -> "BlockState":
@@ -120,7 +120,6 @@ def block_step(batch, reqs) -> list:
     logits = batch.model(ids, pos.to(dev), layout, batch.kv, logits_rows.to(dev))
     batch.forwards += 1
 
-    slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
     cur = torch.tensor([r.blocks.block for r in reqs], dtype=torch.int64)
     blen = torch.tensor([r.blocks.block_length for r in reqs], dtype=torch.int64)
     plen = torch.tensor([r.blocks.prompt_len for r in reqs], dtype=torch.int64)
@@ -129,7 +128,7 @@ def block_step(batch, reqs) -> list:
     canvas_idx = (off[row_req] + position).to(dev)
     tok = batch.tokens.index_select(0, canvas_idx)
     is_mask = tok == batch.mask_id
-    x0, conf = _draw(batch, logits, slots, row_req, position)
+    x0, conf = _draw(batch, reqs, logits, row_req, position)
 
     p = [r.params for r in reqs]
     thr = torch.tensor([q.threshold for q in p], dtype=torch.float32)[row_req].to(dev)
@@ -165,16 +164,15 @@ def block_step(batch, reqs) -> list:
         block_no = st.block - st.first_block
         st.ready = st.block
         st.t += 1
-        batch.steps_done[r.slot] += 1
-        batch.nfe[r.slot] += 1
+        st.steps += 1
         finished, gen_ids = _advance(batch, r, st, picked, x0_l, masks_before, masks_after, len(edits))
         shown = [i for i in picked if rel[i] < gen]
         shown_edits = [i for i in edits if rel[i] < gen]
         ev = StepEvent(
-            request_id=r.rid, step=int(batch.steps_done[r.slot]), block=block_no,
+            request_id=r.rid, step=st.steps, block=block_no,
             positions=[rel[i] for i in shown], token_ids=[x0_l[i] for i in shown],
             confidences=[conf_l[i] for i in shown], masks_remaining=gen - st.unmasked,
-            nfe=int(batch.nfe[r.slot]), finished=finished,
+            nfe=st.steps, finished=finished,
             edited_positions=[rel[i] for i in shown_edits],
             edited_token_ids=[x0_l[i] for i in shown_edits],
             edited_confidences=[conf_l[i] for i in shown_edits],
@@ -184,16 +182,21 @@ def block_step(batch, reqs) -> list:
     return events
 
 
-def _draw(batch, logits, slots, row_req, position):
+def _draw(batch, reqs, logits, row_req, position):
     """(x0, conf) per logits row with the request's temperature, seed, step nonce and EOS ban; a
     mask-id candidate drawn again with the mask id banned; deferred stops ranked last."""
     dev = batch.device
-    ban = batch.ban_eos[slots][row_req]
-    seed = batch.seed[slots][row_req].to(dev)
-    nonce = batch.steps_done[slots][row_req].to(dev)
+
+    def per_row(values, dtype):
+        return torch.tensor(values, dtype=dtype)[row_req].to(dev)
+
+    params = [r.params for r in reqs]
+    ban = per_row([bool(p.ban_eos) for p in params], torch.bool)
+    seed = per_row([p.seed or 0 for p in params], torch.int64)
+    nonce = per_row([r.blocks.steps for r in reqs], torch.int64)
     pos_d = position.to(dev)
-    temp = batch.temperature[slots][row_req].to(dev)
-    ban_rows = ban.to(dev) if bool(ban.any()) else None
+    temp = per_row([float(p.temperature) for p in params], torch.float32)
+    ban_rows = ban if bool(ban.any()) else None
 
     def draw(lg, rows=None):
         sel = (lambda t: t) if rows is None else (lambda t: t[rows])
@@ -208,10 +211,10 @@ def _draw(batch, logits, slots, row_req, position):
         x0b, confb = draw(sub, rows)
         x0 = x0.index_copy(0, rows, x0b)
         conf = conf.index_copy(0, rows, confb.to(conf.dtype))
-    defer = batch.defer_eos[slots][row_req]
+    defer = per_row([bool(p.defer_eos) for p in params], torch.bool)
     if bool(defer.any()) and batch.stop_ids:
         stop = torch.isin(x0, batch.stop_ids_d)
-        conf = torch.where(defer.to(dev) & stop, torch.full_like(conf, -1.0), conf)
+        conf = torch.where(defer & stop, torch.full_like(conf, -1.0), conf)
     return x0, conf
 
 
