@@ -10,4 +10,4 @@ def test_moe_benchmark_smoke(capsys):
     assert len(lines) == 3
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert float(cells[3]) > 0 and float(cells[5]) > 0 and cells[4] == "None"
+        assert float(cells[3]) > 0 and float(cells[6]) > 0 and cells[4] == "None"
