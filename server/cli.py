@@ -85,8 +85,9 @@ def main(argv=None) -> None:
     cfg = bundle.config
     name = args.served_model_name or bundle.name or "llada"
     param_bytes = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
-    log.info("model %s from %s: %.2fM parameters, %d layers, d_model %d, vocab %d, max_sequence_length %d, "
-             "tokenizer %s", name, bundle.path, cfg.num_parameters / 1e6, cfg.n_layers, cfg.d_model,
+    log.info("model %s from %s: %s (decoding %s), %.2fM parameters (%.2fM active), %d layers, hidden %d, "
+             "vocab %d, max_sequence_length %d, tokenizer %s", name, bundle.path, cfg.family, bundle.decoding,
+             cfg.num_parameters / 1e6, cfg.active_parameters / 1e6, cfg.n_layers, cfg.hidden_size,
              cfg.vocab_size, cfg.max_sequence_length, "yes" if bundle.tokenizer is not None else "none")
     econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                          max_queue=args.max_queue,

@@ -5,7 +5,7 @@ Three families are served: LLaDA-8B (`LLaDAConfig`, here), LLaDA-MoE and LLaDA2.
 (LLaDA-MoE shares `model_type` "llada" with LLaDA-8B), then by `model_type` and the fields present.
 
 Every config exposes the same serving interface: `family`, `block_diffusion`, `n_layers`,
-`n_heads`, `n_kv_heads`, `head_dim`, `vocab_size`, `embedding_size`, `max_sequence_length`,
+`n_heads`, `n_kv_heads`, `head_dim`, `hidden_size`, `vocab_size`, `embedding_size`, `max_sequence_length`,
 `mask_token_id` / `eos_token_id` (None when the file does not say: the loader reads the tokenizer),
 `pad_token_id`, `num_parameters` and `active_parameters`.
 """
@@ -62,6 +62,10 @@ class LLaDAConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
 
     @property
     def num_parameters(self) -> int:
