@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     a("--cfg-scale", type=float, default=0.0)
     a("--seed", type=int, default=0)
+    b = p.add_argument_group("block diffusion (LLaDA2.x checkpoints; defaults: the checkpoint's released generate)")
+    b.add_argument("--minimal-topk", type=int, default=None)
+    b.add_argument("--eos-early-stop", action="store_true", default=None)
+    b.add_argument("--editing-threshold", type=float, default=None, help="LLaDA2.1 token editing")
+    b.add_argument("--max-post-steps", type=int, default=None)
+    b.add_argument("--num-to-transfer", type=int, default=None)
     a("--show-steps", action="store_true", help="print the canvas after every step")
     a("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
@@ -46,7 +52,7 @@ def _fail(msg: str, code: int = 1):
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from sampler.generate import cut_answer, generate
-    from sampler.params import ParamError, SamplingParams
+    from sampler.params import LLADA2_FIELDS, RELEASED_DEFAULTS, ParamError, SamplingParams
     from weights import default_model_path
     from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
     from weights.tokenizer import TemplateError
@@ -80,12 +86,18 @@ def main(argv=None) -> None:
     vocab = bundle.config.embedding_size
     if any(not 0 <= t < vocab for t in ids):
         _fail(f"prompt token ids must be in [0, {vocab})", 2)
-    block = args.block_length if args.block_length is not None else min(32, args.gen_length)
+    blocks = bool(bundle.config.block_diffusion)
+    block = args.block_length if args.block_length is not None or blocks else min(32, args.gen_length)
+    released = RELEASED_DEFAULTS[bundle.decoding]
+    extra = {n: getattr(args, n) if getattr(args, n) is not None else released.get(n) for n in LLADA2_FIELDS}
     params = SamplingParams(gen_length=args.gen_length, block_length=block, steps=args.steps,
                             temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
-                            threshold=args.threshold, cache=args.cache, seed=args.seed)
+                            threshold=args.threshold, cache=args.cache, seed=args.seed,
+                            **{n: v for n, v in extra.items() if v is not None})
+    if blocks:
+        params = params.for_block_diffusion()
     try:
-        params.validate(len(ids), bundle.config.max_sequence_length)
+        params.validate(len(ids), bundle.config.max_sequence_length, blocks)
     except ParamError as e:
         _fail(f"--{e.field.replace('_', '-')}: {e}", 2)
 
@@ -100,7 +112,7 @@ def main(argv=None) -> None:
     canvas = [None] * params.gen_length
 
     def show(ev):
-        for p, t in zip(ev.positions, ev.token_ids):
+        for p, t in zip(ev.positions + ev.edited_positions, ev.token_ids + ev.edited_token_ids):
             canvas[p] = t
         print(f"step {ev.step:4d}  block {ev.block:3d}  masks {ev.masks_remaining:4d} | "
               + "".join(piece(t) for t in canvas), flush=True)

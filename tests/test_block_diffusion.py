@@ -238,3 +238,17 @@ def test_engine_serves_block_diffusion_and_early_completion_keeps_the_answer(oth
         assert a.gen_ids == want.gen_ids and a.nfe == want.nfe and not a.early
         assert cut_answer(a.gen_ids, stop, 6) == cut_answer(b.gen_ids, stop, 6)
         assert b.steps <= a.steps
+
+
+def test_generate_cli_on_a_llada2_checkpoint(capsys):
+    """llada-generate takes the LLaDA2 options and prints the reference's answer (case llada2.1_9)."""
+    import json
+
+    from sampler import generate_cli
+
+    case = json.loads((LLADA2 / "cases.json").read_text())["cases"][9]
+    generate_cli.main(["--model", str(LLADA2), "--prompt-ids", ",".join(map(str, case["prompt_ids"])),
+                       "--gen-length", "32", "--block-length", "8", "--threshold", "0.7",
+                       "--editing-threshold", "0.5"])
+    answer = [int(t) for t in capsys.readouterr().out.split()]
+    assert answer == case["expected_ids"][:-1]  # cut before the EOS
