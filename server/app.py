@@ -27,6 +27,7 @@ from sampler.params import MAX_SEED, ParamError, SamplingParams
 from sampler.scheduler import Engine, EngineConfig, EngineError, Handle, QueueFull
 from server import sse
 from server.answer import Choice, Decoder
+from server.guards import Guards, default_max_body_bytes
 from server.metrics import CONTENT_TYPE, Metrics
 from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field
 
@@ -347,7 +348,8 @@ class Job:
 
 def create_app(bundle, engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, limits: ServerLimits | None = None, metrics: Metrics | None = None,
-               shutdown_grace: float = 30.0, engine: Engine | None = None) -> FastAPI:
+               shutdown_grace: float = 30.0, engine: Engine | None = None, max_body_bytes: int | None = None,
+               body_timeout: float | None = 30.0, allowed_hosts: list[str] | None = None) -> FastAPI:
     metrics = metrics or Metrics()
     metrics.device = bundle.model.device
     engine = engine or Engine(bundle.model, bundle.special, engine_config or EngineConfig(), metrics=metrics)
@@ -366,6 +368,9 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     app.state.service = svc
     app.state.engine = engine
     app.state.metrics = metrics
+    app.add_middleware(Guards, max_body_bytes=max_body_bytes or default_max_body_bytes(svc.config.max_sequence_length),
+                       body_timeout=body_timeout, allowed_hosts=allowed_hosts, engine=engine, metrics=metrics,
+                       metered=("/v1/completions", "/v1/chat/completions"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+# JSON may carry a lone UTF-16 surrogate ("\ud800"); json.loads joins valid pairs, so any surrogate
+# left in a str is lone. It is not a character and no tokenizer can encode it: it becomes U+FFFD.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text)
 
 
 class TemplateError(ValueError):
@@ -52,7 +62,7 @@ class Tokenizer:
         return self._tok.token_to_id(text)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(replace_lone_surrogates(text), add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
