@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--allowed-hosts", default=_env("allowed_hosts"),
       help="comma-separated Host header names answered ('*': any); others get 400. Default: the bind "
       "address, localhost, 127.0.0.1 and ::1 when bound to loopback, any name otherwise")
+    a("--header-timeout", type=float, default=_env("header_timeout", 10.0),
+      help="seconds a client may take to send a request's line and headers; then the connection is closed")
     a("--timeout-keep-alive", type=float, default=_env("timeout_keep_alive", 5.0),
       help="seconds an idle keep-alive connection stays open")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
@@ -70,6 +72,8 @@ def main(argv=None) -> None:
             _fail(f"--{name.replace('_', '-')} must be >= 1", 2)
     if args.max_body_bytes is not None and int(args.max_body_bytes) < 1024:
         _fail("--max-body-bytes must be >= 1024", 2)
+    if args.header_timeout <= 0:
+        _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
         _fail(f"--port must be in 1..65535, got {args.port}", 2)
 
@@ -89,6 +93,7 @@ def main(argv=None) -> None:
 
     from sampler.scheduler import EngineConfig
     from server.app import create_app
+    from server.connection import protocol_with_header_timeout
     from server.guards import default_allowed_hosts, default_max_body_bytes
     from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
@@ -131,15 +136,16 @@ def main(argv=None) -> None:
              "shutdown_grace %gs, API key %s", args.max_batch_size, args.max_batch_tokens, args.max_queue,
              f"{args.request_timeout:g}s" if args.request_timeout > 0 else "none", args.shutdown_grace,
              "required" if args.api_key else "off")
-    log.info("guards: max body %d bytes, body timeout %s, allowed hosts %s", max_body,
-             f"{args.body_timeout:g}s" if args.body_timeout > 0 else "none",
+    log.info("guards: max body %d bytes, header timeout %gs, body timeout %s, allowed hosts %s", max_body,
+             args.header_timeout, f"{args.body_timeout:g}s" if args.body_timeout > 0 else "none",
              ", ".join(allowed_hosts) if allowed_hosts else "any")
 
     # uvicorn's own graceful-shutdown timeout is only a backstop: the engine fails what is left at the
     # end of the grace (503 shutting_down), so handlers answer and connections close right after it.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_grace + DRAIN_BACKSTOP_S, access_log=False,
-                            timeout_keep_alive=args.timeout_keep_alive)
+                            timeout_keep_alive=args.timeout_keep_alive,
+                            http=protocol_with_header_timeout(args.header_timeout))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -162,6 +168,12 @@ def main(argv=None) -> None:
     if not server.started:
         sys.exit(1)
     log.info("stopped")
+    # Every request is answered and the engine thread has ended: skip the interpreter's teardown of
+    # torch and friends (about a second on a busy CPU) so the process exits right after its grace.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
