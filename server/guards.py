@@ -18,26 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
+
+from server.errors import clip, error_response
 
 log = logging.getLogger("llada.server")
 
 MIN_BODY_BYTES = 1 << 20
 BODY_BYTES_PER_TOKEN = 2048   # 64 prompts of the full context at 32 bytes of JSON per token
-ECHO_CHARS = 64               # at most this much of a client's value is quoted back
 
 
 def default_max_body_bytes(max_sequence_length: int) -> int:
     """A body limit that fits every request the model can serve: 2 KiB per token of context, at least
     1 MiB (8 MiB for a 4096-token model)."""
     return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_sequence_length)
-
-
-def clip(value, limit: int = ECHO_CHARS) -> str:
-    """repr() of a client's value, cut to `limit` characters (lone surrogates come out escaped)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def is_loopback(host: str) -> bool:
@@ -103,20 +97,20 @@ class Guards:
         if self.allowed is not None:
             host = headers.get("host", "")
             if _host_name(host) not in self.allowed:
-                return await self._refuse(send, path, 400, f"the Host header {clip(host)} is not one this server "
-                                          "answers to (see --allowed-hosts)", "invalid_host")
+                why = f"the Host header {clip(host)} is not one this server answers to (see --allowed-hosts)"
+                return await self._refuse(scope, receive, send, 400, why, "invalid_host")
 
         if scope.get("method") == "POST" and path.startswith("/v1/"):
             ctype = headers.get("content-type")
             media = (ctype or "").split(";", 1)[0].strip().lower()
             if media != "application/json":
                 got = "none" if ctype is None else clip(ctype)
-                return await self._refuse(send, path, 415, f"the request body must be JSON sent with "
-                                          f"'Content-Type: application/json' (got {got})", "unsupported_media_type")
+                why = f"the request body must be JSON sent with 'Content-Type: application/json' (got {got})"
+                return await self._refuse(scope, receive, send, 415, why, "unsupported_media_type")
             try:
                 body = await self._read_body(headers, receive)
             except _BodyError as e:
-                return await self._refuse(send, path, e.status, e.message, e.code)
+                return await self._refuse(scope, receive, send, e.status, e.message, e.code)
             except _Disconnected:
                 log.info("%s 499: the client disconnected while sending the request body", path)
                 if path in self.metered and self.metrics is not None:
@@ -166,17 +160,14 @@ class Guards:
             await send(message)
         return wrapped
 
-    async def _refuse(self, send, path: str, status: int, message: str, code: str) -> None:
+    async def _refuse(self, scope, receive, send, status: int, message: str, code: str) -> None:
+        path = scope.get("path", "")
         if path in self.metered and self.metrics is not None:
             self.metrics.request_done(path, status)
         log.info("%s %d: %s", path, status, message)
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": code}}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if status in (408, 413):  # the rest of the body is not read: the connection cannot be reused
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        # After a 408 or 413 the rest of the body is unread: the connection cannot be reused.
+        headers = {"Connection": "close"} if status in (408, 413) else None
+        await error_response(status, message, code=code, headers=headers)(scope, receive, send)
 
 
 def _replay(body: bytes, receive):

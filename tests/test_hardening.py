@@ -379,3 +379,135 @@ def test_slow_headers_are_cut_off(bundle):
     finally:
         srv.should_exit = True
         t.join(10)
+
+
+# ---------------------------------------------------------------- bad input that used to be a 500
+def test_deeply_nested_json_is_a_400_without_a_traceback(server, caplog):
+    body = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with caplog.at_level(logging.INFO):
+        err = assert_error(post(server.url, "/v1/completions", body), 400, code="invalid_json")
+    assert "nests deeper" in err["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert post(server.url, "/v1/completions", GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"prompt": [[True], [False]]}, "prompt"), ({"prompt": [5, 5.0]}, "prompt"),
+    ({"max_tokens": "8"}, "max_tokens"), ({"n": True}, "n"), ({"stream": "no"}, "stream"),
+    ({"temperature": "0.5"}, "temperature"), ({"seed": 1.5}, "seed"),
+])
+def test_wrong_types_are_400s_not_coerced(server, extra, param):
+    assert_error(post(server.url, "/v1/completions", dict(GOOD, **extra)), 400, param)
+
+
+def test_405_carries_allow_and_operator_endpoints_answer_head(server):
+    r = httpx.get(server.url + "/v1/completions")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "POST"
+    for path in ("/health", "/ready", "/metrics", "/", "/playground"):
+        r = httpx.head(server.url + path)
+        assert r.status_code == 200 and r.content == b"", path
+    assert "allow" in httpx.head(server.url + "/v1/completions").headers
+
+
+def test_user_input_is_echoed_as_a_short_prefix(server, caplog):
+    long = "m" * 50_000
+    with caplog.at_level(logging.INFO, logger="llada.server"):
+        r = post(server.url, "/v1/completions", dict(GOOD, model=long))
+        err = assert_error(r, 404, "model")
+        assert len(r.content) < 400 and "(50002 characters)" in err["message"]
+        err = assert_error(post(server.url, "/v1/completions", dict(GOOD, **{long: 1})), 400)
+        assert len(err["message"]) < 200 and len(err["param"]) < 100
+        err = assert_error(post(server.url, "/v1/completions", dict(GOOD, prompt=[10 ** 4000])), 400)
+        assert len(err["message"]) < 200
+        r = httpx.get(server.url + "/v1/models", headers={"Host": "h" * 5000})  # no allow-list: served
+        assert r.status_code == 200
+    assert max(len(rec.getMessage()) for rec in caplog.records) < 400
+
+
+# ---------------------------------------------------------------- cheap bounds first, heavy work off the loop
+def test_prompt_count_is_checked_before_any_prompt_is_read(bundle, live_server, monkeypatch):
+    import server.routes
+
+    srv = live_server(create_app(bundle, EngineConfig(max_batch_tokens=2048), served_model_name="tiny"))
+    calls = []
+    real = server.routes.completion_prompts
+    monkeypatch.setattr(server.routes, "completion_prompts", lambda *a: calls.append(1) or real(*a))
+    body = raw_json({"prompt": [[1]] * 200_000})
+    assert len(body) < 1 << 20
+    err = assert_error(post(srv.url, "/v1/completions", body), 400, "prompt")
+    assert "200000 generations" in err["message"] and not calls
+    err = assert_error(post(srv.url, "/v1/completions", dict(GOOD, prompt=[[1]] * 20, n=16)), 400, "n")
+    assert "320 generations" in err["message"] and not calls
+    assert post(srv.url, "/v1/completions", GOOD).status_code == 200 and calls
+
+
+def test_text_longer_than_the_context_can_hold_is_refused_before_encoding(chat_server, chat_bundle, monkeypatch):
+    tok = chat_bundle.tokenizer
+    per, ctx = tok.max_chars_per_token, chat_bundle.config.max_sequence_length
+    assert per and per < 64
+    encoded = []
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text: encoded.append(len(text)) or real(text))
+    text = "a" * (ctx * per + 1)
+    err = assert_error(post(chat_server.url, "/v1/completions", {"prompt": text}), 400, "prompt",
+                       code="context_length_exceeded")
+    assert f"{ctx * per + 1} characters" in err["message"]
+    assert_error(post(chat_server.url, "/v1/chat/completions",
+                      {"messages": [{"role": "user", "content": text}]}), 400, "messages")
+    assert_error(post(chat_server.url, "/v1/chat/completions",
+                      {"messages": [{"role": "user", "content": ""}] * (ctx + 1)}), 400, "messages")
+    assert_error(post(chat_server.url, "/v1/completions", {"prompt": [1] * (ctx + 1)}), 400, "prompt",
+                 code="context_length_exceeded")
+    assert not encoded
+    # Within the bound the text is encoded; this one is still too long for the context, in tokens.
+    assert_error(post(chat_server.url, "/v1/completions", {"prompt": "a" * (ctx * 4)}), 400)
+    assert encoded == [ctx * 4]
+
+
+@pytest.mark.parametrize("path,body,method", [
+    ("/v1/completions", {"prompt": "slow to encode", "max_tokens": 4}, "encode"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, "render_chat"),
+])
+def test_tokenizing_and_templating_leave_the_event_loop_free(chat_server, chat_bundle, monkeypatch, path,
+                                                             body, method):
+    tok = chat_bundle.tokenizer
+    real = getattr(tok, method)
+
+    def slow(*a, **k):
+        time.sleep(1.0)  # a long encode or render that lets other threads run, as both do
+        return real(*a, **k)
+    monkeypatch.setattr(tok, method, slow)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=post(chat_server.url, path, body)))
+    t.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    assert httpx.get(chat_server.url + "/health", timeout=5).status_code == 200
+    assert httpx.get(chat_server.url + "/metrics", timeout=5).status_code == 200
+    took = time.monotonic() - t0
+    assert "r" not in out  # the slow request is still being prepared
+    t.join(30)
+    assert out["r"].status_code == 200, out["r"].text
+    assert took < 0.5, took
+
+
+def test_encoding_releases_the_gil(chat_bundle):
+    tok = chat_bundle.tokenizer
+    text = "hello world, " * 20_000
+    ticks, done = [0], threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+    t = threading.Thread(target=ticker)
+    t.start()
+    t0 = time.monotonic()
+    tok.encode(text)
+    took = time.monotonic() - t0
+    during = ticks[0]
+    done.set()
+    t.join()
+    # A GIL-holding encode lets the ticker run once or twice; a releasing one about once a millisecond.
+    assert during >= max(3, int(took * 100)), (took, during)
