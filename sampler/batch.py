@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import torch
 
 from sampler import device_step as ds
+from sampler.block_diffusion import BlockState, block_step, canvas_length
 from sampler.params import ParamError, SamplingParams
-from weights.model import KVBuffers
+from weights.layers import KVBuffers
 
 MODE = {"none": ds.MODE_NONE, "prefix": ds.MODE_PREFIX, "dual": ds.MODE_DUAL}
 
@@ -52,6 +53,13 @@ class StepEvent:
     nfe: int                       # forwards so far, counted as the reference samplers count them
     finished: bool = False
     gen_ids: list[int] | None = None  # the generated span, once finished
+    # Token editing (LLaDA2.1): already decoded positions that took a new token this step.
+    edited_positions: list[int] = field(default_factory=list)
+    edited_token_ids: list[int] = field(default_factory=list)
+    edited_confidences: list[float] = field(default_factory=list)
+    # Tokens before this position (relative) can no longer change; None: every unmasked token is
+    # final (no editing).
+    final_upto: int | None = None
 
 
 @dataclass
@@ -68,6 +76,7 @@ class _Request:
     sib: int = 0
     unmasked: int = 0
     staging: object = None  # pinned source of the canvas copy, kept until the copy has run
+    blocks: BlockState | None = None  # block-diffusion requests only
 
     @property
     def length(self) -> int:
@@ -169,30 +178,46 @@ class DiffusionBatch:
         self.forwards = 0  # model forwards run by this batch (one per step)
         self.host_seconds = 0.0  # host time in launch/collect, waiting for the device excluded
         self._pending: _Launched | None = None
+        # Block diffusion (LLaDA2.x checkpoints) runs its own host-driven step (block_diffusion.py),
+        # which reads these host-side per-slot fields.
+        self.block_diffusion = bool(getattr(self.config, "block_diffusion", False))
+        if self.block_diffusion:
+            n, i64 = max_requests, dict(dtype=torch.int64)
+            self.seed, self.steps_done, self.nfe = (torch.zeros(n, **i64) for _ in range(3))
+            self.temperature = torch.zeros(n, dtype=torch.float32)
+            self.ban_eos = torch.zeros(n, dtype=torch.bool)
+            self.defer_eos = torch.zeros(n, dtype=torch.bool)
         self.graphs = None
-        if dev.type == "cuda" and (cuda_graphs is None or cuda_graphs):
+        if dev.type == "cuda" and (cuda_graphs is None or cuda_graphs) and not self.block_diffusion:
             from sampler.cuda_graphs import StepGraphs
             self.graphs = StepGraphs(self._device_step, self.dummy_slot, dev)
 
     # ---------------------------------------------------------------- admission
     @staticmethod
-    def rows_needed(prompt_len: int, params: SamplingParams) -> int:
+    def rows_needed(prompt_len: int, params: SamplingParams, block_diffusion: bool = False) -> int:
+        """Canvas rows a request holds: prompt + gen_length (twice with CFG); with block
+        diffusion, rounded up to whole blocks."""
+        if block_diffusion:
+            return canvas_length(prompt_len, params.for_block_diffusion())
         n = prompt_len + params.gen_length
         return 2 * n if params.cfg_scale > 0 else n
 
     def can_admit(self, prompt_len: int, params: SamplingParams) -> bool:
-        return bool(self.free_slots) and self.regions.fits(self.rows_needed(prompt_len, params))
+        return bool(self.free_slots) and self.regions.fits(
+            self.rows_needed(prompt_len, params, self.block_diffusion))
 
     def add(self, rid, prompt_ids, params: SamplingParams) -> None:
         prompt_ids = list(prompt_ids)
-        params.validate(len(prompt_ids), self.config.max_sequence_length)
+        if self.block_diffusion:
+            params = params.for_block_diffusion()
+        params.validate(len(prompt_ids), self.config.max_sequence_length, self.block_diffusion)
         vocab = self.config.embedding_size
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ParamError("prompt", f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already running")
-        rows = self.rows_needed(len(prompt_ids), params)
+        rows = self.rows_needed(len(prompt_ids), params, self.block_diffusion)
         if rows > self.capacity:
             raise CapacityError(f"the request needs {rows} canvas rows; this batch holds {self.capacity}")
         if not self.free_slots:
@@ -202,6 +227,8 @@ class DiffusionBatch:
             raise CapacityError("no contiguous canvas region free; retry after a request finishes")
         slot = self.free_slots.pop()
         p, g = len(prompt_ids), params.gen_length
+        if self.block_diffusion:
+            return self._add_block_diffusion(rid, slot, off, rows, prompt_ids, params)
         req = _Request(rid, slot, off, rows, params, p, MODE[params.cache], canvas=[self.mask_id] * g)
         row = [0] * ds.N_INT
         row[ds.OFF], row[ds.PLEN], row[ds.LEN] = off, p, p + g
@@ -229,6 +256,19 @@ class DiffusionBatch:
         self.fstate[slot].copy_(frow_t, non_blocking=nb)
         self.requests[rid] = req
 
+    def _add_block_diffusion(self, rid, slot, off, rows, prompt_ids, params) -> None:
+        p = len(prompt_ids)
+        canvas = torch.tensor(prompt_ids + [self.mask_id] * (rows - p), dtype=torch.int64)
+        self.tokens[off:off + rows] = canvas.to(self.device)  # the canvas runs to its last block's end
+        s = slot
+        self.seed[s] = params.seed if params.seed is not None else 0
+        self.steps_done[s] = self.nfe[s] = 0
+        self.temperature[s] = float(params.temperature)
+        self.ban_eos[s], self.defer_eos[s] = bool(params.ban_eos), bool(params.defer_eos)
+        req = _Request(rid, slot, off, rows, params, p, ds.MODE_NONE)
+        req.blocks = BlockState.start(p, params)
+        self.requests[rid] = req
+
     def remove(self, rid) -> None:
         req = self.requests.pop(rid, None)
         if req is None:
@@ -245,7 +285,11 @@ class DiffusionBatch:
 
     def canvas(self, rid) -> list[int]:
         """The request's generated span as the host has seen it (mask ids where still masked)."""
-        return list(self.requests[rid].canvas)
+        req = self.requests[rid]
+        if req.blocks is not None:  # block diffusion edits tokens: read the device's canvas
+            lo = req.offset + req.prompt_len
+            return self.tokens[lo:lo + req.params.gen_length].tolist()
+        return list(req.canvas)
 
     # ---------------------------------------------------------------- planning
     def _plan(self):
@@ -364,6 +408,8 @@ class DiffusionBatch:
 
     def step(self) -> list[StepEvent]:
         """One step for every running request, its events read at once."""
+        if self.block_diffusion:
+            return block_step(self, list(self.requests.values())) if self.requests else []
         if self._pending is not None:  # results of an asynchronous step still to read
             events = self.collect(self._pending)
             self._pending = None
@@ -372,7 +418,10 @@ class DiffusionBatch:
 
     def step_async(self) -> list[StepEvent]:
         """Launch the next step, then return the events of the one launched before it: the host
-        reads step n's results while the device runs step n+1 (an empty list the first time)."""
+        reads step n's results while the device runs step n+1 (an empty list the first time).
+        Block diffusion steps synchronously (its next step depends on this one's edits)."""
+        if self.block_diffusion:
+            return self.step()
         launched = self.launch()
         previous, self._pending = self._pending, launched
         return self.collect(previous)

@@ -33,6 +33,7 @@ class StepGraphs:
         self.max_tokens = max_tokens
         self.max_graphs = max_graphs
         self.graphs: dict = {}
+        self.refused: set = set()   # buckets whose capture failed: they run eagerly
         self.pool = None
         self.capture_seconds = 0.0
         self.capture_bytes = 0
@@ -46,7 +47,8 @@ class StepGraphs:
         return plan
 
     def capturable(self, bucket) -> bool:
-        return bucket.tokens <= self.max_tokens and len(self.graphs) < self.max_graphs
+        return (bucket.tokens <= self.max_tokens and len(self.graphs) < self.max_graphs
+                and bucket not in self.refused)
 
     def capture(self, bucket):
         t0 = time.perf_counter()
@@ -84,7 +86,13 @@ class StepGraphs:
     def run(self, bucket, plan):
         entry = self.graphs.get(bucket)
         if entry is None and self.capturable(bucket):
-            entry = self.capture(bucket)
+            try:
+                entry = self.capture(bucket)
+            except RuntimeError as e:  # an operation that cannot be captured: stay eager for it
+                log.warning("could not capture a step graph for %s (%s); running it eagerly",
+                            bucket, e)
+                self.refused.add(bucket)
+                torch.cuda.synchronize(self.device)
         if entry is None:
             self.eager_steps += 1
             return self.step_fn(plan, bucket)

@@ -30,7 +30,7 @@ import torch
 
 from kernels import rng
 from kernels.selection import sample_candidates, transfer_mask
-from weights.model import AttnLayout
+from weights.layers import AttnLayout
 
 # Integer state columns.
 OFF, PLEN, LEN, BLEN, SPB, NBLK, BLOCK, SIB, DONE, UNM, NFE, MODE, SEED, CFG, RND, BAN, DEFER = range(17)

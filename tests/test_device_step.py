@@ -170,7 +170,7 @@ def test_the_cuda_step_reads_nothing_back(model, monkeypatch):
         assert max_q is not None  # the grid comes from the bucket, not from reading cu_q
         return at.attention_triton(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale)
 
-    monkeypatch.setattr("weights.model.attention", attn)
+    monkeypatch.setattr("weights.layers.attention", attn)
     monkeypatch.setattr(ds, "sample_candidates", st.sample_candidates_triton)
     monkeypatch.setattr(ds, "transfer_mask", st.transfer_mask_triton)
     real_step = ds.device_step
