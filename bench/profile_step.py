@@ -32,8 +32,11 @@ def _batch_for(bundle, n, mode, P, G, B, rnd, graphs=None):
     reqs = [([rnd.randrange(0, vocab) for _ in range(P)],
              SamplingParams(gen_length=G, block_length=B, cache=mode)) for _ in range(n)]
     rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows, max_requests=max(n, 1),
-                           cuda_graphs=graphs)
+    try:
+        batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows,
+                               max_requests=max(n, 1), cuda_graphs=graphs)
+    except TypeError:  # an older engine (the "before" run): no graphs to choose
+        batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows, max_requests=max(n, 1))
     for i, (p, sp) in enumerate(reqs):
         batch.add(i, p, sp)
     return batch
@@ -51,7 +54,8 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 def _drain(batch):
     """Consume events (the engine's work) so host time includes reading them."""
-    evs = batch.step_async() if batch.device.type == "cuda" else batch.step()
+    late = hasattr(batch, "step_async") and batch.device.type == "cuda"
+    evs = batch.step_async() if late else batch.step()
     return sum(len(e.positions) for e in evs)
 
 
@@ -62,17 +66,21 @@ def profile_case(bundle, n, mode, P, G, B, steps, rnd, top=8, graphs=None):
     for _ in range(3):
         _drain(batch)
     sync(dev)
-    h0, f0 = batch.host_seconds, batch.forwards
+    timed_host = not hasattr(batch, "host_seconds")  # older engine: time its step calls instead
+    h0, f0 = getattr(batch, "host_seconds", 0.0), batch.forwards
     if dev.type == "cuda":
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
     t_all = time.perf_counter()
     for _ in range(steps):
+        t = time.perf_counter()
         _drain(batch)
+        if timed_host:
+            h0 -= time.perf_counter() - t
     if dev.type == "cuda":
         e1.record()
     sync(dev)
-    host_ms = 1e3 * (batch.host_seconds - h0) / max(batch.forwards - f0, 1)
+    host_ms = 1e3 * (getattr(batch, "host_seconds", 0.0) - h0) / max(batch.forwards - f0, 1)
     wall = (time.perf_counter() - t_all) / steps
     gpu = e0.elapsed_time(e1) / steps if dev.type == "cuda" else float("nan")
     with _OpCounter() as counter:

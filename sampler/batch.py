@@ -104,10 +104,9 @@ class _Launched:
 
     rows: list            # (request, planned block, planned sib, predicted next) per request row
     row_start: list       # first logit row of each request row
-    ints: torch.Tensor    # pinned host copies of the step's outputs
-    conf: torch.Tensor
-    reqs: torch.Tensor
-    done: object          # CUDA event recorded after the copies (None on the CPU)
+    n_rows: int           # logit rows of the bucket
+    results: torch.Tensor  # the step's results on the host (pinned on CUDA), see device_step
+    done: object          # CUDA event recorded after the copy (None on the CPU)
 
 
 class RegionAllocator:
@@ -356,19 +355,15 @@ class DiffusionBatch:
             out = self._device_step(plan_d, bucket)
         self.forwards += 1
         done = None
-        if self.pinned:
-            ints = torch.empty(out.ints.shape, dtype=out.ints.dtype, pin_memory=True)
-            conf = torch.empty(out.conf.shape, dtype=out.conf.dtype, pin_memory=True)
-            rq = torch.empty(out.reqs.shape, dtype=out.reqs.dtype, pin_memory=True)
-            ints.copy_(out.ints, non_blocking=True)
-            conf.copy_(out.conf, non_blocking=True)
-            rq.copy_(out.reqs, non_blocking=True)
+        if self.pinned:  # one copy of the step's results into pinned memory, read after the event
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
         else:
-            ints, conf, rq = out.ints.clone(), out.conf.clone(), out.reqs.clone()
+            host = out.clone()
         self.host_seconds += time.perf_counter() - t0
-        return _Launched(rows, row_start, ints, conf, rq, done)
+        return _Launched(rows, row_start, bucket.rows, host, done)
 
     def collect(self, launched: _Launched | None) -> list[StepEvent]:
         """Wait for a launched step's results and turn them into events (requests removed since
@@ -378,7 +373,7 @@ class DiffusionBatch:
         if launched.done is not None:
             launched.done.synchronize()
         t0 = time.perf_counter()
-        ints, conf, rq = launched.ints.numpy(), launched.conf.numpy(), launched.reqs.numpy()
+        ints, conf, rq = ds.unpack_outputs(launched.results, launched.n_rows)
         events = []
         for j, (req, block, sib, predicted) in enumerate(launched.rows):
             active, steps_done, nfe, unmasked, block_done, finished = (int(v) for v in rq[j])

@@ -87,18 +87,23 @@ def query_range(mode: int, plen: int, length: int, blen: int, block: int, sib: i
     return bs, (bs + blen if mode == MODE_DUAL else length)
 
 
-@dataclass
-class StepOutputs:
-    """What the host reads back after a step (fixed shapes; one copy to pinned memory)."""
+REQ_FIELDS = 6  # per request row: active, steps done, nfe, unmasked, block done, finished
 
-    ints: torch.Tensor    # int64 [R, 3]: chosen, token, position in the generated span
-    conf: torch.Tensor    # float32 [R]
-    reqs: torch.Tensor    # int64 [B + 1, 6]: active, steps done, nfe, unmasked, block done, finished
+
+def unpack_outputs(packed, rows: int):
+    """(per row [R, 3]: chosen, token, position in the generated span; conf float32 [R]; per request
+    row [B + 1, 6]) as numpy views of the one int64 buffer `device_step` returns (host side)."""
+    a = packed.numpy()
+    ints = a[:3 * rows].reshape(rows, 3)
+    conf = a[3 * rows:4 * rows].astype("int32").view("float32")
+    reqs = a[4 * rows:].reshape(-1, REQ_FIELDS)
+    return ints, conf, reqs
 
 
 def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id: int, eos_id: int,
-                stop_ids: torch.Tensor, capacity: int, dynamic: bool | None = None) -> StepOutputs:
-    """One step for the requests in `plan`; updates `tokens`, `state`, `kv` in place."""
+                stop_ids: torch.Tensor, capacity: int, dynamic: bool | None = None) -> torch.Tensor:
+    """One step for the requests in `plan`; updates `tokens`, `state`, `kv` in place. Returns what
+    the host reads back as one int64 buffer of fixed size (see `unpack_outputs`): one copy."""
     dev = tokens.device
     # Off CUDA there is no graph to capture and reading a flag back costs nothing, so optional work
     # (the mask-id re-draw, random remasking, deferred EOS) runs only when some row needs it.
@@ -239,4 +244,4 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     ints = torch.stack([chosen.long(), x0, rel], dim=1)
     reqs = torch.stack([act, new[:, DONE], new[:, NFE], new[:, UNM], block_done.long(),
                         finished.long()], dim=1)
-    return StepOutputs(ints, conf, reqs)
+    return torch.cat([ints.reshape(-1), conf.view(torch.int32).to(torch.int64), reqs.reshape(-1)])
