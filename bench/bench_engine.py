@@ -3,6 +3,8 @@
     python -m bench.bench_engine                      # CUDA: random LLaDA-8B-shaped model in bf16
     python -m bench.bench_engine --model DIR          # a real checkpoint
     python -m bench.bench_engine --device cpu --shape tiny --quick   # the CPU smoke run (a test runs it)
+    python -m bench.bench_engine --shape llada2-mini  # CUDA: LLaDA2-mini's shape (16B MoE), block diffusion
+    python -m bench.bench_engine --shape llada-moe    # CUDA: LLaDA-MoE-7B-A1B's shape, the LLaDA sampler
 
 Every configuration runs through DiffusionBatch, the step the server's engine calls (no HTTP),
 and the baseline (sampler.reference: full recompute every step, eager, float64 softmax, per-row
@@ -10,6 +12,13 @@ top-k loop, one request at a time) runs in the same process. The table gives tok
 forward, forwards per token, peak GPU memory, the ratio to the baseline and to the roofline
 (weights bytes / measured copy bandwidth, or FLOPs / measured matmul rate when that is larger).
 Speed of a fixed schedule does not depend on the weights, so random weights are fine for it.
+
+MoE shapes (`llada2-mini`, `llada-moe`; `llada2-tiny`, `llada-moe-tiny` on the CPU): the roofline
+reads the active parameters only (the chosen experts of one token; a batch touches more of them).
+On a LLaDA2 shape the table is block diffusion's: LLaDA2.0 with threshold 0.95 at batch 1 and many,
+LLaDA2.1 with editing, against `sampler.reference_llada2` (full recompute of the block-causal
+window every step) as the baseline. With random weights confidences are low, so threshold decoding
+unmasks about the schedule's minimum per step (one token with block 32 and 32 steps).
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ import torch
 from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
 from sampler.reference import reference_generate
-from weights.checkpoint import SpecialIds, load_checkpoint
-from weights.config import LLaDAConfig
+from sampler.reference_llada2 import llada2_generate
+from weights.checkpoint import NETWORKS, SpecialIds, load_checkpoint
+from weights.config import LLaDAConfig, config_from_dict
 from weights.model import LLaDAModel
 
 SHAPES = {
@@ -40,25 +50,62 @@ SHAPES = {
 }
 
 
+# The MoE members as config.json would give them (released field names). LLaDA2-mini: LLaDA2.1-mini's
+# config.json. LLaDA-MoE-7B-A1B: its config.json was not readable; 16 layers of 64 experts (top-8,
+# width 1024) at hidden 2048 is the shape its name (7B total, about 1.4B active) implies.
+_SPECIAL = dict(vocab_size=157184, max_position_embeddings=32768, eos_token_id=156892,
+                pad_token_id=156892, mask_token_id=156895, rope_scaling=None, tie_word_embeddings=False)
+_LLADA2 = dict(_SPECIAL, architectures=["LLaDA2MoeModelLM"], model_type="llada2_moe", head_dim=128,
+               partial_rotary_factor=0.5, rope_theta=600000, rms_norm_eps=1e-6, first_k_dense_replace=1,
+               num_shared_experts=1, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+_LLADA_MOE = dict(_SPECIAL, architectures=["LLaDAMoEModelLM"], model_type="llada", qk_layernorm=True,
+                  partial_rotary_factor=1.0, rope_theta=50000, rms_norm_eps=1e-5)
+MOE_SHAPES = {
+    "llada2-mini": dict(_LLADA2, hidden_size=2048, num_hidden_layers=20, num_attention_heads=16,
+                        num_key_value_heads=4, intermediate_size=5120, num_experts=256,
+                        num_experts_per_tok=8, moe_intermediate_size=512),
+    "llada2-tiny": dict(_LLADA2, vocab_size=512, eos_token_id=496, pad_token_id=496, mask_token_id=499,
+                        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, intermediate_size=128, num_experts=16, num_experts_per_tok=4,
+                        moe_intermediate_size=32, n_group=4, topk_group=2),
+    "llada-moe": dict(_LLADA_MOE, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                      num_key_value_heads=16, dense_intermediate_size=8192, expert_intermediate_size=1024,
+                      shared_expert_intermediate_size=None, num_experts=64, num_experts_per_tok=8,
+                      moe_layer_freq=[1] * 16),
+    "llada-moe-tiny": dict(_LLADA_MOE, vocab_size=512, eos_token_id=496, pad_token_id=496, mask_token_id=499,
+                           hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           dense_intermediate_size=128, expert_intermediate_size=32,
+                           shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                           moe_layer_freq=[0, 1]),
+}
+
+
 class Bundle:
-    def __init__(self, model, config, special):
-        self.model, self.config, self.special = model, config, special
+    def __init__(self, model, config, special, decoding="llada"):
+        self.model, self.config, self.special, self.decoding = model, config, special, decoding
 
 
 def build_random(shape: str, device: torch.device, dtype: torch.dtype) -> Bundle:
-    cfg = LLaDAConfig(**SHAPES[shape])
+    if shape in MOE_SHAPES:
+        cfg = config_from_dict(MOE_SHAPES[shape])
+        net = NETWORKS[cfg.family]
+    else:
+        cfg, net = LLaDAConfig(**SHAPES[shape]), LLaDAModel
     with torch.device("meta"):
-        model = LLaDAModel(cfg)
+        model = net(cfg)
     model = model.to_empty(device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1:
+            if name.endswith("expert_bias"):
+                p.zero_()
+            elif p.ndim == 1:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     model.eval().requires_grad_(False)
-    return Bundle(model, cfg, SpecialIds(mask=cfg.mask_token_id, eos=cfg.eos_token_id))
+    decoding = "llada2.0" if cfg.block_diffusion else "llada"
+    return Bundle(model, cfg, SpecialIds(mask=cfg.mask_token_id, eos=cfg.eos_token_id), decoding)
 
 
 def sync(device):
@@ -110,7 +157,8 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
     On CUDA the run goes twice through the same batch and the second is timed: the first captures
     the CUDA graphs of the buckets it meets (capture is a start-up cost, not a per-step one)."""
     dev = bundle.model.device
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
+    blocks = bool(bundle.config.block_diffusion)
+    rows = sum(DiffusionBatch.rows_needed(len(p), sp, blocks) for p, sp in reqs)
     batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows,
                            max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs)
     pipelined = dev.type == "cuda" if pipelined is None else pipelined
@@ -153,7 +201,12 @@ def run_baseline(bundle, reqs) -> Result:
     t = time.perf_counter()
     tokens = forwards = q = 0
     for prompt, sp in reqs:
-        ids, fwd = reference_generate(bundle.model, prompt, sp, bundle.special.mask, bundle.special.stop)
+        if bundle.config.block_diffusion:  # every forward recomputes the window up to the block's end
+            ids, fwd = llada2_generate(bundle.model, prompt, sp.for_block_diffusion(), bundle.special.mask,
+                                       bundle.special.eos)
+            ids = [t for t in ids if t != bundle.special.eos] or ids
+        else:
+            ids, fwd = reference_generate(bundle.model, prompt, sp, bundle.special.mask, bundle.special.stop)
         tokens += len(ids)
         forwards += fwd
         q += fwd * (len(prompt) + sp.gen_length)
@@ -164,7 +217,8 @@ def run_baseline(bundle, reqs) -> Result:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random model shape")
+    ap.add_argument("--shape", default=None, choices=sorted(SHAPES) + sorted(MOE_SHAPES),
+                    help="random model shape")
     ap.add_argument("--model", default=None, help="checkpoint directory instead of random weights")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
@@ -185,6 +239,8 @@ def main(argv=None) -> int:
         label = f"random {shape} shape"
     cfg = bundle.config
     weight_bytes = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
+    active = cfg.active_parameters / cfg.num_parameters  # MoE: one token reads its experts only
+    read_bytes = weight_bytes * active
     bw, flops = measure_machine(dev, dtype)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
 
@@ -206,7 +262,7 @@ def main(argv=None) -> int:
         per_fwd = res.seconds / max(res.forwards, 1)
         # Roofline of one forward: reading the weights once, or the FLOPs of the tokens it processes.
         avg_q = res.tokens_in_forwards / max(res.forwards, 1)
-        floor = max(weight_bytes / bw, 2 * cfg.num_parameters * avg_q / flops)
+        floor = max(read_bytes / bw, 2 * cfg.active_parameters * avg_q / flops)
         roof_tps = (res.tokens / max(res.forwards, 1)) / floor
         rows.append(dict(
             config=label_, requests=res.requests, tokens_per_s=round(tps, 1),
@@ -216,6 +272,57 @@ def main(argv=None) -> int:
             vs_roofline=round(tps / roof_tps, 4), roofline_ms=round(floor * 1e3, 2),
             host_ms_per_step=round(res.host_seconds / max(res.forwards, 1) * 1e3, 3)))
 
+    if cfg.block_diffusion:
+        n_bd = 8 if q else 32
+        llada2_table(bundle, prompt, record, G, B, n_bd)
+        P_note = f"block diffusion: prompt {P}, gen {G}, block {B}, 32 steps per block"
+    else:
+        llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev)
+        P_note = f"prompt {P}, gen {G}, block {B}, one token per forward unless said"
+    print(f"device: {name}; model: {label} ({cfg.family}, {cfg.num_parameters / 1e9:.2f}B params, "
+          f"{cfg.active_parameters / 1e9:.2f}B active, {str(dtype)[6:]}); weights {weight_bytes / 1e9:.2f} GB, "
+          f"read per token {read_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"matmul {flops / 1e12:.1f} TFLOP/s")
+    print(P_note)
+    cols = ["config", "requests", "tokens_per_s", "ms_per_forward", "host_ms_per_step",
+            "forwards_per_token", "peak_gib", "vs_baseline", "vs_roofline", "roofline_ms"]
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) + " |")
+    if dev.type == "cuda":
+        per_req = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * (P + G) * torch.finfo(dtype).bits // 8
+        free = torch.cuda.mem_get_info()[0]
+        print(f"KV rows per request (prompt {P} + gen {G}): {per_req / 2**20:.0f} MiB; "
+              f"requests that fit in the free memory now: {free // per_req}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, rows=rows), f, indent=2)
+    return 0
+
+
+def llada2_table(bundle, prompt, record, G, B, n_many):
+    """Block diffusion: LLaDA2.0 at threshold 0.95 (the released default) alone and batched,
+    LLaDA2.1 with editing (0.9) alone and with requests joining."""
+    v20 = lambda: SamplingParams(gen_length=G, block_length=B, threshold=0.95)
+    v21 = lambda: SamplingParams(gen_length=G, block_length=B, threshold=0.95, editing_threshold=0.9,
+                                 max_post_steps=16)
+    run_batch(bundle, [(prompt(), SamplingParams(gen_length=B, block_length=B, threshold=0.95))])  # warm-up
+    base_req = [(prompt(), v20())]
+    base = run_baseline(bundle, base_req)
+    record("baseline: reference_llada2, batch 1, LLaDA2.0", base, None)
+    record("1. batch 1, LLaDA2.0, threshold 0.95", run_batch(bundle, base_req), base)
+    many = [(prompt(), v20()) for _ in range(n_many)]
+    record(f"2. {n_many} requests, LLaDA2.0, threshold 0.95", run_batch(bundle, many, max_requests=n_many), base)
+    record("3. batch 1, LLaDA2.1, editing 0.9", run_batch(bundle, [(base_req[0][0], v21())]), base)
+    mixed = [(prompt(), v21() if i % 2 else v20()) for i in range(n_many)]
+    arrivals = sorted(random.Random(1).randrange(0, 2 * G) for _ in range(n_many))
+    record(f"4. {n_many} requests, 2.0 and 2.1 mixed, joining", run_batch(bundle, mixed, arrivals, n_many), base)
+
+
+def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev):
+    """The LLaDA sampler's six configurations (LLaDA-8B and LLaDA-MoE)."""
     # Warm-up (allocator, kernels' compilation).
     run_batch(bundle, [(prompt(), one(gen=B, steps=4, cache="dual"))])
 
@@ -248,27 +355,6 @@ def main(argv=None) -> int:
            run_batch(bundle, [(prompt(), one(gen=long_g, cache="dual"))]), base)
     record("6. batch 1, threshold 0.9, dual cache",
            run_batch(bundle, [(prompt(), one(threshold=0.9, cache="dual"))]), base)
-
-    print(f"device: {name}; model: {label} ({cfg.num_parameters / 1e9:.2f}B params, {str(dtype)[6:]}); "
-          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s; "
-          f"matmul {flops / 1e12:.1f} TFLOP/s")
-    print(f"prompt {P}, gen {G}, block {B}, one token per forward unless said")
-    cols = ["config", "requests", "tokens_per_s", "ms_per_forward", "host_ms_per_step",
-            "forwards_per_token", "peak_gib", "vs_baseline", "vs_roofline", "roofline_ms"]
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) + " |")
-    if dev.type == "cuda":
-        per_req = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * (P + G) * torch.finfo(dtype).bits // 8
-        free = torch.cuda.mem_get_info()[0]
-        print(f"KV rows per request (prompt {P} + gen {G}): {per_req / 2**20:.0f} MiB; "
-              f"requests that fit in the free memory now: {free // per_req}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=name, rows=rows), f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

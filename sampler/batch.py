@@ -305,6 +305,10 @@ class DiffusionBatch:
         """Query tokens the next step's forward processes, padding excluded (benchmarks)."""
         total = 0
         for req in self.requests.values():
+            if req.blocks is not None:  # the blocks to commit and the current one
+                st = req.blocks
+                total += st.block_length * (st.block - st.ready + 1)
+                continue
             if req.finished:
                 continue
             lo, hi = ds.query_range(req.mode, req.prompt_len, req.length, req.params.block,

@@ -31,6 +31,7 @@ influence the others but are not reported in events.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -115,8 +116,10 @@ def block_step(batch, reqs) -> list:
     from sampler.batch import StepEvent
 
     dev = batch.device
+    t0 = time.perf_counter()
     rows, pos, layout, logits_rows, row_req, cu_rows, within = build_layout(reqs, dev)
     ids = batch.tokens.index_select(0, rows.to(dev))
+    batch.host_seconds += time.perf_counter() - t0  # planning; the rest waits for the forward
     logits = batch.model(ids, pos.to(dev), layout, batch.kv, logits_rows.to(dev))
     batch.forwards += 1
 

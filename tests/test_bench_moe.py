@@ -11,3 +11,23 @@ def test_moe_benchmark_smoke(capsys):
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[3]) > 0 and float(cells[6]) > 0 and cells[4] == "None"
+
+
+def test_engine_benchmark_moe_shapes(tmp_path):
+    """bench_engine's MoE shapes keep running: block diffusion's table on a LLaDA2 shape, the LLaDA
+    table on a LLaDA-MoE shape; the roofline counts the active parameters."""
+    import json
+
+    from bench import bench_engine
+
+    out = tmp_path / "l2.json"
+    assert bench_engine.main(["--device", "cpu", "--shape", "llada2-tiny", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["config"].startswith("baseline: reference_llada2")
+    assert [r["config"].split(".")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert rows[1]["forwards_per_token"] == 1.0 and rows[2]["forwards_per_token"] < 0.5
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["vs_roofline"] > 0
+    out = tmp_path / "moe.json"
+    assert bench_engine.main(["--device", "cpu", "--shape", "llada-moe-tiny", "--quick", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["rows"]) == 7
