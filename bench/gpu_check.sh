@@ -46,6 +46,12 @@ echo "== kernel benchmark"
 timeout 300 python3 -m bench.bench_kernels 2>&1 | tee "$OUT/bench_kernels.txt"
 echo "== engine benchmark (random 8B shape, bf16)"
 timeout 600 python3 -m bench.bench_engine --json "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.txt"
+echo "== MoE family: the grouped MoE kernel against the per-expert loop, engine on LLaDA2-mini and LLaDA-MoE shapes"
+timeout 300 python3 -m bench.bench_moe 2>&1 | tee "$OUT/bench_moe.txt"
+timeout 600 python3 -m bench.bench_engine --shape llada2-mini --json "$OUT/bench_engine_llada2.json" 2>&1 \
+  | tee "$OUT/bench_engine_llada2.txt"
+timeout 600 python3 -m bench.bench_engine --shape llada-moe --json "$OUT/bench_engine_llada_moe.json" 2>&1 \
+  | tee "$OUT/bench_engine_llada_moe.txt"
 echo "== step profile (graphs, then eager)"
 timeout 240 python3 -m bench.profile_step 2>&1 | tee "$OUT/profile.txt"
 timeout 240 python3 -m bench.profile_step --no-cuda-graphs 2>&1 | tee "$OUT/profile_eager.txt"

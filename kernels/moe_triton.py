@@ -107,7 +107,9 @@ def align(ids: torch.Tensor, n_experts: int, block_m: int):
     n = flat.numel()
     dev = flat.device
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=n_experts)
+    # (bincount would read the largest id back to size its output: no host sync here, so that
+    # the step can be captured in a CUDA graph)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)
     sorted_e = flat[order]
