@@ -36,7 +36,7 @@ from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
 from sampler.reference import reference_generate
 from sampler.reference_llada2 import llada2_generate
-from weights.checkpoint import NETWORKS, SpecialIds, load_checkpoint
+from weights.checkpoint import NETWORKS, SpecialIds, load_checkpoint, pick_cpu_threads
 from weights.config import LLaDAConfig, config_from_dict
 from weights.model import LLaDAModel
 
@@ -238,6 +238,7 @@ def main(argv=None) -> int:
         bundle = build_random(shape, dev, dtype)
         label = f"random {shape} shape"
     cfg = bundle.config
+    pick_cpu_threads(cfg, dev)  # one intra-op thread for small models on a CPU, as the server does
     weight_bytes = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
     active = cfg.active_parameters / cfg.num_parameters  # MoE: one token reads its experts only
     read_bytes = weight_bytes * active
