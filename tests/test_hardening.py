@@ -298,6 +298,8 @@ def test_sigterm_past_the_grace_answers_503_and_exits_within_a_second(golden_dir
             out[i] = [line for line in r.iter_lines() if line.startswith("data: ")]
     try:
         wait_ready(proc, base, log_path)
+        # Bound to loopback, the CLI answers loopback names only (DNS rebinding gets 400).
+        assert_error(httpx.get(base + "/v1/models", headers={"Host": "rebind.example"}), 400, code="invalid_host")
         threads = [threading.Thread(target=plain if i % 2 else stream, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
@@ -511,3 +513,12 @@ def test_encoding_releases_the_gil(chat_bundle):
     t.join()
     # A GIL-holding encode lets the ticker run once or twice; a releasing one about once a millisecond.
     assert during >= max(3, int(took * 100)), (took, during)
+
+
+def test_guard_flags_are_checked():
+    from test_server_cli import run_cli
+
+    r = run_cli(["--max-body-bytes", "10", "--model", "x"])
+    assert r.returncode == 2 and "--max-body-bytes" in r.stderr
+    r = run_cli(["--header-timeout", "0", "--model", "x"])
+    assert r.returncode == 2 and "--header-timeout" in r.stderr
