@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api-key", default=_env("api_key"), help="require 'Authorization: Bearer KEY' on /v1/*")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
       help="seconds in-flight requests get to finish after SIGTERM")
+    a("--strict-fields", action="store_true", default=_env("strict_fields", "") in ("1", "true", "yes"),
+      help="refuse request fields this server does not know with a 400 (default: ignore them with a "
+      "warning in the log)")
+    a("--chat-special-tokens", action="store_true",
+      default=_env("chat_special_tokens", "") in ("1", "true", "yes"),
+      help="parse special tokens written inside chat message content as control tokens (trusted "
+      "deployments only; default: they are plain text, so a message cannot open or close turns)")
     a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
     return p
 
@@ -93,7 +100,8 @@ def main(argv=None) -> None:
                          request_timeout=args.request_timeout if args.request_timeout > 0 else None)
     try:
         app = create_app(bundle, econf, served_model_name=name, api_key=args.api_key or None,
-                         shutdown_grace=args.shutdown_grace)
+                         shutdown_grace=args.shutdown_grace, strict_fields=args.strict_fields,
+                         chat_special_tokens=args.chat_special_tokens)
     except (RuntimeError, ValueError) as e:  # e.g. the KV buffers do not fit the device
         _fail(f"cannot set up the engine: {e}")
     engine = app.state.engine

@@ -210,6 +210,7 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
     tokenizer = Tokenizer.from_dir(path)
     eot = bos = None
     if tokenizer is not None:
+        tokenizer.mask_token = tokenizer.id_to_token(config.mask_token_id)
         eot = tokenizer.token_to_id("<|eot_id|>")
         bos_text = tokenizer.special_tokens.get("bos_token", "<|startoftext|>")
         bos = tokenizer.token_to_id(bos_text)
