@@ -26,34 +26,56 @@ def build_parser() -> argparse.ArgumentParser:
       "(default: the embedded default model)")
     a("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
     a("--port", type=int, default=_env("port", 8000), help="port (default 8000)")
-    a("--device", choices=["auto", "cuda", "cpu"], default=_env("device", "auto"))
-    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"))
+    a("--device", choices=["auto", "cuda", "cpu"], default=_env("device", "auto"),
+      help="where to run (default auto: cuda when available)")
+    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"),
+      help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     a("--served-model-name", default=_env("served_model_name"),
       help="model id clients use (default: the checkpoint directory's name)")
-    a("--max-batch-size", type=int, default=_env("max_batch_size", 32), help="running requests per step")
+    a("--max-batch-size", type=int, default=_env("max_batch_size", 32),
+      help="running requests per step (default: %(default)s)")
     a("--max-batch-tokens", type=int, default=_env("max_batch_tokens", 16384),
-      help="canvas tokens (prompt + generated) held by the running batch")
+      help="canvas tokens (prompt + generated) held by the running batch (default: %(default)s)")
     a("--max-queue", type=int, default=_env("max_queue", 256),
-      help="waiting requests before new ones are refused with 429")
+      help="waiting requests before new ones are refused with 429 (default: %(default)s)")
     a("--request-timeout", type=float, default=_env("request_timeout", 600.0),
-      help="seconds a request may take from arrival (0: no limit)")
-    a("--api-key", default=_env("api_key"), help="require 'Authorization: Bearer KEY' on /v1/*")
+      help="seconds a request may take from arrival, 0: no limit (default: %(default)s)")
+    a("--api-key", default=_env("api_key"), help="require 'Authorization: Bearer KEY' on /v1/* (default: none, open)")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
-      help="seconds in-flight requests get to finish after SIGTERM")
+      help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
     a("--strict-fields", action="store_true", default=_env("strict_fields", "") in ("1", "true", "yes"),
       help="refuse request fields this server does not know with a 400 (default: ignore them with a "
       "warning in the log)")
     a("--chat-special-tokens", action="store_true",
       default=_env("chat_special_tokens", "") in ("1", "true", "yes"),
       help="parse special tokens written inside chat message content as control tokens (trusted "
-      "deployments only; default: they are plain text, so a message cannot open or close turns)")
-    a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
+      "deployments only; default: off, they are plain text, so a message cannot open or close turns)")
+    a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"],
+      help="log level (default: %(default)s)")
     return p
 
 
 def _fail(msg: str, code: int = 1):
     print(f"llada-serve: error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why host:port cannot be bound (None when it can), checked before the model is loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return str(e)
+    fam, kind, proto, _, addr = infos[0]
+    with socket.socket(fam, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def main(argv=None) -> None:
@@ -65,6 +87,11 @@ def main(argv=None) -> None:
             _fail(f"--{name.replace('_', '-')} must be >= 1", 2)
     if not 1 <= args.port <= 65535:
         _fail(f"--port must be in 1..65535, got {args.port}", 2)
+
+    busy = _port_in_use(args.host, args.port)
+    if busy:
+        _fail(f"cannot listen on {args.host}:{args.port}: {busy} (is another server running there? "
+              "choose another --port)")
 
     from weights import default_model_path
 
