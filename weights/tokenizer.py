@@ -16,6 +16,15 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
+# JSON may carry a lone UTF-16 surrogate ("\ud800"); json.loads joins valid pairs, so any surrogate
+# left in a str is lone. It is not a character and no tokenizer can encode it: it becomes U+FFFD.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text)
+
+
 class TemplateError(ValueError):
     """The chat template cannot render these messages."""
 
@@ -28,6 +37,12 @@ def _token_text(value):
 
 def _raise(message):
     raise TemplateError(message)
+
+
+def _ids(tok, text: str) -> list[int]:
+    # encode_batch releases the GIL while it works (encode does not): a long text encoded in a
+    # worker thread then leaves the server's event loop free.
+    return tok.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 def _cut_after(text: str, content: str) -> str:
@@ -60,6 +75,24 @@ class Tokenizer:
         self._plain_tok = None
         self.mask_token: str | None = None  # set by the loader: always encoded as plain text
         self.special_texts = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        self._max_chars: int | None = None
+
+    @property
+    def max_chars_per_token(self) -> int | None:
+        """At most how many characters of text one token covers, when the tokenizer bounds it: a BPE
+        model without a normalizer and without fused unknown tokens maps every character to at least
+        one byte of some token, so a text of C characters needs at least C / this many tokens. None
+        for other tokenizers (a normalizer may shrink the text; a fused unknown token covers any run).
+        The server uses it to refuse a text longer than the context can hold before encoding it."""
+        if self._max_chars is None:
+            from tokenizers.models import BPE
+
+            model = self._tok.model
+            bounded = (isinstance(model, BPE) and self._tok.normalizer is None
+                       and not (model.unk_token and model.fuse_unk))
+            self._max_chars = (max(len(t) for t in self._tok.get_vocab(with_added_tokens=True))
+                               if bounded else 0)
+        return self._max_chars or None
 
     @property
     def vocab_size(self) -> int:
@@ -71,17 +104,18 @@ class Tokenizer:
     def encode(self, text: str, specials: bool = True) -> list[int]:
         """Token ids of text. specials=False: special-token strings are plain text too. Either way a
         literal mask-token string is plain text (text never becomes the mask id)."""
+        text = replace_lone_surrogates(text)
         if not specials:
             return self._encode_plain(text)
         m = self.mask_token
         if not m or m not in text:
-            return self._tok.encode(text, add_special_tokens=False).ids
+            return _ids(self._tok, text)
         ids: list[int] = []
         for i, piece in enumerate(text.split(m)):
             if i:
                 ids += self._encode_plain(m)
             if piece:
-                ids += self._tok.encode(piece, add_special_tokens=False).ids
+                ids += _ids(self._tok, piece)
         return ids
 
     def _encode_plain(self, text: str) -> list[int]:
@@ -90,10 +124,10 @@ class Tokenizer:
 
             self._plain_tok = HFTokenizer.from_str(self._tok.to_str())
             self._plain_tok.encode_special_tokens = True
-        ids = self._plain_tok.encode(text, add_special_tokens=False).ids
+        ids = _ids(self._plain_tok, text)
         mask = self.token_to_id(self.mask_token) if self.mask_token else None
         if mask is not None and mask in ids:  # merges that rebuild the mask string: one character at a time
-            ids = [t for ch in text for t in self._plain_tok.encode(ch, add_special_tokens=False).ids]
+            ids = [t for ch in text for t in _ids(self._plain_tok, ch)]
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
