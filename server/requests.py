@@ -32,9 +32,11 @@ def check_request(svc, req) -> None:
     unknown = unknown_fields(req)
     if unknown:
         if svc.strict_fields:
-            raise ApiError(400, f"unknown field {unknown[0]!r} (this server runs with --strict-fields)",
-                           param=unknown[0], code="unknown_field")
-        log.warning("ignoring unknown field(s): %s", ", ".join(unknown))
+            name = unknown[0]
+            raise ApiError(400, f"unknown field {clip(name)} (this server runs with --strict-fields)",
+                           param=name if len(name) <= 64 else name[:64] + "...", code="unknown_field")
+        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        log.warning("ignoring unknown field(s): %s%s", ", ".join(clip(u, 64) for u in unknown[:8]), more)
     refused = refused_field(req)
     if refused:
         raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
