@@ -69,6 +69,8 @@ class EngineConfig:
     request_timeout: float | None = 600.0  # seconds from submission; None or <= 0: no limit
     early_stop: bool = True           # leave the batch once the answer is final
     idle_wait: float = 0.05           # seconds the loop sleeps when there is nothing to do
+    cuda_graphs: bool = True          # replay captured CUDA graphs of the step (CUDA only)
+    pipelined: bool | None = None     # read step n's events while step n+1 runs (default: on CUDA)
 
 
 @dataclass
@@ -122,7 +124,10 @@ class Engine:
         self.stop_ids = set(special.stop)
         self.mask_id = special.mask
         self.batch = DiffusionBatch(model, special, capacity_tokens=self.config.max_batch_tokens,
-                                    max_requests=self.config.max_batch_size)
+                                    max_requests=self.config.max_batch_size,
+                                    cuda_graphs=self.config.cuda_graphs)
+        pipe = self.config.pipelined
+        self.pipelined = self.batch.device.type == "cuda" if pipe is None else bool(pipe)
         self.waiting = FairQueue()
         self.running: dict[int, Handle] = {}
         self._ids = itertools.count(1)
@@ -140,6 +145,8 @@ class Engine:
     def start(self) -> "Engine":
         if self._thread is not None:
             return self
+        if self.batch.graphs is not None:  # capture the hot buckets before serving
+            self.batch.graphs.warm(self.batch.hot_buckets())
         self._accepting = True
         self.alive = True
         self._thread = threading.Thread(target=self._run, name="llada-engine", daemon=True)
@@ -318,7 +325,7 @@ class Engine:
         n = len(self.batch)
         t0 = time.perf_counter()
         try:
-            events = self.batch.step()
+            events = self.batch.step_async() if self.pipelined else self.batch.step()
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
             self._step_failed(e)
             return
@@ -342,6 +349,7 @@ class Engine:
     def _step_failed(self, e: Exception) -> None:
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
         self.step_failures += 1
+        self.batch.discard_pending()
         log.error("a step failed (%s: %s); failing the %d requests in it", type(e).__name__, e,
                   len(self.running), exc_info=not oom)
         if oom and torch.cuda.is_available():

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
       default=_env("chat_special_tokens", "") in ("1", "true", "yes"),
       help="parse special tokens written inside chat message content as control tokens (trusted "
       "deployments only; default: off, they are plain text, so a message cannot open or close turns)")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction,
+      default=str(_env("cuda_graphs", "1")).lower() not in ("0", "false", "no", "off"),
+      help="replay captured CUDA graphs of the denoising step (CUDA only; default on; capture time "
+           "and memory are logged at start)")
     a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"],
       help="log level (default: %(default)s)")
     return p
@@ -146,7 +150,8 @@ def main(argv=None) -> None:
              cfg.vocab_size, cfg.max_sequence_length, "yes" if bundle.tokenizer is not None else "none")
     econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                          max_queue=args.max_queue,
-                         request_timeout=args.request_timeout if args.request_timeout > 0 else None)
+                         request_timeout=args.request_timeout if args.request_timeout > 0 else None,
+                         cuda_graphs=args.cuda_graphs)
     if args.allowed_hosts:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     else:
