@@ -104,7 +104,7 @@ class Soak:
             ("boolean ids", "POST", "/v1/completions", body(prompt=[[True], [False]]), j),
             ("lone surrogate model", "POST", "/v1/completions", body(model="ab\ud800"), j),
             ("huge model name", "POST", "/v1/completions", body(model="m" * 200_000), j),
-            ("unknown field", "POST", "/v1/completions", body(frobnicate=1), j),
+            ("refused logit_bias", "POST", "/v1/completions", body(logit_bias={"5": 10}), j),
             ("tiny threshold", "POST", "/v1/completions", body(threshold=7e-46), j),
             ("huge temperature", "POST", "/v1/completions", body(temperature=3.5e38), j),
             ("huge cfg_scale", "POST", "/v1/completions", body(cfg_scale=1e38), j),

@@ -20,27 +20,40 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", help="checkpoint directory (default: the embedded default model)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs a checkpoint with a tokenizer)")
+    src.add_argument("--prompt", help="prompt text (needs a checkpoint with a tokenizer); this or --prompt-ids "
+                     "is required")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    a("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
-    a("--gen-length", type=int, default=64, help="generated tokens (the canvas after the prompt)")
-    a("--block-length", type=int, default=None, help="semi-autoregressive block (default: min(32, gen-length))")
-    a("--steps", type=int, default=None, help="denoising steps in all (default: gen-length)")
-    a("--temperature", type=float, default=0.0)
-    a("--threshold", type=float, default=None, help="confidence threshold for parallel decoding")
-    a("--cache", choices=["none", "prefix", "dual"], default="none")
-    a("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    a("--cfg-scale", type=float, default=0.0)
-    a("--seed", type=int, default=0)
+    a("--chat", action="store_true", help="wrap the prompt as a user message with the chat template "
+      "(default: off, the prompt is used as it is)")
+    a("--gen-length", type=int, default=64, help="generated tokens, the canvas after the prompt (default: 64)")
+    a("--block-length", type=int, default=None,
+      help="semi-autoregressive block length (default: min(32, gen-length))")
+    a("--steps", type=int, default=None, help="denoising steps in all (default: gen-length, one token per step)")
+    a("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    a("--threshold", type=float, default=None,
+      help="confidence threshold in (0, 1] for parallel decoding (default: off, the steps schedule)")
+    a("--cache", choices=["none", "prefix", "dual"], default="none",
+      help="Fast-dLLM key/value cache (default: none)")
+    a("--remasking", choices=["low_confidence", "random"], default="low_confidence",
+      help="which predictions are kept each step (default: low_confidence)")
+    a("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (default: 0, off)")
+    a("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     b = p.add_argument_group("block diffusion (LLaDA2.x checkpoints; defaults: the checkpoint's released generate)")
-    b.add_argument("--minimal-topk", type=int, default=None)
-    b.add_argument("--eos-early-stop", action="store_true", default=None)
-    b.add_argument("--editing-threshold", type=float, default=None, help="LLaDA2.1 token editing")
-    b.add_argument("--max-post-steps", type=int, default=None)
-    b.add_argument("--num-to-transfer", type=int, default=None)
-    a("--show-steps", action="store_true", help="print the canvas after every step")
-    a("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    b.add_argument("--minimal-topk", type=int, default=None,
+                   help="LLaDA2.0: steps are capped at gen-length // minimal-topk (default: the released value, 1)")
+    b.add_argument("--eos-early-stop", action="store_true", default=None,
+                   help="return as soon as an EOS is unmasked with no mask before it (default: the released value, off)")
+    b.add_argument("--editing-threshold", type=float, default=None,
+                   help="LLaDA2.1: a decoded token is replaced when the new prediction's confidence exceeds this "
+                   "(default: the checkpoint's released value)")
+    b.add_argument("--max-post-steps", type=int, default=None,
+                   help="LLaDA2.1: editing forwards at most once a block has no mask (default: the released value)")
+    b.add_argument("--num-to-transfer", type=int, default=None,
+                   help="LLaDA2.1: tokens unmasked per step when too few pass the threshold (default: the released value)")
+    a("--show-steps", action="store_true", help="print the canvas after every step (default: off)")
+    a("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to run (default: cpu)")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+      help="weights dtype (default: auto, bf16 on a GPU and fp32 on a CPU)")
     return p
 
 

@@ -19,10 +19,12 @@ log = logging.getLogger("llada.server")
 
 
 class Decoder:
-    """Token ids -> text. Without a tokenizer each id is written as `<id>`."""
+    """Token ids -> text. Without a tokenizer each id is written as `<id>`. skip_special=False keeps
+    special tokens (EOS/EoT included) in the text."""
 
-    def __init__(self, tokenizer=None):
+    def __init__(self, tokenizer=None, skip_special: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special = skip_special
 
     def text(self, ids) -> str:
         ids = list(ids)
@@ -30,7 +32,7 @@ class Decoder:
             return ""
         if self.tokenizer is None:
             return "".join(f"<{i}>" for i in ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
     def piece(self, i: int) -> str:
         """One token's own text (special tokens shown by name), for the per-step canvas."""
@@ -80,12 +82,18 @@ class Choice:
         self.max_tokens = max_tokens
         self.stops = [s for s in stops if s]
         self.sent = ""
+        self.tokens = 0  # answer tokens known so far (for usage while streaming)
         self.answer: Answer | None = None
 
     def _cut_ids(self, ids) -> tuple[list[int], bool]:
-        """(answer ids, ended by a stop id) for a run of known ids."""
+        """(answer ids, ended by a stop id) for a run of known ids. A decoder that keeps special
+        tokens keeps the stop id that ended the answer too (within max_tokens)."""
         out = cut_answer(ids, self.stop_ids, self.max_tokens)
-        return out, len(out) < len(ids) and ids[len(out)] in self.stop_ids
+        stopped = len(out) < len(ids) and ids[len(out)] in self.stop_ids
+        if stopped and not self.decoder.skip_special and len(out) < self.max_tokens:
+            out = out + [ids[len(out)]]
+        self.tokens = max(self.tokens, len(out))
+        return out, stopped
 
     def _finalize(self, ids: list[int], stopped: bool, text: str, cut: int | None) -> Answer:
         reason = "stop" if stopped or cut is not None else "length"

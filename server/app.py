@@ -35,7 +35,8 @@ class Service:
     """What the handlers share: the model bundle, the engine, metrics, limits."""
 
     def __init__(self, bundle, engine: Engine, metrics: Metrics, served_name: str, api_key: str | None,
-                 limits: ServerLimits, shutdown_grace: float):
+                 limits: ServerLimits, shutdown_grace: float, strict_fields: bool = False,
+                 chat_special_tokens: bool = False):
         self.bundle = bundle
         self.engine = engine
         self.metrics = metrics
@@ -43,6 +44,8 @@ class Service:
         self.api_key = api_key
         self.limits = limits
         self.shutdown_grace = shutdown_grace
+        self.strict_fields = strict_fields  # unknown request fields: 400 instead of a warning
+        self.chat_special_tokens = chat_special_tokens  # special tokens in chat content are parsed
         self.tokenizer = bundle.tokenizer
         self.decoder = Decoder(bundle.tokenizer)
         self.config = bundle.config
@@ -77,12 +80,13 @@ def _openapi_without_422(app: FastAPI):
 def create_app(bundle, engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, limits: ServerLimits | None = None, metrics: Metrics | None = None,
                shutdown_grace: float = 30.0, engine: Engine | None = None, max_body_bytes: int | None = None,
-               body_timeout: float | None = 30.0, allowed_hosts: list[str] | None = None) -> FastAPI:
+               body_timeout: float | None = 30.0, allowed_hosts: list[str] | None = None,
+               strict_fields: bool = False, chat_special_tokens: bool = False) -> FastAPI:
     metrics = metrics or Metrics()
     metrics.device = bundle.model.device
     engine = engine or Engine(bundle.model, bundle.special, engine_config or EngineConfig(), metrics=metrics)
     svc = Service(bundle, engine, metrics, served_model_name or bundle.name or "llada", api_key,
-                  limits or ServerLimits(), shutdown_grace)
+                  limits or ServerLimits(), shutdown_grace, strict_fields, chat_special_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -27,44 +27,75 @@ def build_parser() -> argparse.ArgumentParser:
       "(default: the embedded default model)")
     a("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
     a("--port", type=int, default=_env("port", 8000), help="port (default 8000)")
-    a("--device", choices=["auto", "cuda", "cpu"], default=_env("device", "auto"))
-    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"))
+    a("--device", choices=["auto", "cuda", "cpu"], default=_env("device", "auto"),
+      help="where to run (default auto: cuda when available)")
+    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"),
+      help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     a("--served-model-name", default=_env("served_model_name"),
       help="model id clients use (default: the checkpoint directory's name)")
-    a("--max-batch-size", type=int, default=_env("max_batch_size", 32), help="running requests per step")
+    a("--max-batch-size", type=int, default=_env("max_batch_size", 32),
+      help="running requests per step (default: %(default)s)")
     a("--max-batch-tokens", type=int, default=_env("max_batch_tokens", 16384),
-      help="canvas tokens (prompt + generated) held by the running batch")
+      help="canvas tokens (prompt + generated) held by the running batch (default: %(default)s)")
     a("--max-queue", type=int, default=_env("max_queue", 256),
-      help="waiting requests before new ones are refused with 429")
+      help="waiting requests before new ones are refused with 429 (default: %(default)s)")
     a("--request-timeout", type=float, default=_env("request_timeout", 600.0),
-      help="seconds a request may take from arrival (0: no limit)")
+      help="seconds a request may take from arrival, 0: no limit (default: %(default)s)")
     a("--api-key", default=_env("api_key"), help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') "
-      "on /v1/*")
+      "on /v1/* (default: none, open)")
     a("--max-body-bytes", type=int, default=_env("max_body_bytes"),
       help="largest request body accepted; larger ones get 413 (default: 2 KiB per token of the model's "
       "context, at least 1 MiB)")
     a("--body-timeout", type=float, default=_env("body_timeout", 30.0),
-      help="seconds a client may take to send a request body; slower ones get 408 (0: no limit)")
+      help="seconds a client may take to send a request body; slower ones get 408, 0: no limit "
+      "(default: %(default)s)")
     a("--allowed-hosts", default=_env("allowed_hosts"),
       help="comma-separated Host header names answered ('*': any); others get 400. Default: the bind "
       "address, localhost, 127.0.0.1 and ::1 when bound to loopback, any name otherwise")
     a("--header-timeout", type=float, default=_env("header_timeout", 10.0),
-      help="seconds a client may take to send a request's line and headers; then the connection is closed")
+      help="seconds a client may take to send a request's line and headers; then the connection is closed "
+      "(default: %(default)s)")
     a("--timeout-keep-alive", type=float, default=_env("timeout_keep_alive", 5.0),
-      help="seconds an idle keep-alive connection stays open")
+      help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
-      help="seconds in-flight requests get to finish after SIGTERM")
+      help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+    a("--strict-fields", action="store_true", default=_env("strict_fields", "") in ("1", "true", "yes"),
+      help="refuse request fields this server does not know with a 400 (default: ignore them with a "
+      "warning in the log)")
+    a("--chat-special-tokens", action="store_true",
+      default=_env("chat_special_tokens", "") in ("1", "true", "yes"),
+      help="parse special tokens written inside chat message content as control tokens (trusted "
+      "deployments only; default: off, they are plain text, so a message cannot open or close turns)")
     a("--cuda-graphs", action=argparse.BooleanOptionalAction,
       default=str(_env("cuda_graphs", "1")).lower() not in ("0", "false", "no", "off"),
       help="replay captured CUDA graphs of the denoising step (CUDA only; default on; capture time "
            "and memory are logged at start)")
-    a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
+    a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"],
+      help="log level (default: %(default)s)")
     return p
 
 
 def _fail(msg: str, code: int = 1):
     print(f"llada-serve: error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why host:port cannot be bound (None when it can), checked before the model is loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return str(e)
+    fam, kind, proto, _, addr = infos[0]
+    with socket.socket(fam, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def main(argv=None) -> None:
@@ -80,6 +111,11 @@ def main(argv=None) -> None:
         _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
         _fail(f"--port must be in 1..65535, got {args.port}", 2)
+
+    busy = _port_in_use(args.host, args.port)
+    if busy:
+        _fail(f"cannot listen on {args.host}:{args.port}: {busy} (is another server running there? "
+              "choose another --port)")
 
     from weights import default_model_path
 
@@ -125,7 +161,8 @@ def main(argv=None) -> None:
     try:
         app = create_app(bundle, econf, served_model_name=name, api_key=args.api_key or None,
                          shutdown_grace=args.shutdown_grace, max_body_bytes=max_body,
-                         body_timeout=args.body_timeout, allowed_hosts=allowed_hosts)
+                         body_timeout=args.body_timeout, allowed_hosts=allowed_hosts,
+                         strict_fields=args.strict_fields, chat_special_tokens=args.chat_special_tokens)
     except (RuntimeError, ValueError) as e:  # e.g. the KV buffers do not fit the device
         _fail(f"cannot set up the engine: {e}")
     engine = app.state.engine

@@ -15,7 +15,7 @@ import uuid
 from fastapi import Request
 
 from sampler.scheduler import EngineError, Handle
-from server.answer import Choice
+from server.answer import Choice, Decoder
 from server.errors import ApiError
 from server.requests import check_fanout, sampling, stop_strings
 
@@ -42,13 +42,14 @@ class Job:
         self.choices: list[Choice] = []
         self.prompt_tokens = sum(len(p) for p in prompts)
         stream_steps = bool(req.stream_steps)
+        decoder = svc.decoder if req.skip_special_tokens is not False else Decoder(svc.tokenizer, skip_special=False)
         for pi, p in enumerate(prompts):
             for j in range(n):
                 idx = pi * n + j
                 sp = sampling(svc, req, max_tokens, len(p), idx, base_seed)
                 answer_limit = max_tokens if max_tokens is not None else sp.gen_length
                 answer_limit = min(answer_limit, sp.gen_length)
-                self.choices.append(Choice(idx, svc.decoder, svc.stop_ids, answer_limit, stops))
+                self.choices.append(Choice(idx, decoder, svc.stop_ids, answer_limit, stops))
                 self.handles.append(Handle(
                     prompt_ids=p, params=sp, sink=self._sink(idx), want_steps=stream_steps,
                     want_progress=bool(stops) or bool(req.stream), answer_limit=answer_limit))
@@ -72,7 +73,7 @@ class Job:
         self.svc.engine.wake()
 
     def usage(self) -> dict:
-        comp = sum(c.answer.completion_tokens for c in self.choices if c.answer)
+        comp = sum(c.answer.completion_tokens if c.answer else c.tokens for c in self.choices)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": comp,
                 "total_tokens": self.prompt_tokens + comp}
 

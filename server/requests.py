@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from sampler.params import LLADA2_FIELDS, MAX_SEED, RELEASED_DEFAULTS, ParamError, SamplingParams
 from sampler.scheduler import EngineError
 from server.errors import ApiError, clip
-from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field
+from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field, unknown_fields
 
+log = logging.getLogger("llada.server")
 SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
@@ -25,7 +27,16 @@ def derive_seed(base: int, i: int) -> int:
 
 
 def check_request(svc, req) -> None:
-    """Fields set to what this server cannot honour, and a model id it does not serve."""
+    """Unknown fields (a warning, or a 400 with --strict-fields), fields set to what this server
+    cannot honour, and a model id it does not serve."""
+    unknown = unknown_fields(req)
+    if unknown:
+        if svc.strict_fields:
+            name = unknown[0]
+            raise ApiError(400, f"unknown field {clip(name)} (this server runs with --strict-fields)",
+                           param=name if len(name) <= 64 else name[:64] + "...", code="unknown_field")
+        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        log.warning("ignoring unknown field(s): %s%s", ", ".join(clip(u, 64) for u in unknown[:8]), more)
     refused = refused_field(req)
     if refused:
         raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
@@ -75,6 +86,16 @@ def check_ids(svc, ids, what="prompt") -> list[int]:
     return list(ids)
 
 
+def refuse_mask_ids(svc, ids, what="prompt") -> list[int]:
+    """The one place token-id prompts are refused for holding the mask id (text never yields it)."""
+    mask = svc.bundle.special.mask
+    if mask in ids:
+        pos = list(ids).index(mask)
+        raise ApiError(400, f"token id {mask} at position {pos} of the {what} is the mask id; a prompt "
+                       "cannot hold masked positions", param=what, code="mask_token_in_prompt")
+    return ids
+
+
 def need_tokenizer(svc, what: str):
     if svc.tokenizer is None:
         raise ApiError(400, f"{what} needs a tokenizer and this checkpoint has none (tokenizer.json); "
@@ -103,7 +124,7 @@ def completion_prompts(svc, items: list) -> list[list[int]]:
             _fits_context(svc, "prompt", chars=len(x))
             prompts.append(check_ids(svc, tok.encode(x)))
         else:
-            prompts.append(check_ids(svc, x))
+            prompts.append(refuse_mask_ids(svc, check_ids(svc, x)))
     return prompts
 
 
@@ -129,8 +150,14 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
     _fits_context(svc, "messages", chars=sum(len(m["content"]) for m in msgs))
     from weights.tokenizer import TemplateError
 
+    cont = bool(req.continue_final_message)
+    if cont and msgs[-1]["role"] != "assistant":
+        raise ApiError(400, "continue_final_message needs the last message to be the assistant's",
+                       param="continue_final_message", code="invalid_value")
     try:
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+        ids = tok.chat_ids(msgs, add_generation_prompt=req.add_generation_prompt is not False,
+                           continue_final=cont, specials_in_content=svc.chat_special_tokens,
+                           template_kwargs=req.chat_template_kwargs)
     except TemplateError as e:
         raise ApiError(400, str(e), param="messages", code="template_error") from None
     return check_ids(svc, ids, "messages")
@@ -147,14 +174,40 @@ def stop_strings(req, limits: ServerLimits) -> list[str]:
     return [x for x in stops if x]
 
 
+def block_layout(max_tokens: int, block: int, steps: int | None, room: int) -> tuple[int, int]:
+    """(gen_length, block_length) for an answer of up to max_tokens tokens in `room` canvas tokens.
+
+    The canvas is max_tokens rounded up to the block (exactly the reference layout when max_tokens is
+    a multiple of it). When that would not fit the context but max_tokens does, the block becomes the
+    longest one (up to the requested one) that tiles a span of room or less, whose block count
+    divides the requested steps (or, failing that, one block of max_tokens)."""
+    gen = -(-max_tokens // block) * block
+    if gen <= room:
+        return gen, block
+    for b in range(min(block, room), 0, -1):
+        g = -(-max_tokens // b) * b
+        while g <= room:
+            if steps is None or (steps % (g // b) == 0 and steps <= g):
+                return g, b
+            g += b
+    return max_tokens, max_tokens  # one block: any steps up to max_tokens fit it (validate() checks the rest)
+
+
 def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base_seed: int) -> SamplingParams:
     lim = svc.limits
+    context = svc.config.max_sequence_length
+    room = context - prompt_len
     if max_tokens is None:
-        max_tokens = min(lim.default_max_tokens, max(1, svc.config.max_sequence_length - prompt_len))
+        max_tokens = min(lim.default_max_tokens, max(1, room))
     if max_tokens < 1:
         raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens",
                        code="invalid_value")
     blocks = bool(svc.config.block_diffusion)
+    if max_tokens > room:
+        left = f"{room} tokens are left for the answer" if room > 0 else "no tokens are left for an answer"
+        raise ApiError(400, f"the prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+                       f"{prompt_len + max_tokens} exceeds the model's context of {context} tokens: {left}",
+                       param="max_tokens", code="context_length_exceeded")
     if req.block_length is not None:
         block = req.block_length
         if block < 1:
@@ -164,8 +217,13 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         block = None  # the released generate's block length
     else:
         block = min(lim.default_block_length, max_tokens)
-    # LLaDA2 decodes exactly max_tokens (its last block runs past them); LLaDA, whole blocks.
-    gen_length = max_tokens if blocks else -(-max_tokens // block) * block
+    # LLaDA2 decodes exactly max_tokens (its last block runs past them); LLaDA, whole blocks, laid
+    # out so that a max_tokens that fits the context is never refused for rounding.
+    if blocks:
+        gen_length = max_tokens
+    else:
+        steps = req.steps if req.steps is not None and req.steps >= 1 else None
+        gen_length, block = block_layout(max_tokens, block, steps, room)
     # Unset block-diffusion fields take the checkpoint's released `generate` defaults.
     released = RELEASED_DEFAULTS[svc.bundle.decoding]
     extra = {}
@@ -179,8 +237,8 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         remasking=req.remasking or "low_confidence",
         cfg_scale=0.0 if req.cfg_scale is None else req.cfg_scale,
         threshold=req.threshold if req.threshold is not None else released.get("threshold"),
-        cache=req.cache or "none", seed=derive_seed(base_seed, index), ban_eos=bool(req.ban_eos),
-        defer_eos=bool(req.defer_eos), **extra)
+        cache=req.cache or "none", seed=derive_seed(base_seed, index),
+        ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos), **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     try:

@@ -12,11 +12,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 
-from server.errors import API_ERRORS, ApiError
+from server.errors import API_ERRORS, ApiError, clip
 from server.job import Job
 from server.metrics import CONTENT_TYPE
 from server.requests import chat_prompt, check_fanout, check_request, completion_items, completion_prompts
-from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, ModelList, Status)
+from server.responses import EVENT_STREAM, ChatCompletionResponse, CompletionResponse, ModelCard, ModelList, Status
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.streaming import log_done, metered, openai_stream, steps_stream
 
@@ -86,6 +86,15 @@ for _path, _endpoint in (("/health", health), ("/ready", ready), ("/metrics", me
 async def models(request: Request):
     svc = request.app.state.service
     return {"object": "list", "data": [svc.model_card()]}
+
+
+@api.get("/models/{model_id:path}", response_model=ModelCard)
+async def model(request: Request, model_id: str):
+    svc = request.app.state.service
+    if model_id != svc.name:
+        raise ApiError(404, f"the model {clip(model_id)} does not exist; this server serves {svc.name!r}",
+                       param="model", code="model_not_found")
+    return svc.model_card()
 
 
 @api.post("/completions", response_model=None,

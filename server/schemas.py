@@ -1,11 +1,13 @@
-"""OpenAI request models (with the diffusion extension fields) and the fields we refuse.
+"""OpenAI request models (with the diffusion extension fields), the fields accepted and ignored, and
+the values refused.
 
 Types are strict where OpenAI's are: an integer field takes a JSON integer, a boolean field a JSON
 boolean ("max_tokens": "8" or "stream": "no" is a 400 naming the field, never a silent coercion).
-An explicit null means the field is absent. Unknown fields are refused (400) rather than ignored, so
-that nothing a client sends is silently misread. OpenAI fields that have no meaning for this server
-are accepted only at their neutral value (null, or the value that changes nothing) and otherwise
-refused with a 400 naming the field.
+An explicit null means the field is absent. Fields that do not change what this server computes
+(`IGNORED`) are accepted and ignored. A field set to a behaviour we cannot honour is refused with a
+400 naming it (`NEUTRAL`: the values that change nothing are accepted). Fields nobody declared are
+ignored with a warning naming them (`unknown_fields`), or refused when the server runs with
+--strict-fields.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
     include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = Field(None, description="usage (so far) on every chunk")
 
 
 class DiffusionFields(BaseModel):
     """Fields shared by both endpoints: OpenAI's plus the diffusion extensions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = Field(None, description="answer length cap (tokens); default: what is "
@@ -34,7 +37,6 @@ class DiffusionFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: Union[StrictStr, list[StrictStr], None] = None
     seed: StrictInt | None = None
-    user: StrictStr | None = None
 
     # Diffusion extensions (the openai client sends them with extra_body).
     steps: StrictInt | None = Field(None, description="denoising steps over the whole answer "
@@ -62,14 +64,28 @@ class DiffusionFields(BaseModel):
     num_to_transfer: StrictInt | None = Field(None, description="LLaDA2.1: tokens unmasked per step when "
                                               "too few pass threshold (default 1)")
 
+    # vLLM-style extras.
+    ignore_eos: StrictBool | None = Field(None, description="same as ban_eos")
+    skip_special_tokens: StrictBool | None = Field(None, description="default true; false keeps special "
+                                                   "tokens (EOS/EoT included) in the text")
+
     # OpenAI fields accepted only at a neutral value (see NEUTRAL).
     top_p: StrictFloat | None = None
+    top_k: StrictInt | None = Field(None, description="-1 or 0: off")
+    min_p: StrictFloat | None = Field(None, description="0: off")
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
+    repetition_penalty: StrictFloat | None = None
     logit_bias: dict[str, Any] | None = None
     best_of: StrictInt | None = None
-    top_k: StrictInt | None = None
-    repetition_penalty: StrictFloat | None = None
+
+    # Accepted and ignored: they do not change what this server computes (see IGNORED).
+    user: StrictStr | None = None
+    store: StrictBool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
 
 
 class CompletionRequest(DiffusionFields):
@@ -86,10 +102,18 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A message as clients send it, including an SDK's own assistant message dumped back."""
+
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[StrictStr, list[ContentPart], None] = None
     name: StrictStr | None = None
+    # Set (to null) on the SDK's assistant message objects; a real value asks for what we lack.
+    refusal: StrictStr | None = None
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    tool_calls: list[Any] | None = None
 
 
 class ChatCompletionRequest(DiffusionFields):
@@ -103,13 +127,29 @@ class ChatCompletionRequest(DiffusionFields):
     functions: list[Any] | None = None
     function_call: Any | None = None
     parallel_tool_calls: StrictBool | None = None
+    modalities: list[StrictStr] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: StrictStr | None = None
+    verbosity: StrictStr | None = None
+    # vLLM-style chat extras.
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the chat template")
+    add_generation_prompt: StrictBool | None = Field(None, description="default true: open the assistant's turn")
+    continue_final_message: StrictBool | None = Field(
+        None, description="continue the final (assistant) message instead of starting a new turn")
 
+
+# Accepted and ignored (documented in the README): they change nothing this server computes.
+IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
+           "parallel_tool_calls", "prediction", "reasoning_effort", "verbosity")
 
 # field -> (is the value neutral?, why a non-neutral value is refused)
 NEUTRAL = {
     "top_p": (lambda v: v is None or v == 1, "top_p is not supported (diffusion sampling draws from "
               "the full distribution); send 1 or leave it out"),
-    "top_k": (lambda v: v is None or v == 0, "top_k is not supported; leave it out"),
+    "top_k": (lambda v: v is None or v in (0, -1), "top_k is not supported; send -1 or 0 (off) or leave it out"),
+    "min_p": (lambda v: v is None or v == 0, "min_p is not supported; send 0 (off) or leave it out"),
     "presence_penalty": (lambda v: v is None or v == 0, "presence_penalty is not supported by "
                          "masked-diffusion sampling (all tokens are decoded in parallel); send 0 or leave it out"),
     "frequency_penalty": (lambda v: v is None or v == 0, "frequency_penalty is not supported by "
@@ -128,7 +168,16 @@ NEUTRAL = {
     "tool_choice": (lambda v: v is None or v == "none", "tool_choice is not supported"),
     "functions": (lambda v: not v, "functions are not supported"),
     "function_call": (lambda v: v is None or v == "none", "function_call is not supported"),
-    "parallel_tool_calls": (lambda v: True, ""),
+    "modalities": (lambda v: v is None or set(v) <= {"text"}, "only the text modality is supported"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not available on this server"),
+}
+
+# message field -> (is the value neutral?, why not)
+MESSAGE_NEUTRAL = {
+    "tool_calls": (lambda v: not v, "tool calls are not supported"),
+    "function_call": (lambda v: v is None, "function calls are not supported"),
+    "audio": (lambda v: v is None, "audio messages are not supported"),
 }
 
 
@@ -137,4 +186,18 @@ def refused_field(req: BaseModel) -> tuple[str, str] | None:
     for name, (ok, why) in NEUTRAL.items():
         if name in type(req).model_fields and not ok(getattr(req, name)):
             return name, why
+    for i, m in enumerate(getattr(req, "messages", None) or ()):
+        for name, (ok, why) in MESSAGE_NEUTRAL.items():
+            if not ok(getattr(m, name)):
+                return f"messages.{i}.{name}", why
     return None
+
+
+def unknown_fields(req: BaseModel) -> list[str]:
+    """Fields no model declares, by path (`frobnicate`, `messages.0.foo`, `stream_options.bar`)."""
+    out = list(req.model_extra or ())
+    if req.stream_options is not None:
+        out += [f"stream_options.{k}" for k in req.stream_options.model_extra or ()]
+    for i, m in enumerate(getattr(req, "messages", None) or ()):
+        out += [f"messages.{i}.{k}" for k in m.model_extra or ()]
+    return out

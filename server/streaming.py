@@ -94,9 +94,18 @@ def openai_stream(job, request):
     """OpenAI chunks: text deltas as they become final, one finish chunk per choice, usage, [DONE]."""
     name = job.svc.name
 
+    opts = job.req.stream_options
+    continuous = opts is not None and bool(opts.continuous_usage_stats)
+
     async def gen(state):
         chat = job.kind == "chat"
-        mk = chat_chunk if chat else completion_chunk
+        make = chat_chunk if chat else completion_chunk
+
+        def mk(*args):
+            chunk = make(*args)
+            if continuous:
+                chunk["usage"] = job.usage()
+            return chunk
         if chat:
             for c in job.choices:
                 yield event(mk(job.id, job.created, name, c.index, {"role": "assistant", "content": ""}))
@@ -131,7 +140,6 @@ def openai_stream(job, request):
                 return
         if len(finished) < len(job.choices):
             return  # disconnected
-        opts = job.req.stream_options
         if opts is not None and opts.include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
             yield event(usage_chunk(job.id, job.created, name, obj, job.usage()))

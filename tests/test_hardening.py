@@ -414,13 +414,16 @@ def test_405_carries_allow_and_operator_endpoints_answer_head(server):
     assert "allow" in httpx.head(server.url + "/v1/completions").headers
 
 
-def test_user_input_is_echoed_as_a_short_prefix(server, caplog):
+def test_user_input_is_echoed_as_a_short_prefix(server, bundle, live_server, caplog):
     long = "m" * 50_000
     with caplog.at_level(logging.INFO, logger="llada.server"):
         r = post(server.url, "/v1/completions", dict(GOOD, model=long))
         err = assert_error(r, 404, "model")
         assert len(r.content) < 400 and "(50002 characters)" in err["message"]
-        err = assert_error(post(server.url, "/v1/completions", dict(GOOD, **{long: 1})), 400)
+        assert post(server.url, "/v1/completions", dict(GOOD, **{long: 1})).status_code == 200  # ignored, logged
+        strict = live_server(create_app(bundle, EngineConfig(max_batch_tokens=256), served_model_name="tiny",
+                                        strict_fields=True))
+        err = assert_error(post(strict.url, "/v1/completions", dict(GOOD, **{long: 1})), 400)
         assert len(err["message"]) < 200 and len(err["param"]) < 100
         err = assert_error(post(server.url, "/v1/completions", dict(GOOD, prompt=[10 ** 4000])), 400)
         assert len(err["message"]) < 200

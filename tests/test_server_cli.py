@@ -31,13 +31,13 @@ def run_cli(args, timeout=60, **envs):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_without_a_model_and_no_default_it_says_so_and_exits_non_zero(monkeypatch, tmp_path, capsys):
+def test_without_a_model_and_no_default_it_says_so_and_exits_non_zero(monkeypatch, tmp_path, capsys, free_port):
     import weights
     from server.cli import main
 
     monkeypatch.setattr(weights, "default_model_path", lambda: tmp_path / "absent")
     with pytest.raises(SystemExit) as e:
-        main(["--port", "1"])
+        main(["--port", str(free_port)])
     assert e.value.code != 0
     err = capsys.readouterr().err
     assert "default model" in err and "--model" in err
@@ -79,13 +79,40 @@ def test_without_a_model_it_serves_the_default(free_port, tmp_path):
         log.close()
 
 
-def test_an_unloadable_model_exits_non_zero(tmp_path):
-    r = run_cli([], LLADA_MODEL=str(tmp_path / "nothing-here"))
+def test_an_unloadable_model_exits_non_zero(tmp_path, free_port):
+    r = run_cli(["--port", str(free_port)], LLADA_MODEL=str(tmp_path / "nothing-here"))
     assert r.returncode == 1 and "cannot load the model" in r.stderr
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    r = run_cli(["--model", str(tmp_path / "broken")])
+    r = run_cli(["--model", str(tmp_path / "broken"), "--port", str(free_port)])
     assert r.returncode == 1 and "cannot load the model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_busy_port_is_refused_before_the_model_is_loaded(tmp_path, free_port):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port))
+        busy.listen()
+        t0 = time.monotonic()
+        # the model path does not exist: the port is checked first, so the message is about the port
+        r = run_cli(["--port", str(free_port), "--model", str(tmp_path / "not-loaded")])
+    assert r.returncode == 1 and f"127.0.0.1:{free_port}" in r.stderr and "another --port" in r.stderr, r.stderr
+    assert "cannot load the model" not in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_every_flag_has_help_with_its_default():
+    from sampler.generate_cli import build_parser as generate_parser
+    from server.cli import build_parser as serve_parser
+
+    for parser in (serve_parser(), generate_parser()):
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, (parser.prog, action.option_strings)
+            if not action.required and action.dest not in ("prompt", "prompt_ids"):
+                assert "default" in action.help.lower(), (parser.prog, action.option_strings, action.help)
 
 
 def test_bad_flag_values_are_refused():

@@ -78,7 +78,14 @@ TABLE = [
     ("wrong type temperature", dict(GOOD, temperature="hot"), 400, "temperature"),
     ("wrong type prompt", dict(GOOD, prompt={"a": 1}), 400, "?"),
     ("wrong type stream", dict(GOOD, stream="yes please"), 400, "stream"),
-    ("unknown field", dict(GOOD, frobnicate=1), 400, "frobnicate"),
+    ("unknown field ignored", dict(GOOD, frobnicate=1), 200, None),
+    ("max_tokens as a string", dict(GOOD, max_tokens="8"), 400, "max_tokens"),
+    ("n as a boolean", dict(GOOD, n=True), 400, "n"),
+    ("stream as a string", dict(GOOD, stream="no"), 400, "stream"),
+    ("mask id in a token-id prompt", dict(GOOD, prompt=[1, 2, 300, 4]), 400, "prompt"),
+    ("mask id in a batch of id prompts", dict(GOOD, prompt=[[1, 2], [300]]), 400, "prompt"),
+    ("top_k other than off", dict(GOOD, top_k=5), 400, "top_k"),
+    ("min_p other than off", dict(GOOD, min_p=0.1), 400, "min_p"),
     ("unknown model", dict(GOOD, model="gpt-4"), 404, "model"),
     ("too long", dict(GOOD, prompt=[1] * 500, max_tokens=32), 400, "max_tokens"),
     ("steps not a multiple of blocks", dict(GOOD, max_tokens=16, block_length=8, steps=3), 400, "steps"),
@@ -136,6 +143,35 @@ CHAT_TABLE = [
 @pytest.mark.parametrize("name,body,status,param", CHAT_TABLE, ids=[t[0] for t in CHAT_TABLE])
 def test_chat_error_table(server, name, body, status, param):
     assert_error(post(server.url, "/v1/chat/completions", body), status, param)
+
+
+def test_mask_id_refusal_names_the_position(server):
+    err = assert_error(post(server.url, "/v1/completions", dict(GOOD, prompt=[1, 2, 300, 4])), 400, "prompt",
+                       "mask_token_in_prompt")
+    assert "position 2" in err["message"] and "300" in err["message"]
+
+
+@pytest.fixture(scope="module")
+def strict(bundle, live_server):
+    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=1024), served_model_name="tiny",
+                                  strict_fields=True))
+
+
+def test_strict_fields_refuses_unknown_fields(strict, caplog):
+    assert_error(post(strict.url, "/v1/completions", dict(GOOD, frobnicate=1)), 400, "frobnicate", "unknown_field")
+    chat = {"messages": [{"role": "user", "content": "hi", "mood": "sunny"}]}
+    assert_error(post(strict.url, "/v1/chat/completions", chat), 400, "messages.0.mood", "unknown_field")
+    # known fields, ignored ones and nulls are still accepted
+    ok = post(strict.url, "/v1/completions", dict(GOOD, store=False, metadata={"a": "b"}, n=None, stream=None,
+                                                   top_k=-1, min_p=0, ignore_eos=None))
+    assert ok.status_code == 200, ok.text
+
+
+def test_unknown_fields_are_logged_by_name(server, caplog):
+    with caplog.at_level("WARNING", logger="llada.server"):
+        r = post(server.url, "/v1/completions", dict(GOOD, frobnicate=1, stream_options={"zap": 1}))
+    assert r.status_code == 200, r.text
+    assert any("frobnicate" in m and "stream_options.zap" in m for m in caplog.messages), caplog.messages
 
 
 def test_unknown_paths_and_methods(server):

@@ -219,6 +219,8 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
 
     tokenizer = Tokenizer.from_dir(path)
     special = special_ids(config, tokenizer, path)
+    if tokenizer is not None:
+        tokenizer.mask_token = tokenizer.id_to_token(special.mask)  # text never becomes the mask id
     log.info("loaded %s (%s): %.1fM parameters (%.1fM active) on %s in %s", path, config.family,
              config.num_parameters / 1e6, config.active_parameters / 1e6, dev, str(dt).replace("torch.", ""))
     return ModelBundle(model=model, config=config, tokenizer=tokenizer, special=special, path=path,

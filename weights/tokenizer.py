@@ -1,4 +1,9 @@
-"""tokenizer.json through `tokenizers`, the chat template through jinja2, special ids from the files."""
+"""tokenizer.json through `tokenizers`, the chat template through jinja2, special ids from the files.
+
+Text never becomes the mask id: `encode` writes a literal mask-token string as plain text. Other
+special tokens are parsed in prompts (a completion prompt may hold a hand-written template), but
+inside chat message content they are plain text unless the caller allows them (`chat_ids`).
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,20 @@ def _raise(message):
     raise TemplateError(message)
 
 
+def _ids(tok, text: str) -> list[int]:
+    # encode_batch releases the GIL while it works (encode does not): a long text encoded in a
+    # worker thread then leaves the server's event loop free.
+    return tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+
+def _cut_after(text: str, content: str) -> str:
+    """The rendered chat up to the end of the final message's content (its turn left open)."""
+    for c in (content, content.strip()):
+        if c and c in text:
+            return text[:text.rindex(c) + len(c)]
+    raise TemplateError("continue_final_message: the final message's content is not in the rendered chat")
+
+
 class Tokenizer:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -53,6 +72,9 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         self.chat_template = template
         self._compiled = None
+        self._plain_tok = None
+        self.mask_token: str | None = None  # set by the loader: always encoded as plain text
+        self.special_texts = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
         self._max_chars: int | None = None
 
     @property
@@ -79,10 +101,34 @@ class Tokenizer:
     def token_to_id(self, text: str):
         return self._tok.token_to_id(text)
 
-    def encode(self, text: str) -> list[int]:
-        # encode_batch releases the GIL while it works (encode does not): a long text encoded in a
-        # worker thread then leaves the server's event loop free.
-        return self._tok.encode_batch([replace_lone_surrogates(text)], add_special_tokens=False)[0].ids
+    def encode(self, text: str, specials: bool = True) -> list[int]:
+        """Token ids of text. specials=False: special-token strings are plain text too. Either way a
+        literal mask-token string is plain text (text never becomes the mask id)."""
+        text = replace_lone_surrogates(text)
+        if not specials:
+            return self._encode_plain(text)
+        m = self.mask_token
+        if not m or m not in text:
+            return _ids(self._tok, text)
+        ids: list[int] = []
+        for i, piece in enumerate(text.split(m)):
+            if i:
+                ids += self._encode_plain(m)
+            if piece:
+                ids += _ids(self._tok, piece)
+        return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if self._plain_tok is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._plain_tok = HFTokenizer.from_str(self._tok.to_str())
+            self._plain_tok.encode_special_tokens = True
+        ids = _ids(self._plain_tok, text)
+        mask = self.token_to_id(self.mask_token) if self.mask_token else None
+        if mask is not None and mask in ids:  # merges that rebuild the mask string: one character at a time
+            ids = [t for ch in text for t in _ids(self._plain_tok, ch)]
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -90,7 +136,7 @@ class Tokenizer:
     def id_to_token(self, i: int):
         return self._tok.id_to_token(i)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.chat_template:
             raise TemplateError("this checkpoint ships no chat_template in tokenizer_config.json")
         if self._compiled is None:
@@ -104,8 +150,8 @@ class Tokenizer:
             except jinja2.TemplateError as e:
                 raise TemplateError(f"chat_template does not compile: {e}") from None
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens)
+            return self._compiled.render(**{**kwargs, **self.special_tokens, "messages": messages,
+                                            "add_generation_prompt": add_generation_prompt})
         except TemplateError:
             raise
         except jinja2.TemplateError as e:
@@ -113,6 +159,36 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True, continue_final: bool = False,
+                 specials_in_content: bool = False, template_kwargs: dict | None = None) -> list[int]:
+        """The chat prompt's ids. Message content is plain text (a special-token string written in a
+        message stays text) unless specials_in_content. continue_final: the last message (the
+        assistant's) is left open for the model to continue, as the rendered text up to its content."""
+        kw = template_kwargs or {}
+        text = self.render_chat(messages, add_generation_prompt and not continue_final, **kw)
+        contents = [m.get("content") or "" for m in messages]
+        if continue_final:
+            text = _cut_after(text, contents[-1])
+        if specials_in_content or not any(s in c for c in contents for s in self.special_texts):
+            return self.encode(text)
+        # Render again with a placeholder per content, encode the template's own text with its
+        # special tokens and each content as plain text.
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        shown = self.render_chat([dict(m, content=k) for m, k in zip(messages, marks)],
+                                 add_generation_prompt and not continue_final, **kw)
+        if continue_final:
+            shown = shown[:shown.rindex(marks[-1]) + len(marks[-1])]
+        parts = re.split("\ue000(\\d+)\ue001", shown)
+        for variant in (contents, [c.strip() for c in contents]):
+            pieces = [variant[int(p)] if i % 2 else p for i, p in enumerate(parts)]
+            if "".join(pieces) == text:
+                ids: list[int] = []
+                for i, piece in enumerate(pieces):
+                    ids += self.encode(piece, specials=not i % 2) if piece else []
+                return ids
+        raise TemplateError("a message holds special-token text and this chat template transforms message "
+                            "content in a way that cannot keep it as plain text")
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer | None":
