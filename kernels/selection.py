@@ -7,11 +7,18 @@ Two functions, each with a PyTorch reference and a dispatcher that the sampler c
   un-noised logits.
 - `transfer_mask`: per request, among the rows it owns, the top k by confidence (k from its
   schedule) or the threshold rule (the most confident, plus every row at or above the threshold).
+
+Sampling filters (`top_k`, `top_p`, `min_p`) are a plain PyTorch step in front of candidate
+sampling: `restrict_logits` sets the logits outside each row's kept set to -inf, and the candidate
+and its confidence then come from the same `sample_candidates` as every other row, so the
+confidence is the candidate's probability under the restricted, renormalised distribution. Rows
+without filters never go through it (they keep the fused kernel).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -90,12 +97,68 @@ def transfer_mask_reference(conf, cu_rows, k, threshold):
     return chosen & torch.isfinite(conf)
 
 
+@dataclass(frozen=True)
+class RowFilters:
+    """Per-row sampling filters (tensors [N] on the logits' device); neutral values filter nothing:
+    top_k <= 0, top_p >= 1, min_p <= 0."""
+
+    top_k: torch.Tensor  # int64
+    top_p: torch.Tensor  # float64
+    min_p: torch.Tensor  # float64
+
+    def active(self, temperature: torch.Tensor) -> torch.Tensor:
+        """bool [N]: rows the filters change (greedy rows never: argmax is always kept)."""
+        return (temperature > 0) & ((self.top_k > 0) | (self.top_p < 1) | (self.min_p > 0))
+
+    def take(self, rows: torch.Tensor) -> "RowFilters":
+        return RowFilters(self.top_k[rows], self.top_p[rows], self.min_p[rows])
+
+
+def restrict_logits(logits, temperature, filters: RowFilters):
+    """float64 logits with every token outside the row's kept set at -inf.
+
+    The kept set is decided on the distribution the candidate is drawn from, softmax(logits / T)
+    (T = the row's temperature, > 0): top_k keeps the k most likely tokens; top_p then keeps the
+    smallest most-likely-first prefix of the top-k-renormalised distribution whose mass reaches
+    top_p (the most likely token always stays); min_p keeps the tokens whose probability is at least
+    min_p times the most likely one's. Ties at a cut-off are broken by token id (lower first)."""
+    n, vocab = logits.shape
+    l = logits.to(torch.float64)
+    if n == 0:
+        return l
+    t = temperature.to(torch.float64).clamp(min=1e-30).unsqueeze(1)
+    scaled = l / t
+    order = torch.sort(scaled, dim=1, descending=True, stable=True)
+    sv, si = order.values, order.indices
+    rank = torch.arange(vocab, device=l.device).unsqueeze(0)
+    k = filters.top_k.to(l.device).unsqueeze(1)
+    keep = (k <= 0) | (rank < k)
+    lse = torch.logsumexp(torch.where(keep, sv, torch.full_like(sv, NEG_INF)), dim=1, keepdim=True)
+    p = torch.exp(sv - lse).masked_fill(~keep, 0.0)
+    before = torch.cumsum(p, dim=1) - p              # mass of the more likely tokens
+    top_p = filters.top_p.to(l.device, torch.float64).unsqueeze(1)
+    keep &= (top_p >= 1) | (before < top_p) | (rank == 0)
+    min_p = filters.min_p.to(l.device, torch.float64).unsqueeze(1)
+    keep &= (min_p <= 0) | (sv - sv[:, :1] >= torch.log(min_p.clamp(min=1e-300)))
+    kept = torch.zeros_like(keep).scatter_(1, si, keep)
+    return l.masked_fill(~kept, NEG_INF)
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("LLADA_DISABLE_TRITON") != "1"
 
 
-def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None, ban_rows=None):
-    """Dispatcher for candidate sampling (Triton on CUDA, PyTorch reference elsewhere)."""
+def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None, ban_rows=None,
+                      filters: RowFilters | None = None):
+    """Dispatcher for candidate sampling (Triton on CUDA, PyTorch reference elsewhere).
+
+    With `filters`, the rows they change are restricted first (`restrict_logits`, after the ban)
+    and sampled on their own; the other rows take the unfiltered path unchanged."""
+    if filters is not None:
+        rows = filters.active(temperature).nonzero().squeeze(1)
+        if len(rows):
+            return _sample_filtered(logits, temperature, seed, nonce, position, ban_ids, ban_rows,
+                                    filters, rows)
     if _use_triton(logits):
         try:
             from kernels.selection_triton import sample_candidates_triton
@@ -105,6 +168,19 @@ def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None, 
             return sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids,
                                             ban_rows=ban_rows)
     return sample_candidates_reference(logits, temperature, seed, nonce, position, ban_ids, ban_rows)
+
+
+def _sample_filtered(logits, temperature, seed, nonce, position, ban_ids, ban_rows, filters, rows):
+    x0, conf = sample_candidates(logits, temperature, seed, nonce, position, ban_ids, ban_rows)
+    sub = logits.index_select(0, rows).to(torch.float64)
+    if ban_ids:
+        cols = torch.tensor(list(ban_ids), device=sub.device)
+        flagged = torch.ones(len(rows), dtype=torch.bool, device=sub.device) if ban_rows is None \
+            else ban_rows[rows]
+        sub[flagged.nonzero().squeeze(1).unsqueeze(1), cols.unsqueeze(0)] = NEG_INF
+    sub = restrict_logits(sub, temperature[rows], filters.take(rows))
+    fx, fc = sample_candidates_reference(sub, temperature[rows], seed[rows], nonce[rows], position[rows])
+    return x0.index_copy(0, rows, fx), conf.index_copy(0, rows, fc.to(conf.dtype))
 
 
 def transfer_mask(conf, cu_rows, k, threshold):
