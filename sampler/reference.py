@@ -95,3 +95,30 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
             i += 1
             step_no += 1
     return x[p:].tolist(), forwards
+
+
+@torch.no_grad()
+def reference_loglikelihood(model, context, continuation, masks, mask_id: int,
+                            cfg_scale: float = 0.0) -> tuple[list[float], bool]:
+    """(per-sample values, is_greedy) of the Monte Carlo likelihood, one full forward per sample.
+
+    `masks` lists, per sample, the continuation indices to mask; the value of a sample is
+    -(n / l) * (cross-entropy summed over its l masked positions), computed in float64."""
+    p, n = len(context), len(continuation)
+    y = torch.tensor(list(continuation), dtype=torch.int64)
+
+    def logits_of(canvas):
+        c = model.full_logits(torch.tensor([canvas]))[0].to(torch.float64)
+        if cfg_scale > 0:
+            u = model.full_logits(torch.tensor([[mask_id] * p + canvas[p:]]))[0].to(torch.float64)
+            c = u + (cfg_scale + 1) * (c - u)
+        return c.cpu()
+
+    values = []
+    for m in masks:
+        canvas = list(context) + [mask_id if j in m else t for j, t in enumerate(continuation)]
+        logp = torch.log_softmax(logits_of(canvas)[p:], dim=-1)
+        idx = torch.tensor(sorted(m), dtype=torch.int64)
+        values.append(-(n / len(idx)) * float(-logp[idx, y[idx]].sum()))
+    greedy = logits_of(list(context) + [mask_id] * n)[p:].argmax(dim=-1)
+    return values, bool(torch.equal(greedy, y))

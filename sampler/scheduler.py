@@ -11,6 +11,11 @@ calls with one item at a time (`("step", StepEvent)`, `("progress", final_prefix
 `("done", Result)` or `("error", EngineError)`). An asyncio server wraps it with
 `loop.call_soon_threadsafe`; a plain thread can pass `queue.Queue.put`.
 
+Likelihood scoring (`submit_score`, see sampler/likelihood.py) shares the loop: each iteration
+that has scoring work also runs one packed forward over as many waiting scoring canvases (of any
+number of requests) as fit `max_batch_tokens`, and a scoring request's sink gets
+`("done", [PairScore])` or `("error", EngineError)`.
+
 Early completion: tokens are never remasked once unmasked, so the contiguous run of unmasked
 positions at the start of the generated span (the "final prefix") never changes again. When that
 prefix holds a stop id (EOS/EoT) or reaches the answer's token limit, the answer is final and the
@@ -30,6 +35,7 @@ from typing import Callable
 import torch
 
 from sampler.batch import CapacityError, DiffusionBatch, StepEvent
+from sampler.likelihood import ScoreBatch, ScoreJob
 from sampler.params import ParamError, SamplingParams
 
 log = logging.getLogger("llada.engine")
@@ -120,6 +126,8 @@ class Engine:
         self.mask_id = special.mask
         self.batch = DiffusionBatch(model, special, capacity_tokens=self.config.max_batch_tokens,
                                     max_requests=self.config.max_batch_size)
+        self.scorer = ScoreBatch(model, special.mask)
+        self.scoring: dict[int, ScoreJob] = {}
         self.waiting: collections.deque[Handle] = collections.deque()
         self.running: dict[int, Handle] = {}
         self._ids = itertools.count(1)
@@ -154,7 +162,7 @@ class Engine:
 
     def idle(self) -> bool:
         with self._cv:
-            return not self.waiting and not self.running
+            return not self.waiting and not self.running and not self.scoring
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop intake, let in-flight requests finish for up to `grace` seconds, fail the rest."""
@@ -204,6 +212,29 @@ class Engine:
             self._cv.notify_all()
         return handles
 
+    def submit_score(self, job: ScoreJob) -> ScoreJob:
+        """Queue a likelihood request. Raises EngineError (too large), QueueFull or EngineStopped."""
+        if job.canvas_tokens > self.config.max_batch_tokens:
+            raise EngineError(f"a pair needs {job.canvas_tokens} canvas tokens; this server's "
+                              f"max_batch_tokens is {self.config.max_batch_tokens}", status=400,
+                              type="invalid_request_error", param="pairs")
+        with self._cv:
+            if not self.accepting:
+                raise EngineStopped()
+            if len(self.waiting) + len(self.scoring) + 1 > self.config.max_queue:
+                raise QueueFull(f"the request queue is full ({len(self.waiting) + len(self.scoring)} "
+                                f"waiting, limit {self.config.max_queue}); retry later",
+                                retry_after=self._retry_after())
+            now = time.monotonic()
+            timeout = self.config.request_timeout
+            job.rid = next(self._ids)
+            job.submitted = now
+            job.deadline = now + timeout if timeout and timeout > 0 else None
+            self.scorer.add(job)
+            self.scoring[job.rid] = job
+            self._cv.notify_all()
+        return job
+
     def wake(self) -> None:
         with self._cv:
             self._cv.notify_all()
@@ -224,10 +255,13 @@ class Engine:
                     if self._stop:
                         self._fail_all(EngineStopped("the server shut down before this request finished"))
                         return
-                    if not self.running:
+                    if not self.running and not self.scoring:
                         self._cv.wait(timeout=self.config.idle_wait)
                         continue
-                self._step()
+                if self.running:
+                    self._step()
+                if self.scoring:
+                    self._score_step()
         except BaseException as e:  # the loop itself must never die silently
             log.exception("engine loop crashed: %s", e)
             with self._cv:
@@ -245,6 +279,13 @@ class Engine:
             elif h.deadline is not None and now > h.deadline:
                 self.waiting.remove(h)
                 self._finish_error(h, self._timeout_error())
+        for job in list(self.scoring.values()):
+            if job.cancelled:
+                self._drop_score(job)
+                job.done = True
+            elif job.deadline is not None and now > job.deadline:
+                self._drop_score(job)
+                self._score_error(job, self._timeout_error())
         for rid, h in list(self.running.items()):
             if h.cancelled:
                 self._release(h)
@@ -312,6 +353,47 @@ class Engine:
                     self._release(h)
                     self._finish_error(h, EngineError(f"internal error ({type(e).__name__})", status=500))
             self._gauges()
+
+    def _score_step(self) -> None:
+        with self._cv:
+            canvases = self.scorer.take(self.config.max_batch_tokens)
+        if not canvases:
+            return
+        t0 = time.perf_counter()
+        try:
+            done = self.scorer.run(canvases)
+        except Exception as e:  # noqa: BLE001 - fail the requests in this forward, keep serving
+            jobs = {id(c.pair.job): c.pair.job for c in canvases}
+            log.error("a scoring forward failed (%s: %s); failing its %d requests", type(e).__name__, e,
+                      len(jobs), exc_info=True)
+            with self._cv:
+                for job in jobs.values():
+                    self._drop_score(job)
+                    self._score_error(job, EngineError(f"internal error while scoring ({type(e).__name__})",
+                                                       status=500, code="step_failed"))
+            return
+        if self.metrics is not None:
+            self.metrics.observe_score_forward(sum(c.tokens for c in canvases), time.perf_counter() - t0)
+        with self._cv:
+            for job in done:
+                if self.scoring.pop(job.rid, None) is None or job.cancelled:
+                    continue
+                job.done = True
+                try:
+                    job.sink(("done", ScoreBatch.results(job)))
+                except Exception:  # noqa: BLE001 - a dead consumer must not stop the engine
+                    log.debug("scoring request %s: its consumer is gone", job.rid)
+
+    def _drop_score(self, job: ScoreJob) -> None:
+        self.scoring.pop(job.rid, None)
+        self.scorer.drop(job)
+
+    def _score_error(self, job: ScoreJob, err: EngineError) -> None:
+        job.done = True
+        try:
+            job.sink(("error", err))
+        except Exception:  # noqa: BLE001
+            log.debug("scoring request %s: its consumer is gone", job.rid)
 
     def _step_failed(self, e: Exception) -> None:
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
@@ -406,6 +488,9 @@ class Engine:
         for h in list(self.running.values()):
             self._release(h)
             self._finish_error(h, err)
+        for job in list(self.scoring.values()):
+            self._drop_score(job)
+            self._score_error(job, err)
         self._gauges()
 
     def _gauges(self) -> None:
