@@ -1,20 +1,23 @@
 """OpenAI request models (with the diffusion extension fields) and the fields we refuse.
 
-Unknown fields are refused (400) rather than ignored, so that nothing a client sends is silently
-misread. OpenAI fields that have no meaning for this server are accepted only at their neutral value
-(null, or the value that changes nothing) and otherwise refused with a 400 naming the field.
+Types are strict where OpenAI's are: an integer field takes a JSON integer, a boolean field a JSON
+boolean ("max_tokens": "8" or "stream": "no" is a 400 naming the field, never a silent coercion).
+An explicit null means the field is absent. Unknown fields are refused (400) rather than ignored, so
+that nothing a client sends is silently misread. OpenAI fields that have no meaning for this server
+are accepted only at their neutral value (null, or the value that changes nothing) and otherwise
+refused with a 400 naming the field.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: StrictBool | None = None
 
 
 class DiffusionFields(BaseModel):
@@ -22,68 +25,71 @@ class DiffusionFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    n: int = 1
-    stream: bool = False
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = Field(None, description="answer length cap (tokens); default: what is "
+                                         "left of the context, up to the server's default")
+    temperature: StrictFloat | None = None
+    n: StrictInt | None = Field(None, description="choices per prompt (default 1)")
+    stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    user: str | None = None
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    seed: StrictInt | None = None
+    user: StrictStr | None = None
 
     # Diffusion extensions (the openai client sends them with extra_body).
-    steps: int | None = None
-    block_length: int | None = None
-    remasking: str | None = None
-    cfg_scale: float | None = None
-    threshold: float | None = None
-    cache: str | None = None
-    ban_eos: bool = False
-    defer_eos: bool = False
-    stream_steps: bool = False   # the per-step unmasking stream instead of OpenAI chunks
+    steps: StrictInt | None = Field(None, description="denoising steps over the whole answer "
+                                    "(default: one token per step)")
+    block_length: StrictInt | None = Field(None, description="semi-autoregressive block length")
+    remasking: StrictStr | None = Field(None, description="low_confidence (default) or random")
+    cfg_scale: StrictFloat | None = Field(None, description="classifier-free guidance scale (0: off)")
+    threshold: StrictFloat | None = Field(None, description="confidence-threshold parallel decoding, (0, 1]")
+    cache: StrictStr | None = Field(None, description="none (default), prefix or dual")
+    ban_eos: StrictBool | None = None
+    defer_eos: StrictBool | None = None
+    stream_steps: StrictBool | None = Field(None, description="the per-step unmasking stream instead of "
+                                            "OpenAI chunks")
 
     # OpenAI fields accepted only at a neutral value (see NEUTRAL).
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    top_p: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
     logit_bias: dict[str, Any] | None = None
-    best_of: int | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
+    best_of: StrictInt | None = None
+    top_k: StrictInt | None = None
+    repetition_penalty: StrictFloat | None = None
 
 
 class CompletionRequest(DiffusionFields):
-    prompt: Union[str, list[str], list[int], list[list[int]], None] = None
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]], None] = None
+    echo: StrictBool | None = None
+    logprobs: StrictInt | None = None
+    suffix: StrictStr | None = None
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[ContentPart], None] = None
-    name: str | None = None
+    content: Union[StrictStr, list[ContentPart], None] = None
+    name: StrictStr | None = None
 
 
 class ChatCompletionRequest(DiffusionFields):
     messages: list[ChatMessage] = Field(default_factory=list)
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
 
 
 # field -> (is the value neutral?, why a non-neutral value is refused)

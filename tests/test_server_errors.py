@@ -267,9 +267,9 @@ def test_draining_refuses_new_work_and_reports_not_ready(bundle, live_server):
 
 
 def test_queued_streams_get_keepalive_comments(slow, monkeypatch):
-    import server.app
+    import server.job
 
-    monkeypatch.setattr(server.app, "KEEPALIVE_S", 0.2)
+    monkeypatch.setattr(server.job, "KEEPALIVE_S", 0.2)
     long = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 48, "block_length": 16}
     t = threading.Thread(target=lambda: post(slow.url, "/v1/completions", long))
     t.start()

@@ -1,0 +1,135 @@
+"""The OpenAI error body, the exception that carries it, and the app's exception handlers.
+
+Every failure a client can cause answers `{"error": {"message", "type", "param", "code"}}` with a
+4xx status; FastAPI's own validation errors (422) and HTTP errors are translated into that body.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sampler.scheduler import EngineError, QueueFull
+
+log = logging.getLogger("llada.server")
+
+API_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _doc(text: str) -> dict:
+    return {"model": ErrorResponse, "description": text}
+
+
+# The error statuses the API endpoints may answer, for the OpenAPI document.
+API_ERRORS = {400: _doc("invalid request"), 401: _doc("missing or invalid API key"),
+              404: _doc("unknown model"), 429: _doc("the queue is full (see Retry-After)"),
+              500: _doc("the engine failed while running the request"),
+              503: _doc("out of memory in a step, or the server is shutting down"),
+              504: _doc("the request outlived the server's request timeout")}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    @classmethod
+    def from_engine(cls, e: EngineError) -> "ApiError":
+        headers = None
+        if isinstance(e, QueueFull):
+            headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+        return cls(e.status, e.message, e.type, e.param, e.code, headers)
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
+
+
+def error_response(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|.*\[.*\])$")
+
+
+def _param(loc) -> str | None:
+    """`messages.0.role` from pydantic's error location (the body prefix and union type tags dropped)."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or not _TYPE_TAG.match(str(p))] \
+        if loc and loc[0] == "body" else [str(p) for p in loc]
+    return ".".join(parts) or None
+
+
+def validation_error(errors: list) -> ApiError:
+    first = errors[0] if errors else {}
+    kind = first.get("type")
+    if kind == "json_invalid":
+        why = (first.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"the request body is not valid JSON ({why})", code="invalid_json")
+    loc = tuple(first.get("loc", ()))
+    if loc == ("body",):
+        what = "is missing" if kind == "missing" else "must be a JSON object"
+        return ApiError(400, f"the request body {what}", code="invalid_json")
+    param = _param(loc)
+    msg = first.get("msg", "invalid request")
+    if kind == "extra_forbidden":
+        msg = f"unknown field {param!r} (this server refuses fields it does not understand)"
+    elif param:
+        msg = f"{param}: {msg}"
+    return ApiError(400, msg, param=param, code="invalid_value")
+
+
+def _counted(request: Request, err: ApiError) -> JSONResponse:
+    """Answer an API error, counting it in the request metrics as the handlers count their own."""
+    path = request.url.path
+    if path in API_PATHS:
+        request.app.state.metrics.request_done(path, err.status)
+        log.info("%s %d: %s", path, err.status, err.message)
+    return err.response()
+
+
+def install_handlers(app: FastAPI, check_auth) -> None:
+    """Register the handlers that turn every exception into the OpenAI error body."""
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return _counted(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        # A body FastAPI could not parse is still an authenticated route: the key is checked first.
+        try:
+            if request.url.path.startswith("/v1/"):
+                check_auth(request)
+        except ApiError as e:
+            return _counted(request, e)
+        return _counted(request, validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        t = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), t, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal server error", "server_error")

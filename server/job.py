@@ -1,0 +1,156 @@
+"""One HTTP request in flight: its sub-requests in the engine, their events, the whole response.
+
+A request with several prompts and `n` choices becomes prompts x n engine handles. The engine thread
+posts each handle's events to the job's asyncio queue; `Job.events` turns them into text deltas
+(via `server.answer.Choice`), watches for a client that went away, and yields keep-alive pings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+
+from fastapi import Request
+
+from sampler.scheduler import EngineError, Handle
+from server.answer import Choice
+from server.errors import ApiError
+from server.requests import sampling, stop_strings
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client went away
+KEEPALIVE_S = 15.0  # an SSE comment after this long without an event (proxies close idle streams)
+
+
+class Job:
+    """One HTTP request in flight: its sub-requests in the engine and their answers."""
+
+    def __init__(self, svc, kind: str, req, prompts: list[list[int]], max_tokens):
+        self.svc = svc
+        self.kind = kind  # "completions" or "chat"
+        self.req = req
+        self.prompts = prompts
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.created = int(time.time())
+        self.id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
+        n = 1 if req.n is None else req.n
+        lim = svc.limits
+        if not 1 <= n <= lim.max_n:
+            raise ApiError(400, f"n must be between 1 and {lim.max_n}, got {n}", param="n", code="invalid_value")
+        stops = stop_strings(req, lim)
+        base_seed = req.seed if req.seed is not None else secrets.randbits(62)
+        self.handles: list[Handle] = []
+        self.choices: list[Choice] = []
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        stream_steps = bool(req.stream_steps)
+        for pi, p in enumerate(prompts):
+            for j in range(n):
+                idx = pi * n + j
+                sp = sampling(svc, req, max_tokens, len(p), idx, base_seed)
+                answer_limit = max_tokens if max_tokens is not None else sp.gen_length
+                answer_limit = min(answer_limit, sp.gen_length)
+                self.choices.append(Choice(idx, svc.decoder, svc.stop_ids, answer_limit, stops))
+                self.handles.append(Handle(
+                    prompt_ids=p, params=sp, sink=self._sink(idx), want_steps=stream_steps,
+                    want_progress=bool(stops) or bool(req.stream), answer_limit=answer_limit))
+        if len(self.handles) > svc.engine.config.max_queue:
+            raise ApiError(400, f"the request asks for {len(self.handles)} generations; this server queues at "
+                           f"most {svc.engine.config.max_queue}", param="n", code="invalid_value")
+
+    def _sink(self, idx):
+        loop, q = self.loop, self.queue
+
+        def put(item):
+            loop.call_soon_threadsafe(q.put_nowait, (idx, item))
+        return put
+
+    def submit(self) -> None:
+        try:
+            self.svc.engine.submit(self.handles)
+        except EngineError as e:
+            raise ApiError.from_engine(e) from None
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+        self.svc.engine.wake()
+
+    def usage(self) -> dict:
+        comp = sum(c.answer.completion_tokens for c in self.choices if c.answer)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": comp,
+                "total_tokens": self.prompt_tokens + comp}
+
+    async def events(self, request: Request | None = None):
+        """Yield (index, kind, payload) until every sub-request is done; cancel on disconnect."""
+        closed: set[int] = set()
+        last = checked = time.monotonic()
+        while len(closed) < len(self.handles):
+            try:
+                item = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                item = None
+            now = time.monotonic()
+            if request is not None and now - checked >= DISCONNECT_POLL_S:
+                checked = now
+                if await request.is_disconnected():
+                    self.cancel()
+                    return
+            if item is None:
+                if now - last >= KEEPALIVE_S:
+                    last = now
+                    yield None, "ping", None
+                continue
+            last = now
+            idx, (kind, payload) = item
+            if idx in closed:
+                continue
+            if kind in ("done", "error"):
+                closed.add(idx)
+            elif kind == "progress":
+                ch = self.choices[idx]
+                if ch.answer is not None:
+                    continue
+                delta = ch.on_progress(payload)
+                if ch.answer is not None and not self.handles[idx].want_steps:
+                    # A stop string ended it: nothing later can change the answer.
+                    self.handles[idx].cancel()
+                    self.svc.engine.wake()
+                    closed.add(idx)
+                    yield idx, "delta", delta
+                    yield idx, "finished", None
+                    continue
+                payload = delta
+                kind = "delta"
+            yield idx, kind, payload
+
+    async def collect(self, request: Request) -> dict | None:
+        """The whole response body, or None when the client went away first."""
+        error = None
+        async for idx, kind, payload in self.events(request):
+            if kind == "done":
+                self.choices[idx].on_done(payload.gen_ids)
+            elif kind == "error":
+                error = payload
+                self.cancel()  # the other sub-requests stop too (they send nothing more)
+                break
+        if error is not None:
+            raise ApiError.from_engine(error)
+        if any(c.answer is None for c in self.choices):
+            return None
+        return self.body()
+
+    def body(self) -> dict:
+        choices = []
+        for c in self.choices:
+            a = c.answer
+            if self.kind == "completions":
+                choices.append({"index": c.index, "text": a.text, "logprobs": None,
+                                "finish_reason": a.finish_reason, "token_ids": a.ids})
+            else:
+                choices.append({"index": c.index, "message": {"role": "assistant", "content": a.text},
+                                "logprobs": None, "finish_reason": a.finish_reason})
+        obj = "text_completion" if self.kind == "completions" else "chat.completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.svc.name,
+                "choices": choices, "usage": self.usage()}

@@ -1,0 +1,145 @@
+"""From a parsed request to what the engine runs: prompt ids, stop strings, sampling parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sampler.params import MAX_SEED, ParamError, SamplingParams
+from sampler.scheduler import EngineError
+from server.errors import ApiError
+from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field
+
+SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class ServerLimits:
+    max_n: int = 16                 # choices per request
+    default_max_tokens: int = 128   # when the request gives none
+    default_block_length: int = 32
+    max_stop: int = 16              # stop strings per request
+
+
+def derive_seed(base: int, i: int) -> int:
+    return base if i == 0 else (base + i * SEED_STRIDE) % (MAX_SEED + 1)
+
+
+def check_request(svc, req) -> None:
+    """Fields set to what this server cannot honour, and a model id it does not serve."""
+    refused = refused_field(req)
+    if refused:
+        raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
+    if req.model is not None and req.model != svc.name:
+        raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {svc.name!r}",
+                       param="model", code="model_not_found")
+
+
+def check_ids(svc, ids, what="prompt") -> list[int]:
+    if not ids:
+        raise ApiError(400, f"the {what} is empty", param=what, code="empty_prompt")
+    vocab = svc.config.embedding_size
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise ApiError(400, f"token id {t!r} is outside the vocabulary [0, {vocab})", param=what,
+                           code="invalid_token_id")
+    return list(ids)
+
+
+def need_tokenizer(svc, what: str):
+    if svc.tokenizer is None:
+        raise ApiError(400, f"{what} needs a tokenizer and this checkpoint has none (tokenizer.json); "
+                       "send the prompt as a list of token ids", param="prompt", code="no_tokenizer")
+    return svc.tokenizer
+
+
+def completion_prompts(svc, req: CompletionRequest) -> list[list[int]]:
+    p = req.prompt
+    if p is None or (isinstance(p, (str, list)) and len(p) == 0):
+        raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+    if isinstance(p, str):
+        items = [p]
+    elif all(isinstance(x, int) for x in p):
+        return [check_ids(svc, p)]
+    else:
+        items = p
+    prompts = []
+    for x in items:
+        if isinstance(x, str):
+            if not x:
+                raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+            tok = need_tokenizer(svc, "a text prompt")
+            prompts.append(check_ids(svc, tok.encode(x)))
+        else:
+            prompts.append(check_ids(svc, x))
+    return prompts
+
+
+def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
+    if not req.messages:
+        raise ApiError(400, "messages is empty", param="messages", code="empty_prompt")
+    tok = need_tokenizer(svc, "chat")
+    msgs = []
+    for m in req.messages:
+        c = m.content
+        if isinstance(c, list):
+            parts = []
+            for part in c:
+                if part.type != "text":
+                    raise ApiError(400, f"content parts of type {part.type!r} are not supported",
+                                   param="messages", code="unsupported_content")
+                parts.append(part.text or "")
+            c = "".join(parts)
+        msgs.append({"role": m.role, "content": c or ""})
+    from weights.tokenizer import TemplateError
+
+    try:
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    except TemplateError as e:
+        raise ApiError(400, str(e), param="messages", code="template_error") from None
+    return check_ids(svc, ids, "messages")
+
+
+def stop_strings(req, limits: ServerLimits) -> list[str]:
+    s = req.stop
+    if s is None:
+        return []
+    stops = [s] if isinstance(s, str) else list(s)
+    if len(stops) > limits.max_stop:
+        raise ApiError(400, f"at most {limits.max_stop} stop strings, got {len(stops)}", param="stop",
+                       code="invalid_value")
+    return [x for x in stops if x]
+
+
+def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base_seed: int) -> SamplingParams:
+    lim = svc.limits
+    if max_tokens is None:
+        max_tokens = min(lim.default_max_tokens, max(1, svc.config.max_sequence_length - prompt_len))
+    if max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens",
+                       code="invalid_value")
+    if req.block_length is not None:
+        block = req.block_length
+        if block < 1:
+            raise ApiError(400, f"block_length must be >= 1, got {block}", param="block_length",
+                           code="invalid_value")
+    else:
+        block = min(lim.default_block_length, max_tokens)
+    gen_length = -(-max_tokens // block) * block
+    sp = SamplingParams(
+        gen_length=gen_length, block_length=block, steps=req.steps,
+        temperature=0.0 if req.temperature is None else req.temperature,
+        remasking=req.remasking or "low_confidence",
+        cfg_scale=0.0 if req.cfg_scale is None else req.cfg_scale,
+        threshold=req.threshold, cache=req.cache or "none",
+        seed=derive_seed(base_seed, index), ban_eos=bool(req.ban_eos), defer_eos=bool(req.defer_eos))
+    try:
+        if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+            raise ParamError("seed", f"seed must be an integer in [0, 2**63), got {req.seed}")
+        sp.validate(prompt_len, svc.config.max_sequence_length)
+    except ParamError as e:
+        raise ApiError(400, str(e), param=e.field, code="invalid_value") from None
+    try:
+        svc.engine.check_fits(prompt_len, sp)
+    except EngineError as e:
+        raise ApiError.from_engine(e) from None
+    return sp

@@ -1,0 +1,120 @@
+"""The HTTP routes, typed: FastAPI parses and validates bodies into the pydantic request models,
+the API key is a dependency, and every route with its bodies and errors is in /openapi.json."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
+
+from server.errors import API_ERRORS, ApiError
+from server.job import Job
+from server.metrics import CONTENT_TYPE
+from server.requests import chat_prompt, check_request, completion_prompts
+from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, ModelList, Status)
+from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.streaming import log_done, metered, openai_stream, steps_stream
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+_bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
+_x_api_key = APIKeyHeader(name="x-api-key", auto_error=False, description="alternative to the bearer token")
+
+
+def check_auth(request: Request) -> None:
+    """Refuse a request without the server's API key (when it has one): 401 in the OpenAI body."""
+    key = request.app.state.service.api_key
+    if not key:
+        return
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+    if not token:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                       code="missing_api_key")
+    if not secrets.compare_digest(token.encode(), key.encode()):
+        raise ApiError(401, "invalid API key", "authentication_error", code="invalid_api_key")
+
+
+def require_api_key(request: Request, _bearer_token=Depends(_bearer), _header=Depends(_x_api_key)) -> None:
+    check_auth(request)
+
+
+ops = APIRouter(tags=["operations"])
+api = APIRouter(prefix="/v1", tags=["OpenAI API"], dependencies=[Depends(require_api_key)],
+                responses=API_ERRORS)
+
+
+@ops.get("/health", response_model=Status)
+async def health():
+    return {"status": "ok"}
+
+
+@ops.get("/ready", response_model=Status, responses={503: {"model": Status, "description": "not ready"}})
+async def ready(request: Request):
+    svc = request.app.state.service
+    if svc.engine.alive and svc.engine.accepting:
+        return {"status": "ready", "model": svc.name}
+    return JSONResponse({"status": "not ready"}, status_code=503)
+
+
+@ops.get("/metrics", response_class=Response,
+         responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                          "description": "Prometheus text format"}})
+async def metrics_endpoint(request: Request):
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@ops.get("/", response_class=FileResponse, include_in_schema=False)
+@ops.get("/playground", response_class=FileResponse,
+         responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "the playground"}})
+async def playground():
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@api.get("/models", response_model=ModelList)
+async def models(request: Request):
+    svc = request.app.state.service
+    return {"object": "list", "data": [svc.model_card()]}
+
+
+@api.post("/completions", response_model=None,
+          responses={200: {"model": CompletionResponse, "content": EVENT_STREAM,
+                           "description": "the completion, or an event stream with stream/stream_steps"}})
+async def completions(request: Request, body: CompletionRequest):
+    svc = request.app.state.service
+    check_request(svc, body)
+    return await _serve(request, body, "completions", completion_prompts(svc, body), body.max_tokens)
+
+
+@api.post("/chat/completions", response_model=None,
+          responses={200: {"model": ChatCompletionResponse, "content": EVENT_STREAM,
+                           "description": "the chat completion, or an event stream with stream/stream_steps"}})
+async def chat_completions(request: Request, body: ChatCompletionRequest):
+    svc = request.app.state.service
+    check_request(svc, body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    return await _serve(request, body, "chat", [chat_prompt(svc, body)], max_tokens)
+
+
+async def _serve(request: Request, req, kind: str, prompts: list[list[int]], max_tokens: int | None):
+    svc = request.app.state.service
+    endpoint = request.url.path
+    t0 = time.monotonic()
+    job = Job(svc, kind, req, prompts, max_tokens)
+    job.submit()
+    if req.stream or req.stream_steps:
+        gen = steps_stream(job, request) if req.stream_steps else openai_stream(job, request)
+        return StreamingResponse(metered(gen, job, endpoint, t0), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    body = await job.collect(request)
+    if body is None:  # the client went away
+        svc.metrics.request_done(endpoint, 499)
+        return Response(status_code=499)
+    svc.metrics.request_done(endpoint, 200, time.monotonic() - t0)
+    svc.metrics.usage(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+    log_done(endpoint, 200, job, t0)
+    return body
