@@ -20,7 +20,7 @@ from sampler.scheduler import EngineError, QueueFull
 
 log = logging.getLogger("llada.server")
 
-API_PATHS = ("/v1/completions", "/v1/chat/completions")
+API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/loglikelihood")
 
 
 class ErrorDetail(BaseModel):

@@ -15,8 +15,10 @@ from server.errors import API_ERRORS, ApiError
 from server.job import Job
 from server.metrics import CONTENT_TYPE
 from server.requests import chat_prompt, check_request, completion_prompts
-from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, ModelList, Status)
-from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, LoglikelihoodResponse,
+                              ModelList, Status)
+from server.schemas import ChatCompletionRequest, CompletionRequest, LoglikelihoodRequest
+from server.scoring import serve_loglikelihood
 from server.streaming import log_done, metered, openai_stream, steps_stream
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -98,6 +100,13 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     check_request(svc, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return await _serve(request, body, "chat", [chat_prompt(svc, body)], max_tokens)
+
+
+@api.post("/loglikelihood", response_model=None, responses={200: {"model": LoglikelihoodResponse}})
+async def loglikelihood(request: Request, body: LoglikelihoodRequest):
+    """Monte Carlo estimate of log p(continuation | context) per pair (the LLaDA paper's estimator)."""
+    out = await serve_loglikelihood(request, body)
+    return Response(status_code=499) if out is None else out
 
 
 async def _serve(request: Request, req, kind: str, prompts: list[list[int]], max_tokens: int | None):

@@ -92,8 +92,35 @@ class ChatCompletionRequest(DiffusionFields):
     parallel_tool_calls: StrictBool | None = None
 
 
+class ScoringPair(BaseModel):
+    """One (context, continuation) pair, each as text or as token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+    context: Union[StrictStr, list[StrictInt]] = Field(description="conditioning text or ids (may be empty)")
+    continuation: Union[StrictStr, list[StrictInt]] = Field(description="the text or ids to score")
+
+
+class LoglikelihoodRequest(BaseModel):
+    """POST /v1/loglikelihood: Monte Carlo log p(continuation | context) per pair."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    pairs: list[ScoringPair] = Field(description="the pairs to score")
+    mc_samples: StrictInt | None = Field(None, description="Monte Carlo samples per pair (default 32; "
+                                         "the LLaDA paper uses 128)")
+    cfg_scale: Union[StrictFloat, StrictInt, None] = Field(None, description="classifier-free guidance "
+                                                           "scale (0: off)")
+    seed: StrictInt | None = Field(None, description="seeds the masks drawn (default 0: reproducible)")
+
+
+ECHO_REFUSAL = ("echo (prompt log-probabilities) is not supported: a masked-diffusion model has no "
+                "left-to-right token probabilities. Score continuations with POST /v1/loglikelihood "
+                "(Monte Carlo log p(continuation | context)), or run lm-eval through the adapter "
+                "`python -m evaluation.lm_eval_adapter`")
+
 # field -> (is the value neutral?, why a non-neutral value is refused)
 NEUTRAL = {
+    "echo": (lambda v: not v, ECHO_REFUSAL),  # first: lm-eval's likelihood route sends echo + logprobs
     "top_p": (lambda v: v is None or v == 1, "top_p is not supported (diffusion sampling draws from "
               "the full distribution); send 1 or leave it out"),
     "top_k": (lambda v: v is None or v == 0, "top_k is not supported; leave it out"),
@@ -107,7 +134,6 @@ NEUTRAL = {
                 "likelihood to rank by); use n"),
     "logprobs": (lambda v: v is None or v is False or v == 0, "logprobs are not supported"),
     "top_logprobs": (lambda v: v is None or v == 0, "top_logprobs are not supported"),
-    "echo": (lambda v: not v, "echo is not supported"),
     "suffix": (lambda v: v is None, "suffix (infilling) is not supported"),
     "response_format": (lambda v: v is None or v.get("type") == "text",
                         "response_format other than {\"type\": \"text\"} is not supported"),
