@@ -188,8 +188,13 @@ def main(argv=None) -> int:
                        concurrency=args.concurrency, max_gen_toks=args.max_gen_toks,
                        block_length=args.block_length, steps=args.steps, threshold=args.threshold,
                        timeout=args.timeout)
-    tm = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     tasks = [t for t in args.tasks.split(",") if t]
+    tm = None
+    if args.include_path:  # indexing lm-eval's thousands of built-in tasks takes a while: skip it
+        own = TaskManager(include_path=args.include_path, include_defaults=False)  # when not needed
+        if all(t in own.all_tasks for t in tasks):
+            tm = own
+    tm = tm or TaskManager(include_path=args.include_path)
     try:
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot,
                                           limit=args.limit, task_manager=tm, log_samples=False,

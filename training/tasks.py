@@ -137,7 +137,7 @@ TASKS: list[Task] = [
     Task("add", _add, 2.0),
     Task("count", _count, 0.7),
     Task("first_last", _last, 1.0),
-    Task("alphabet", _alphabet, 1.0),
+    Task("alphabet", _alphabet, 2.5),
     # a handful of fixed replies so a first-time user's greeting gets a sensible answer
     Task("chat", _chat, 0.3, evaluate=False),
 ]
