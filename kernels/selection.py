@@ -9,10 +9,10 @@ Two functions, each with a PyTorch reference and a dispatcher that the sampler c
   schedule) or the threshold rule (the most confident, plus every row at or above the threshold).
 
 Sampling filters (`top_k`, `top_p`, `min_p`) are a plain PyTorch step in front of candidate
-sampling: `restrict_logits` sets the logits outside each row's kept set to -inf, and the candidate
-and its confidence then come from the same `sample_candidates` as every other row, so the
-confidence is the candidate's probability under the restricted, renormalised distribution. Rows
-without filters never go through it (they keep the fused kernel).
+sampling: `restrict_logits` sets the logits outside each row's kept set to -inf (`apply_filters`
+does it for the rows that have filters), and the candidate and its confidence then come from the
+same `sample_candidates` as every other row, so the confidence is the candidate's probability under
+the restricted, renormalised distribution. A step without filtered requests never calls them.
 """
 
 from __future__ import annotations
@@ -144,21 +144,23 @@ def restrict_logits(logits, temperature, filters: RowFilters):
     return l.masked_fill(~kept, NEG_INF)
 
 
+def apply_filters(logits, temperature, filters: RowFilters, banned=None):
+    """`logits` with the filtered rows restricted (`restrict_logits`), in the logits' dtype (the kept
+    values are unchanged, the others -inf); other rows untouched. `banned`, a bool [N, V] or None,
+    marks tokens already excluded (EOS ban, mask re-draw) so the kept set is decided without them.
+    Shapes never depend on values: every row is restricted and the result chosen per row."""
+    rows = filters.active(temperature)
+    src = logits if banned is None else logits.masked_fill(banned, NEG_INF)
+    out = restrict_logits(src, temperature, filters).to(logits.dtype)
+    return torch.where(rows.unsqueeze(1), out, src)
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("LLADA_DISABLE_TRITON") != "1"
 
 
-def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None, ban_rows=None,
-                      filters: RowFilters | None = None):
-    """Dispatcher for candidate sampling (Triton on CUDA, PyTorch reference elsewhere).
-
-    With `filters`, the rows they change are restricted first (`restrict_logits`, after the ban)
-    and sampled on their own; the other rows take the unfiltered path unchanged."""
-    if filters is not None:
-        rows = filters.active(temperature).nonzero().squeeze(1)
-        if len(rows):
-            return _sample_filtered(logits, temperature, seed, nonce, position, ban_ids, ban_rows,
-                                    filters, rows)
+def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None, ban_rows=None):
+    """Dispatcher for candidate sampling (Triton on CUDA, PyTorch reference elsewhere)."""
     if _use_triton(logits):
         try:
             from kernels.selection_triton import sample_candidates_triton
@@ -168,19 +170,6 @@ def sample_candidates(logits, temperature, seed, nonce, position, ban_ids=None, 
             return sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids,
                                             ban_rows=ban_rows)
     return sample_candidates_reference(logits, temperature, seed, nonce, position, ban_ids, ban_rows)
-
-
-def _sample_filtered(logits, temperature, seed, nonce, position, ban_ids, ban_rows, filters, rows):
-    x0, conf = sample_candidates(logits, temperature, seed, nonce, position, ban_ids, ban_rows)
-    sub = logits.index_select(0, rows).to(torch.float64)
-    if ban_ids:
-        cols = torch.tensor(list(ban_ids), device=sub.device)
-        flagged = torch.ones(len(rows), dtype=torch.bool, device=sub.device) if ban_rows is None \
-            else ban_rows[rows]
-        sub[flagged.nonzero().squeeze(1).unsqueeze(1), cols.unsqueeze(0)] = NEG_INF
-    sub = restrict_logits(sub, temperature[rows], filters.take(rows))
-    fx, fc = sample_candidates_reference(sub, temperature[rows], seed[rows], nonce[rows], position[rows])
-    return x0.index_copy(0, rows, fx), conf.index_copy(0, rows, fc.to(conf.dtype))
 
 
 def transfer_mask(conf, cu_rows, k, threshold):

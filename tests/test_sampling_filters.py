@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from kernels import rng
-from kernels.selection import RowFilters, restrict_logits, sample_candidates, sample_candidates_reference
+from kernels.selection import RowFilters, apply_filters, restrict_logits, sample_candidates, sample_candidates_reference
+
+
+def sample(logits, temp, seed, nonce, pos, ban_ids=None, filters=None):
+    if filters is not None:
+        banned = None
+        if ban_ids:
+            banned = torch.zeros_like(logits, dtype=torch.bool)
+            banned[:, ban_ids] = True
+        logits = apply_filters(logits, temp, filters, banned)
+    return sample_candidates(logits, temp, seed, nonce, pos, ban_ids=ban_ids)
 
 
 def kept_plain(row: list[float], t: float, top_k: int, top_p: float, min_p: float) -> set[int]:
@@ -61,7 +71,7 @@ def test_filtered_candidates_and_renormalised_confidence():
     nonce = torch.full((n,), 3, dtype=torch.int64)
     pos = torch.arange(n, dtype=torch.int64)
     f = filters(n, top_k=[0, 5] * 8, top_p=[0.7, 1.0] * 8, min_p=0.02)
-    x0, conf = sample_candidates(logits, temp, seed, nonce, pos, filters=f)
+    x0, conf = sample(logits, temp, seed, nonce, pos, filters=f)
     for i in range(n):
         row = logits[i].tolist()
         kept = kept_plain(row, 0.8, int(f.top_k[i]), float(f.top_p[i]), float(f.min_p[i]))
@@ -81,14 +91,14 @@ def test_greedy_rows_and_rows_without_filters_are_unchanged():
     base = sample_candidates_reference(logits, temp, seed, nonce, pos)
     # filters on the greedy rows, neutral values on the sampled rows: nothing may change
     neutral = filters(n, top_k=[2] * 5 + [0] * 5, top_p=[0.1] * 5 + [1.0] * 5)
-    x0, conf = sample_candidates(logits, temp, seed, nonce, pos, filters=neutral)
+    x0, conf = sample(logits, temp, seed, nonce, pos, filters=neutral)
     assert torch.equal(x0, base[0]) and torch.equal(conf, base[1])
 
 
 def test_ban_applies_before_the_filter():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0]])
     one = torch.ones(1, dtype=torch.int64)
-    x0, conf = sample_candidates(logits, torch.ones(1), one, one, one, ban_ids=[0], filters=filters(1, top_k=1))
+    x0, conf = sample(logits, torch.ones(1), one, one, one, ban_ids=[0], filters=filters(1, top_k=1))
     assert int(x0) == 1 and float(conf) == pytest.approx(1.0)
 
 
@@ -97,7 +107,7 @@ def test_filtered_sampling_follows_the_restricted_distribution():
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]]).repeat(4000, 1)
     n = logits.shape[0]
     temp = torch.ones(n)
-    x0, _ = sample_candidates(logits, temp, torch.arange(n), torch.zeros(n, dtype=torch.int64),
+    x0, _ = sample(logits, temp, torch.arange(n), torch.zeros(n, dtype=torch.int64),
                               torch.zeros(n, dtype=torch.int64), filters=filters(n, top_k=3))
     counts = torch.bincount(x0, minlength=vocab).double() / n
     p = torch.softmax(logits[0, :3].double(), 0)
