@@ -23,8 +23,9 @@ import torch
 
 from kernels import rng
 from kernels.selection import sample_candidates, transfer_mask
+from sampler.block_diffusion import BlockState, block_step, canvas_length
 from sampler.params import ParamError, SamplingParams
-from weights.model import AttnLayout, KVBuffers
+from weights.layers import AttnLayout, KVBuffers
 
 MODE = {"none": 0, "prefix": 1, "dual": 2}
 NEG_INF = float("-inf")
@@ -47,6 +48,13 @@ class StepEvent:
     nfe: int                       # forwards so far, counted as the reference samplers count them
     finished: bool = False
     gen_ids: list[int] | None = None  # the generated span, once finished
+    # Token editing (LLaDA2.1): already decoded positions that took a new token this step.
+    edited_positions: list[int] = field(default_factory=list)
+    edited_token_ids: list[int] = field(default_factory=list)
+    edited_confidences: list[float] = field(default_factory=list)
+    # Tokens before this position (relative) can no longer change; None: every unmasked token is
+    # final (no editing).
+    final_upto: int | None = None
 
 
 @dataclass
@@ -58,6 +66,7 @@ class _Request:
     params: SamplingParams
     prompt_len: int
     events: list = field(default_factory=list)
+    blocks: BlockState | None = None  # block-diffusion requests only
 
 
 class RegionAllocator:
@@ -102,6 +111,7 @@ class DiffusionBatch:
     def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64):
         self.model = model
         self.config = model.config
+        self.block_diffusion = bool(getattr(model.config, "block_diffusion", False))
         self.mask_id = special.mask
         self.stop_ids = list(special.stop)
         self.stop_ids_d = torch.tensor(self.stop_ids, dtype=torch.int64, device=model.device)
@@ -141,23 +151,30 @@ class DiffusionBatch:
 
     # ---------------------------------------------------------------- admission
     @staticmethod
-    def rows_needed(prompt_len: int, params: SamplingParams) -> int:
+    def rows_needed(prompt_len: int, params: SamplingParams, block_diffusion: bool = False) -> int:
+        """Canvas rows a request holds: prompt + gen_length (twice with CFG); with block
+        diffusion, rounded up to whole blocks."""
+        if block_diffusion:
+            return canvas_length(prompt_len, params.for_block_diffusion())
         n = prompt_len + params.gen_length
         return 2 * n if params.cfg_scale > 0 else n
 
     def can_admit(self, prompt_len: int, params: SamplingParams) -> bool:
-        return bool(self.free_slots) and self.regions.fits(self.rows_needed(prompt_len, params))
+        return bool(self.free_slots) and self.regions.fits(
+            self.rows_needed(prompt_len, params, self.block_diffusion))
 
     def add(self, rid, prompt_ids, params: SamplingParams) -> None:
         prompt_ids = list(prompt_ids)
-        params.validate(len(prompt_ids), self.config.max_sequence_length)
+        if self.block_diffusion:
+            params = params.for_block_diffusion()
+        params.validate(len(prompt_ids), self.config.max_sequence_length, self.block_diffusion)
         vocab = self.config.embedding_size
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ParamError("prompt", f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already running")
-        rows = self.rows_needed(len(prompt_ids), params)
+        rows = self.rows_needed(len(prompt_ids), params, self.block_diffusion)
         if rows > self.capacity:
             raise CapacityError(f"the request needs {rows} canvas rows; this batch holds {self.capacity}")
         if not self.free_slots:
@@ -167,6 +184,8 @@ class DiffusionBatch:
             raise CapacityError("no contiguous canvas region free; retry after a request finishes")
         slot = self.free_slots.pop()
         p, g = len(prompt_ids), params.gen_length
+        if self.block_diffusion:
+            g = rows - p  # the canvas runs to the end of the last block
         canvas = torch.tensor(prompt_ids + [self.mask_id] * g, dtype=torch.int64)
         self.tokens[off:off + p + g] = canvas.to(self.device)
         s = slot
@@ -185,6 +204,8 @@ class DiffusionBatch:
         self.ban_eos[s] = bool(params.ban_eos)
         self.defer_eos[s] = bool(params.defer_eos)
         self.requests[rid] = _Request(rid, slot, off, rows, params, p)
+        if self.block_diffusion:
+            self.requests[rid].blocks = BlockState.start(p, params)
 
     def remove(self, rid) -> None:
         req = self.requests.pop(rid, None)
@@ -205,7 +226,7 @@ class DiffusionBatch:
         req = self.requests[rid]
         s = req.slot
         lo = int(self.offset[s] + self.prompt_len[s])
-        return self.tokens[lo:int(self.offset[s] + self.length[s])].tolist()
+        return self.tokens[lo:lo + req.params.gen_length].tolist()
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -213,6 +234,8 @@ class DiffusionBatch:
         if not self.requests:
             return []
         reqs = list(self.requests.values())
+        if self.block_diffusion:
+            return block_step(self, reqs)
         slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
         b = len(reqs)
         off, plen, length = self.offset[slots], self.prompt_len[slots], self.length[slots]

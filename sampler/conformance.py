@@ -5,6 +5,12 @@
 One line per case (name, match or the first differing position, NFE against expected), the
 forward-logits check when the directory holds forward_logits.safetensors, then `N passed, M failed`.
 Exits non-zero on any failure.
+
+Samplers: `reference` and `fast_dllm` (LLaDA's generate.py and Fast-dLLM, on LLaDA-8B or
+LLaDA-MoE checkpoints), `llada2.0` and `llada2.1` (LLaDA2.x `generate`, block diffusion, on LLaDA2.x
+checkpoints; `expected_ids` are cut after the first EOS). Forward logits: `logits` (with the
+block-causal mask when the file's metadata names a `block_length`), `logits_no_mask` (fully
+bidirectional) when present; the tolerance comes from the file's metadata (`atol_float32`), else 1e-4.
 """
 
 from __future__ import annotations
@@ -21,22 +27,48 @@ from sampler.params import ParamError, SamplingParams
 from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
 
+LLADA_SAMPLERS = ("reference", "fast_dllm")
+BLOCK_SAMPLERS = ("llada2.0", "llada2.1")
+
+
 def case_params(case: dict) -> SamplingParams:
+    sampler = case.get("sampler", "reference")
+    if sampler not in LLADA_SAMPLERS + BLOCK_SAMPLERS:
+        raise KeyError(f"unknown sampler {sampler!r}")
+    extra = {}
+    if sampler in BLOCK_SAMPLERS:
+        extra = dict(minimal_topk=case.get("minimal_topk", 1), eos_early_stop=case.get("eos_early_stop", False))
+        if sampler == "llada2.1":
+            extra.update(editing_threshold=case["editing_threshold"],
+                         max_post_steps=case.get("max_post_steps", 16),
+                         num_to_transfer=case.get("num_to_transfer", 1))
     return SamplingParams(
         gen_length=case["gen_length"], block_length=case.get("block_length"), steps=case.get("steps"),
         temperature=case.get("temperature", 0.0), remasking=case.get("remasking", "low_confidence"),
         cfg_scale=case.get("cfg_scale", 0.0), threshold=case.get("threshold"),
-        cache=case.get("cache", "none"), seed=case.get("seed"))
+        cache=case.get("cache", "none"), seed=case.get("seed"), **extra)
 
 
-def check_logits(bundle, path: Path, tol: float) -> tuple[bool, str]:
+def check_logits(bundle, path: Path, dtype: str) -> list[tuple[str, bool, str]]:
+    """(name, ok, message) for each logits tensor of a forward_logits.safetensors file."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     ref = load_file(str(path))
-    with torch.no_grad():
-        got = bundle.model.full_logits(ref["input_ids"].to(bundle.device)).float().cpu()
-    err = (got - ref["logits"].float()).abs().max().item()
-    return err <= tol, f"max abs error {err:.2e} (tolerance {tol:.0e})"
+    with safe_open(str(path), framework="pt") as h:
+        info = json.loads((h.metadata() or {}).get("info", "{}"))
+    tol = info.get("atol_float32", 1e-4) if dtype in ("float32", "float64") else 5e-2
+    ids = ref["input_ids"].to(bundle.device)
+    runs = [("forward_logits", "logits", info.get("block_length"))]
+    if "logits_no_mask" in ref:
+        runs.append(("forward_logits_no_mask", "logits_no_mask", None))
+    out = []
+    for name, key, block in runs:
+        with torch.no_grad():
+            got = bundle.model.full_logits(ids, block_length=block).float().cpu()
+        err = (got - ref[key].float()).abs().max().item()
+        out.append((name, err <= tol, f"max abs error {err:.2e} (tolerance {tol:.0e})"))
+    return out
 
 
 def main(argv=None) -> int:
@@ -60,15 +92,19 @@ def main(argv=None) -> int:
 
     logits_file = Path(args.model) / "forward_logits.safetensors"
     if logits_file.exists():
-        tol = 1e-4 if args.dtype in ("float32", "float64") else 5e-2
-        ok, msg = check_logits(bundle, logits_file, tol)
-        print(f"{'PASS' if ok else 'FAIL'} forward_logits: {msg}")
-        failed += not ok  # the summary counts cases; a failing logits check still fails the run
+        for name, ok, msg in check_logits(bundle, logits_file, args.dtype):
+            print(f"{'PASS' if ok else 'FAIL'} {name}: {msg}")
+            failed += not ok  # the summary counts cases; a failing logits check still fails the run
 
+    blocks = bool(bundle.config.block_diffusion)
     try:
         params = [case_params(c) for c in cases]
         for c, p in zip(cases, params):
-            p.validate(len(c["prompt_ids"]), bundle.config.max_sequence_length)
+            if (c.get("sampler", "reference") in BLOCK_SAMPLERS) != blocks:
+                raise ParamError("sampler", f"case {c.get('name', '?')}: sampler {c.get('sampler')!r} "
+                                 f"does not run on a {bundle.config.family} checkpoint")
+            p = p.for_block_diffusion() if blocks else p
+            p.validate(len(c["prompt_ids"]), bundle.config.max_sequence_length, blocks)
     except (ParamError, KeyError) as e:
         print(f"error: bad case: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,8 @@ def generate(bundle, prompts, params, keep_events: bool = False, on_event=None) 
         params = [params] * len(prompts)
     if len(params) != len(prompts):
         raise ValueError("one SamplingParams per prompt, or a single one for all")
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in zip(prompts, params))
+    blocks = bool(getattr(bundle.model.config, "block_diffusion", False))
+    rows = sum(DiffusionBatch.rows_needed(len(p), sp, blocks) for p, sp in zip(prompts, params))
     batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=max(rows, 1),
                            max_requests=max(len(prompts), 1))
     for i, (p, sp) in enumerate(zip(prompts, params)):

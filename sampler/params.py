@@ -9,6 +9,10 @@ REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 MAX_SEED = 2**63 - 1
 MAX_TOP_LOGPROBS = 20
+# LLaDA2.0's and LLaDA2.1's `generate` defaults (the released remote code).
+LLADA2_DEFAULTS = dict(block_length=32, steps=32, threshold=0.95, minimal_topk=1, eos_early_stop=False)
+LLADA21_DEFAULTS = dict(LLADA2_DEFAULTS, editing_threshold=0.9, max_post_steps=16, num_to_transfer=1)
+LLADA2_FIELDS = ("minimal_topk", "eos_early_stop", "editing_threshold", "max_post_steps", "num_to_transfer")
 
 
 class ParamError(ValueError):
@@ -29,6 +33,11 @@ class SamplingParams:
     top_k / top_p / min_p restrict the candidate distribution of sampled rows (temperature > 0;
     neutral values 0 / 1 / 0; see kernels.selection.restrict_logits). logprobs set (0..20) asks for
     each committed token's log-probability in its committing step and that many alternatives.
+
+    On a block-diffusion checkpoint (LLaDA2.x) the same fields take LLaDA2 `generate`'s meanings
+    (see `for_block_diffusion`): blocks laid from canvas position 0, `steps` per block, `threshold`
+    compared strictly, plus minimal_topk and eos_early_stop (LLaDA2.0) and, when
+    `editing_threshold` is set, LLaDA2.1's token editing with max_post_steps and num_to_transfer.
     """
 
     gen_length: int = 128
@@ -46,6 +55,13 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     logprobs: int | None = None
+
+    # LLaDA2.x block diffusion only.
+    minimal_topk: int = 1
+    eos_early_stop: bool = False
+    editing_threshold: float | None = None  # set: LLaDA2.1 decoding (token editing)
+    max_post_steps: int = 16
+    num_to_transfer: int = 1
 
     @property
     def filtered(self) -> bool:
@@ -68,18 +84,44 @@ class SamplingParams:
     def steps_per_block(self) -> int:
         return self.total_steps // self.blocks
 
+    @property
+    def llada2_steps(self) -> int:
+        """LLaDA2.0's steps per block (its `generate` default when unset)."""
+        return LLADA2_DEFAULTS["steps"] if self.steps is None else self.steps
+
+    def for_block_diffusion(self) -> "SamplingParams":
+        """These parameters with LLaDA2 `generate`'s defaults filled in where unset."""
+        return replace(self, block_length=LLADA2_DEFAULTS["block_length"] if self.block_length is None else self.block_length,
+                       steps=self.llada2_steps,
+                       threshold=LLADA2_DEFAULTS["threshold"] if self.threshold is None else self.threshold)
+
+    def step_limit(self, prompt_len: int, block_diffusion: bool = False) -> int:
+        """Steps a request can take at most; one past it is stuck. LLaDA: every step unmasks at
+        least one position. Block diffusion: at most `steps` per block (LLaDA2.0), or one per
+        position plus max_post_steps per block (LLaDA2.1)."""
+        if not block_diffusion:
+            return self.gen_length + self.blocks + 1
+        p = self.for_block_diffusion()
+        blocks = -(-(prompt_len + p.gen_length) // p.block) - prompt_len // p.block
+        per_block = p.block + p.max_post_steps + 1 if p.editing_threshold is not None else p.llada2_steps
+        return blocks * per_block + 1
+
     def with_seed(self, seed: int) -> "SamplingParams":
         return replace(self, seed=seed)
 
-    def validate(self, prompt_len: int, max_sequence_length: int | None = None) -> None:
-        """Raise ParamError with a message a client can act on."""
-        def integer(name, v, low):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ParamError(name, f"{name} must be an integer, got {v!r}")
-            if v < low:
-                raise ParamError(name, f"{name} must be >= {low}, got {v}")
-
+    def validate(self, prompt_len: int, max_sequence_length: int | None = None,
+                 block_diffusion: bool = False) -> None:
+        """Raise ParamError with a message a client can act on. `block_diffusion`: the request
+        runs on a LLaDA2.x checkpoint (validate `for_block_diffusion()` parameters then)."""
         integer("gen_length", self.gen_length, 1)
+        if block_diffusion:
+            self._validate_block_diffusion(prompt_len, max_sequence_length)
+            return
+        defaults = SamplingParams()
+        for name in LLADA2_FIELDS:
+            if getattr(self, name) != getattr(defaults, name):
+                raise ParamError(name, f"{name} applies to block-diffusion (LLaDA2.x) checkpoints only; "
+                                 "this model is not one")
         if self.block_length is not None:
             integer("block_length", self.block_length, 1)
             if self.gen_length % self.block_length:
@@ -99,6 +141,9 @@ class SamplingParams:
             t = self.threshold
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
                 raise ParamError("threshold", f"threshold must be in (0, 1], got {t!r}")
+        self._validate_common(prompt_len, max_sequence_length)
+
+    def _validate_common(self, prompt_len: int, max_sequence_length: int | None) -> None:
         for name in ("temperature", "cfg_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -131,3 +176,40 @@ class SamplingParams:
             raise ParamError("max_tokens", f"prompt ({prompt_len} tokens) + gen_length ({self.gen_length}) "
                              f"= {prompt_len + self.gen_length} exceeds the model's max_sequence_length "
                              f"{max_sequence_length}")
+
+    def _validate_block_diffusion(self, prompt_len: int, max_sequence_length: int | None) -> None:
+        integer("block_length", self.block_length, 1)
+        integer("steps", self.steps, 1)
+        integer("minimal_topk", self.minimal_topk, 1)
+        if self.minimal_topk > self.gen_length:
+            raise ParamError("minimal_topk", f"minimal_topk {self.minimal_topk} exceeds gen_length "
+                             f"{self.gen_length} (no step would be left)")
+        integer("max_post_steps", self.max_post_steps, 0)
+        integer("num_to_transfer", self.num_to_transfer, 1)
+        for name in ("threshold", "editing_threshold"):
+            v = getattr(self, name)
+            if v is None and name == "editing_threshold":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ParamError(name, f"{name} must be a number in [0, 1], got {v!r}")
+        for name in ("eos_early_stop", "ban_eos", "defer_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._validate_common(prompt_len, max_sequence_length)
+        if self.cfg_scale:
+            raise ParamError("cfg_scale", "classifier-free guidance is not part of block diffusion "
+                             "(LLaDA2.x); leave cfg_scale at 0")
+        if self.remasking != "low_confidence":
+            raise ParamError("remasking", "block diffusion (LLaDA2.x) unmasks by confidence only; "
+                             f"remasking={self.remasking!r} is not available")
+        for name, neutral in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("logprobs", None)):
+            if getattr(self, name) != neutral:
+                raise ParamError(name, f"{name} is not available for block-diffusion (LLaDA2.x) "
+                                 "checkpoints yet")
+
+
+def integer(name, v, low):
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ParamError(name, f"{name} must be an integer, got {v!r}")
+    if v < low:
+        raise ParamError(name, f"{name} must be >= {low}, got {v}")

@@ -179,7 +179,7 @@ class Engine:
 
     # ------------------------------------------------------------------ submission
     def rows_needed(self, prompt_len: int, params: SamplingParams) -> int:
-        return DiffusionBatch.rows_needed(prompt_len, params)
+        return DiffusionBatch.rows_needed(prompt_len, params, self.batch.block_diffusion)
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         rows = self.rows_needed(prompt_len, params)
@@ -424,13 +424,15 @@ class Engine:
         canvas = h.canvas
         for p, t in zip(ev.positions, ev.token_ids):
             canvas[p] = t
+        for p, t in zip(ev.edited_positions, ev.edited_token_ids):
+            canvas[p] = t
         before = h.prefix
-        n = len(canvas)
+        n = len(canvas) if ev.final_upto is None else ev.final_upto  # editing: only finished blocks
         while h.prefix < n and canvas[h.prefix] is not None:
             if canvas[h.prefix] in self.stop_ids:
                 h.stop_seen = True
             h.prefix += 1
-        if h.first_block_s is None and (h.prefix >= min(h.params.block, n) or ev.finished):
+        if h.first_block_s is None and (h.prefix >= min(h.params.block, len(canvas)) or ev.finished):
             h.first_block_s = time.monotonic() - h.submitted
             if self.metrics is not None:
                 self.metrics.observe_first_block(h.first_block_s)
@@ -438,8 +440,7 @@ class Engine:
             self._send(h, ("step", ev))
         if h.want_progress and h.prefix > before:
             self._send(h, ("progress", list(canvas[:h.prefix])))
-        if not ev.finished and ev.step > h.params.gen_length + h.params.blocks + 1:
-            # Every step unmasks at least one position; a request past that bound is stuck.
+        if not ev.finished and ev.step > h.params.step_limit(len(h.prompt_ids), self.batch.block_diffusion):
             log.error("request %s made no progress after %d steps; failing it", h.rid, ev.step)
             self._release(h)
             self._finish_error(h, EngineError("the sampler made no progress on this request",

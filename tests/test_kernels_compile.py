@@ -26,12 +26,13 @@ SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     import kernels.attention_triton as at
     import kernels.selection_triton as st
+    import kernels.moe_triton as mt
 
     def compile_for(arch, fn, sig, const, **opts):
         names = list(sig)
         # What the launcher infers for 16-aligned pointers and multiple-of-16 integers.
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-                 if sig[n].startswith("*") or n.startswith("stride") or n == "vocab"}
+                 if sig[n].startswith("*") or n.startswith("stride") or n in ("vocab", "dim", "width")}
         src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
         t0 = time.time()
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
@@ -92,6 +93,31 @@ SCRIPT = textwrap.dedent(
                 num_warps=4, num_stages=2)
     compile_for(90, st._transfer_kernel, transfer_sig, dict(BLOCK_I=64, BLOCK_J=64), num_warps=4)
     compile_for(90, st._bits_kernel, bits_sig, dict(BLOCK=64, FAST=True), num_warps=4)
+
+    def moe_sig(kernel, dt):
+        p = "*" + dt
+        if kernel == "up":
+            sig = {"x_ptr": p, "w_ptr": p, "rows_ptr": "*i32", "tile_e_ptr": "*i32", "h_ptr": p}
+            strides = ("stride_xt", "stride_we", "stride_wn", "stride_ht")
+        else:
+            sig = {"h_ptr": p, "w_ptr": p, "rows_ptr": "*i32", "tile_e_ptr": "*i32", "wt_ptr": "*fp32",
+                   "out_ptr": "*fp32"}
+            strides = ("stride_ht", "stride_we", "stride_wn", "stride_ot")
+        sig.update(n_pairs="i32", dim="i32", width="i32")
+        sig.update({n: "i32" for n in strides})
+        if kernel == "up":
+            sig["TOPK"] = "constexpr"
+        sig.update(BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", IEEE="constexpr")
+        return sig
+
+    # The grouped MoE feed-forward (LLaDA2-mini: top-8, D 2048, f 512) in bf16, and fp32.
+    for bm in (16, 64):
+        compile_for(90, mt._moe_up, moe_sig("up", "bf16"),
+                    dict(TOPK=8, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, IEEE=False), num_warps=4, num_stages=2)
+        compile_for(90, mt._moe_down, moe_sig("down", "bf16"),
+                    dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, IEEE=False), num_warps=4, num_stages=2)
+    compile_for(90, mt._moe_up, moe_sig("up", "fp32"),
+                dict(TOPK=2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, IEEE=True), num_warps=4, num_stages=2)
     print("OK")
     """
 )

@@ -1,4 +1,10 @@
-"""Load a LLaDA checkpoint in the Hugging Face layout onto a device, tensor by tensor."""
+"""Load a checkpoint of the LLaDA family in the Hugging Face layout onto a device, tensor by tensor.
+
+The config picks the family (weights.config.read_config) and the family's network names the
+checkpoint tensors it expects (`checkpoint_tensors()`: name -> the parameter, or the slice of a
+fused/stacked parameter, it is copied into). Mask and EOS ids come from config.json, else the
+tokenizer, else (MoE families) the released defaults.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,20 @@ from pathlib import Path
 
 import torch
 
-from weights.config import ConfigError, LLaDAConfig
-from weights.model import LLaDAModel
+from weights.config import ConfigError, LLaDAConfig, read_config
+from weights.config_moe import DEFAULT_EOS_ID, DEFAULT_MASK_ID
+from weights.layers import PackedLM
+from weights.model import PREFIX, LLaDAModel
+from weights.model_llada2 import LLaDA2Model
+from weights.model_llada_moe import LLaDAMoEModel
 from weights.tokenizer import Tokenizer
 
 log = logging.getLogger("llada.weights")
 
-PREFIX = "model.transformer."
+NETWORKS = {"llada": LLaDAModel, "llada-moe": LLaDAMoEModel, "llada2": LLaDA2Model}
+# Tokenizer strings of the special tokens, per family: (mask, end of turn).
+SPECIAL_TOKENS = {"llada": ("<|mdm_mask|>", "<|eot_id|>"), "llada-moe": ("<|mask|>", "<|role_end|>"),
+                  "llada2": ("<|mask|>", "<|role_end|>")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 
@@ -40,8 +53,8 @@ class SpecialIds:
 
 @dataclass
 class ModelBundle:
-    model: LLaDAModel
-    config: LLaDAConfig
+    model: PackedLM
+    config: object  # LLaDAConfig, LLaDAMoEConfig or LLaDA2Config
     tokenizer: Tokenizer | None
     special: SpecialIds
     path: Path
@@ -56,19 +69,16 @@ class ModelBundle:
         return self.model.dtype
 
 
+def checkpoint_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, for any family's config."""
+    with torch.device("meta"):
+        model = NETWORKS[cfg.family](cfg)
+    return {name: tuple(t.shape) for name, t in model.checkpoint_tensors().items()}
+
+
 def expected_shapes(cfg: LLaDAConfig) -> dict[str, tuple[int, ...]]:
-    d, kv, h = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.mlp_hidden_size
-    shapes = {"wte.weight": (cfg.embedding_size, d), "ln_f.weight": (d,),
-              "ff_out.weight": (cfg.embedding_size, d)}
-    for i in range(cfg.n_layers):
-        b = f"blocks.{i}."
-        shapes.update({
-            b + "attn_norm.weight": (d,), b + "ff_norm.weight": (d,),
-            b + "q_proj.weight": (d, d), b + "k_proj.weight": (kv, d), b + "v_proj.weight": (kv, d),
-            b + "attn_out.weight": (d, d), b + "ff_proj.weight": (h, d), b + "up_proj.weight": (h, d),
-            b + "ff_out.weight": (d, h),
-        })
-    return shapes
+    """LLaDA-8B parameter name (checkpoint name without PREFIX) -> shape."""
+    return {name[len(PREFIX):]: shape for name, shape in checkpoint_shapes(cfg).items()}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -120,7 +130,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
 SMALL_MODEL_PARAMS = 100_000_000
 
 
-def pick_cpu_threads(config: LLaDAConfig, device: torch.device) -> int:
+def pick_cpu_threads(config, device: torch.device) -> int:
     """Set torch's intra-op threads for serving this model on this device; returns the count.
 
     Small models on a CPU run fastest on one thread: each operation is too small to split, and
@@ -144,42 +154,41 @@ def pick_cpu_threads(config: LLaDAConfig, device: torch.device) -> int:
 def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None,
                     fuse: bool = True) -> ModelBundle:
     """Config, weights (tensor by tensor, straight to `device` in `dtype`) and tokenizer of a
-    checkpoint directory. `fuse` merges q/k/v and gate/up per block for serving; pass False to
-    keep the checkpoint's own parameters (training, export)."""
+    checkpoint directory. `fuse` merges LLaDA-8B's q/k/v and gate/up per block for serving; pass
+    False to keep the checkpoint's own parameters (training, export). The MoE families load
+    straight into their fused and stacked parameters."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint in the Hugging Face layout)")
     try:
-        config = LLaDAConfig.from_file(path / "config.json")
+        config = read_config(path / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     files = _weight_files(path)
-    shapes = expected_shapes(config)
 
     with torch.device("meta"):
-        model = LLaDAModel(config)
+        model = NETWORKS[config.family](config)
     model = model.to_empty(device=dev).to(dt)
-    params = dict(model.named_parameters())
+    targets = model.checkpoint_tensors()
 
     by_file: dict[Path, list[str]] = {}
-    for name in shapes:
-        full = PREFIX + name
+    for full in targets:
         if full not in files:
             raise CheckpointError(f"{path}: tensor {full} is missing from the checkpoint")
-        by_file.setdefault(files[full], []).append(name)
+        by_file.setdefault(files[full], []).append(full)
 
-    total = sum(torch.Size(s).numel() for s in shapes.values())
+    total = sum(t.numel() for t in targets.values())
     if progress is None:
         progress = total * 2 > 1 << 30  # a bar for checkpoints over about 1 GB
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(shapes), desc=f"loading {path.name}", unit="tensor")
+        bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor")
     with torch.no_grad():
         for f, names in by_file.items():
             try:
@@ -188,33 +197,54 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
                 raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
             with handle:
                 available = set(handle.keys())
-                for name in names:
-                    full = PREFIX + name
+                for full in names:
                     if full not in available:
                         raise CheckpointError(f"{f}: tensor {full} is listed in the index but absent")
                     shape = tuple(handle.get_slice(full).get_shape())
-                    if shape != shapes[name]:
+                    want = tuple(targets[full].shape)
+                    if shape != want:
                         raise CheckpointError(
-                            f"{f}: tensor {full} has shape {list(shape)}, expected {list(shapes[name])} "
+                            f"{f}: tensor {full} has shape {list(shape)}, expected {list(want)} "
                             f"from config.json")
-                    params[name].copy_(handle.get_tensor(full).to(device=dev, dtype=dt))
+                    targets[full].copy_(handle.get_tensor(full).to(device=dev, dtype=dt))
                     if bar is not None:
                         bar.update(1)
     if bar is not None:
         bar.close()
     model.eval()
     model.requires_grad_(False)
-    if fuse:
+    if fuse and hasattr(model, "fuse"):
         model.fuse()
 
     tokenizer = Tokenizer.from_dir(path)
-    eot = bos = None
-    if tokenizer is not None:
-        eot = tokenizer.token_to_id("<|eot_id|>")
-        bos_text = tokenizer.special_tokens.get("bos_token", "<|startoftext|>")
-        bos = tokenizer.token_to_id(bos_text)
-    special = SpecialIds(mask=config.mask_token_id, eos=config.eos_token_id, eot=eot, bos=bos)
-    log.info("loaded %s: %.1fM parameters on %s in %s", path, config.num_parameters / 1e6, dev,
-             str(dt).replace("torch.", ""))
+    special = special_ids(config, tokenizer, path)
+    log.info("loaded %s (%s): %.1fM parameters (%.1fM active) on %s in %s", path, config.family,
+             config.num_parameters / 1e6, config.active_parameters / 1e6, dev, str(dt).replace("torch.", ""))
     return ModelBundle(model=model, config=config, tokenizer=tokenizer, special=special, path=path,
                        name=path.name)
+
+
+def special_ids(config, tokenizer: Tokenizer | None, path: Path) -> SpecialIds:
+    """Mask / EOS ids from config.json, else the tokenizer, else the family's released defaults;
+    end-of-turn and BOS from the tokenizer."""
+    mask_text, eot_text = SPECIAL_TOKENS[config.family]
+    mask, eos = config.mask_token_id, config.eos_token_id
+    eot = bos = None
+    if tokenizer is not None:
+        if mask is None:
+            mask = tokenizer.token_to_id(mask_text)
+        if eos is None and "eos_token" in tokenizer.special_tokens:
+            eos = tokenizer.token_to_id(tokenizer.special_tokens["eos_token"])
+        eot = tokenizer.token_to_id(eot_text)
+        bos_text = tokenizer.special_tokens.get("bos_token", "<|startoftext|>")
+        bos = tokenizer.token_to_id(bos_text)
+    if config.family != "llada":
+        mask = DEFAULT_MASK_ID if mask is None else mask
+        eos = DEFAULT_EOS_ID if eos is None else eos
+    for name, v in (("mask_token_id", mask), ("eos_token_id", eos)):
+        if v is None:
+            raise CheckpointError(f"{path}: no {name} in config.json and none in the tokenizer")
+        if not 0 <= v < config.embedding_size:
+            raise CheckpointError(f"{path}: {name}={v} is outside the vocabulary "
+                                  f"(vocab_size={config.embedding_size}); set it in config.json")
+    return SpecialIds(mask=mask, eos=eos, eot=eot, bos=bos)

@@ -1,4 +1,14 @@
-"""Typed LLaDA configuration read from a checkpoint's config.json."""
+"""Typed configurations read from a checkpoint's config.json, and the registry that picks the family.
+
+Three families are served: LLaDA-8B (`LLaDAConfig`, here), LLaDA-MoE and LLaDA2.x
+(`weights.config_moe`). `config_from_dict` / `read_config` tell them apart by `architectures`
+(LLaDA-MoE shares `model_type` "llada" with LLaDA-8B), then by `model_type` and the fields present.
+
+Every config exposes the same serving interface: `family`, `block_diffusion`, `n_layers`,
+`n_heads`, `n_kv_heads`, `head_dim`, `vocab_size`, `embedding_size`, `max_sequence_length`,
+`mask_token_id` / `eos_token_id` (None when the file does not say: the loader reads the tokenizer),
+`pad_token_id`, `num_parameters` and `active_parameters`.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +40,10 @@ _MUST_BE_OFF = ("include_qkv_bias", "attention_layer_norm", "input_emb_norm", "s
 
 @dataclass(frozen=True)
 class LLaDAConfig:
+    """LLaDA-8B (class LLaDAModelLM): a LLaMA-shaped dense transformer, fully bidirectional."""
+
+    family = "llada"
+    block_diffusion = False
     d_model: int
     n_layers: int
     n_heads: int
@@ -54,6 +68,10 @@ class LLaDAConfig:
         d, h, kv = self.d_model, self.mlp_hidden_size, self.n_kv_heads * self.head_dim
         per_block = 2 * d + d * d * 2 + 2 * kv * d + 3 * d * h
         return self.n_layers * per_block + 2 * self.embedding_size * d + d
+
+    @property
+    def active_parameters(self) -> int:
+        return self.num_parameters
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LLaDAConfig":
@@ -124,15 +142,35 @@ class LLaDAConfig:
                 raise ConfigError(f"config.json: {name}={v} is outside the embedding table "
                                   f"(embedding_size={self.embedding_size})")
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "LLaDAConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw)
+
+def config_from_dict(raw: dict):
+    """The family's config for a parsed config.json (ConfigError names what is wrong)."""
+    from weights.config_moe import LLaDA2Config, LLaDAMoEConfig
+
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ConfigError(f"config.json: architectures must be a list, got {archs!r}")
+    model_type = raw.get("model_type", "llada")
+    if "LLaDA2MoeModelLM" in archs or model_type == "llada2_moe":
+        return LLaDA2Config.from_dict(raw)
+    if "LLaDAMoEModelLM" in archs or (model_type == "llada" and "num_experts" in raw):
+        return LLaDAMoEConfig.from_dict(raw)
+    if "LLaDAModelLM" in archs or model_type == "llada":
+        return LLaDAConfig.from_dict(raw)
+    raise ConfigError(
+        f"config.json: unsupported architectures={archs!r} / model_type={model_type!r}; supported: "
+        "LLaDAModelLM (llada), LLaDAMoEModelLM (llada), LLaDA2MoeModelLM (llada2_moe)")
+
+
+def read_config(path: str | Path):
+    """Parse a config.json and build its family's config."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config_from_dict(raw)

@@ -9,90 +9,16 @@ and a dual cache (queries = block, keys = whole canvas with the block's rows ref
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
 from weights.config import LLaDAConfig
+from weights.layers import AttnLayout, KVBuffers, PackedLM, Rotary, attend, rms_norm
 
+__all__ = ["AttnLayout", "KVBuffers", "Block", "LLaDAModel", "PREFIX"]
 
-@dataclass
-class AttnLayout:
-    """Where packed queries write their keys/values and which rows each segment attends to."""
-
-    cu_q: torch.Tensor      # int32 [B+1], query offsets in the packed tokens
-    k_start: torch.Tensor   # int32 [B], first key row of each segment in the KV buffers
-    k_len: torch.Tensor     # int32 [B], number of key rows of each segment
-    kv_index: torch.Tensor  # int64 [T], buffer row each packed token's K/V are written to
-    max_q: int
-    max_k: int
-
-    @classmethod
-    def build(cls, q_lens, k_starts, k_lens, kv_index, device) -> "AttnLayout":
-        cu = [0]
-        for n in q_lens:
-            cu.append(cu[-1] + n)
-        i32 = dict(dtype=torch.int32, device=device)
-        return cls(
-            cu_q=torch.tensor(cu, **i32),
-            k_start=torch.tensor(list(k_starts), **i32),
-            k_len=torch.tensor(list(k_lens), **i32),
-            kv_index=torch.as_tensor(kv_index, dtype=torch.int64, device=device),
-            max_q=max(q_lens, default=0),
-            max_k=max(k_lens, default=0),
-        )
-
-
-class KVBuffers:
-    """Per-layer key and value rows, [capacity, n_kv_heads, head_dim] each."""
-
-    def __init__(self, config: LLaDAConfig, capacity: int, device, dtype):
-        shape = (capacity, config.n_kv_heads, config.head_dim)
-        self.capacity = capacity
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) in at least fp32, cast back, then scaled."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(acc)
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)
-
-
-def rotate_half(t: torch.Tensor) -> torch.Tensor:
-    half = t.shape[-1] // 2
-    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
-
-
-class Rotary(nn.Module):
-    """GPT-NeoX rotary embedding at absolute canvas positions (applied in fp32 or wider)."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
-
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        j = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=acc)
-        inv_freq = 1.0 / (self.theta ** (j / self.head_dim))
-        angles = positions.to(acc).unsqueeze(-1) * inv_freq
-        emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos()[:, None, :], emb.sin()[:, None, :]
-
-    @staticmethod
-    def apply(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        tf = t.to(cos.dtype)
-        return (tf * cos + rotate_half(tf) * sin).to(t.dtype)
+PREFIX = "model.transformer."  # checkpoint tensor names are PREFIX + parameter name
 
 
 class Block(nn.Module):
@@ -139,14 +65,7 @@ class Block(nn.Module):
         k = k.reshape(t, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(t, cfg.n_kv_heads, cfg.head_dim)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
-        if k_buf is None:  # no buffers: every segment attends to its own fresh rows
-            k_all, v_all = k, v
-        else:
-            k_buf.index_copy_(0, layout.kv_index, k.to(k_buf.dtype))
-            v_buf.index_copy_(0, layout.kv_index, v.to(v_buf.dtype))
-            k_all, v_all = k_buf, v_buf
-        o = attention(q, k_all, v_all, layout.cu_q, layout.k_start, layout.k_len,
-                      layout.max_q, layout.max_k)
+        o = attend(q, k, v, layout, k_buf, v_buf)
         x = x + self.attn_out(o.reshape(t, cfg.d_model))
         m = rms_norm(x, self.ff_norm.weight, cfg.rms_norm_eps)
         if self.gate_up is not None:
@@ -156,7 +75,7 @@ class Block(nn.Module):
         return x + self.ff_out(F.silu(gate) * up)
 
 
-class LLaDAModel(nn.Module):
+class LLaDAModel(PackedLM):
     def __init__(self, config: LLaDAConfig):
         super().__init__()
         self.config = config
@@ -173,42 +92,15 @@ class LLaDAModel(nn.Module):
             block.fuse()
         return self
 
-    @property
-    def device(self) -> torch.device:
-        return self.wte.weight.device
+    def embed(self, ids):
+        return self.wte(ids)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensor name -> the parameter it is loaded into (before `fuse`)."""
+        return {PREFIX + name: p for name, p in self.named_parameters()}
 
-    def forward(self, ids, positions, layout: AttnLayout, kv: KVBuffers | None = None,
-                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [rows, embedding_size] for `logits_rows` of the packed tokens (all if None)."""
-        x = self.wte(ids)
-        cos, sin = self.rotary.tables(positions, x.dtype)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layout,
-                      kv.k[i] if kv is not None else None, kv.v[i] if kv is not None else None)
-        if logits_rows is not None:
-            x = x.index_select(0, logits_rows)
+    def layer_list(self):
+        return self.blocks
+
+    def head(self, x):
         return self.ff_out(rms_norm(x, self.ln_f.weight, self.config.rms_norm_eps))
-
-    def full_logits(self, ids) -> torch.Tensor:
-        """Full bidirectional forward of whole canvases: ids [B, L] tensor -> logits [B, L, V];
-        a list of id lists of different lengths -> a list of [L_i, V] tensors."""
-        if isinstance(ids, torch.Tensor):
-            b, n = ids.shape
-            seqs = None
-            flat = ids.reshape(-1).to(self.device)
-            lens = [n] * b
-        else:
-            seqs = [list(s) for s in ids]
-            lens = [len(s) for s in seqs]
-            flat = torch.tensor([t for s in seqs for t in s], dtype=torch.int64, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-        starts = [sum(lens[:i]) for i in range(len(lens))]
-        layout = AttnLayout.build(lens, starts, lens, torch.arange(flat.numel()), self.device)
-        logits = self.forward(flat, positions, layout)
-        if seqs is None:
-            return logits.view(b, n, -1)
-        return list(torch.split(logits, lens))
