@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, replace
 
 REMASKING = ("low_confidence", "random")
@@ -13,6 +14,21 @@ MAX_TOP_LOGPROBS = 20
 LLADA2_DEFAULTS = dict(block_length=32, steps=32, threshold=0.95, minimal_topk=1, eos_early_stop=False)
 LLADA21_DEFAULTS = dict(LLADA2_DEFAULTS, editing_threshold=0.9, max_post_steps=16, num_to_transfer=1)
 LLADA2_FIELDS = ("minimal_topk", "eos_early_stop", "editing_threshold", "max_post_steps", "num_to_transfer")
+# The engine keeps temperature and threshold in float32 and applies cfg_scale in the logits' dtype
+# (bfloat16, float16 or float32). Ranges are checked in that precision, so that no accepted value
+# turns into 0 or infinity inside a step:
+MIN_THRESHOLD = 2.0**-126   # float32's smallest normal number (GPUs may flush smaller ones to 0)
+MAX_TEMPERATURE = 100.0     # Gumbel noise scaled by it stays finite in float32; at 100 the draw is
+                            # already near uniform over the vocabulary
+MAX_CFG_SCALE = 100.0       # (scale + 1) * (cond - uncond) stays finite even in float16 logits
+
+
+def as_float32(x: float) -> float:
+    """x rounded to the nearest float32 (inf when it is beyond float32's range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 class ParamError(ValueError):
@@ -139,15 +155,17 @@ class SamplingParams:
                                  "tokens to unmask (at most one step per token)")
         else:
             t = self.threshold
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
-                raise ParamError("threshold", f"threshold must be in (0, 1], got {t!r}")
+            if (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                    or not MIN_THRESHOLD <= as_float32(t) <= 1):
+                raise ParamError("threshold", f"threshold must be a number in [{MIN_THRESHOLD:.8g}, 1] (a "
+                                 f"positive float32 the GPU does not flush to 0), got {t!r}")
         self._validate_common(prompt_len, max_sequence_length)
 
     def _validate_common(self, prompt_len: int, max_sequence_length: int | None) -> None:
-        for name in ("temperature", "cfg_scale"):
+        for name, top in (("temperature", MAX_TEMPERATURE), ("cfg_scale", MAX_CFG_SCALE)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ParamError(name, f"{name} must be a finite number >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= top:
+                raise ParamError(name, f"{name} must be a number in [0, {top:g}], got {v!r}")
         if self.remasking not in REMASKING:
             raise ParamError("remasking", f"remasking must be one of {', '.join(REMASKING)}, "
                              f"got {self.remasking!r}")

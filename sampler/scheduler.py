@@ -1,7 +1,9 @@
 """The engine: one thread owns the model and a DiffusionBatch and runs continuous batching.
 
-Requests wait in a first-come-first-served queue and join the running batch at step boundaries
-while the batch has a free slot and room for their canvas (`max_batch_size`, `max_batch_tokens`).
+Requests wait in a fair queue (sampler/fair_queue.py: the sub-requests of one HTTP request wait as a
+group; the group with the fewest running, then the one served least recently, goes next) and join the
+running batch at step boundaries while the batch has a free slot and room for their canvas
+(`max_batch_size`, `max_batch_tokens`).
 Every loop iteration is one `DiffusionBatch.step()`: one forward for all running requests, each at
 its own point in its own schedule. A request leaves the batch the moment it is finished, cancelled,
 timed out, or (optionally) as soon as its answer can no longer change.
@@ -24,7 +26,6 @@ request can leave the batch without changing its output.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import threading
@@ -35,6 +36,7 @@ from typing import Callable
 import torch
 
 from sampler.batch import CapacityError, DiffusionBatch, StepEvent
+from sampler.fair_queue import FairQueue
 from sampler.likelihood import ScoreBatch, ScoreJob
 from sampler.params import ParamError, SamplingParams
 
@@ -97,6 +99,7 @@ class Handle:
     want_progress: bool = False    # deliver the final prefix whenever it grows
     answer_limit: int | None = None  # tokens the answer is cut at (early completion)
     rid: int = 0
+    group: int = 0                 # the handles submitted together (one HTTP request) share it
     submitted: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     deadline: float | None = None
@@ -128,13 +131,14 @@ class Engine:
                                     max_requests=self.config.max_batch_size)
         self.scorer = ScoreBatch(model, special.mask)
         self.scoring: dict[int, ScoreJob] = {}
-        self.waiting: collections.deque[Handle] = collections.deque()
+        self.waiting = FairQueue()
         self.running: dict[int, Handle] = {}
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stop = False
+        self._drain_deadline: float | None = None  # monotonic time the drain's grace ends
         self.alive = False
         self.steps_run = 0
         self._recent_duration: float | None = None  # moving average of request durations (s)
@@ -160,14 +164,27 @@ class Engine:
             self._accepting = False
             self._cv.notify_all()
 
+    def drain(self, grace: float) -> None:
+        """Stop intake now; when `grace` seconds have passed, fail whatever is still waiting or
+        running with 503 shutting_down (the engine thread does it, within a step of the deadline)."""
+        with self._cv:
+            self._accepting = False
+            self._drain_deadline = time.monotonic() + max(0.0, grace)
+            self._cv.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
     def idle(self) -> bool:
         with self._cv:
             return not self.waiting and not self.running and not self.scoring
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop intake, let in-flight requests finish for up to `grace` seconds, fail the rest."""
-        self.stop_intake()
-        deadline = time.monotonic() + max(0.0, grace)
+        if self._drain_deadline is None:
+            self.drain(grace)
+        deadline = self._drain_deadline
         while time.monotonic() < deadline and not self.idle():
             time.sleep(0.02)
         with self._cv:
@@ -202,12 +219,14 @@ class Engine:
                                 f"{self.config.max_queue}); retry later", retry_after=self._retry_after())
             now = time.monotonic()
             timeout = self.config.request_timeout
+            group = next(self._ids)
             for h in handles:
                 h.rid = next(self._ids)
+                h.group = group
                 h.submitted = now
                 h.deadline = now + timeout if timeout and timeout > 0 else None
                 h.canvas = [None] * h.params.gen_length
-                self.waiting.append(h)
+            self.waiting.push(group, handles)
             self._gauges()
             self._cv.notify_all()
         return handles
@@ -251,6 +270,8 @@ class Engine:
             while True:
                 with self._cv:
                     self._reap()
+                    if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                        self._fail_all(EngineStopped("the server shut down before this request finished"))
                     self._admit()
                     if self._stop:
                         self._fail_all(EngineStopped("the server shut down before this request finished"))
@@ -274,10 +295,10 @@ class Engine:
         now = time.monotonic()
         for h in list(self.waiting):
             if h.cancelled:
-                self.waiting.remove(h)
+                self.waiting.remove(h.group, h)
                 h.done = True
             elif h.deadline is not None and now > h.deadline:
-                self.waiting.remove(h)
+                self.waiting.remove(h.group, h)
                 self._finish_error(h, self._timeout_error())
         for job in list(self.scoring.values()):
             if job.cancelled:
@@ -301,30 +322,35 @@ class Engine:
                            code="timeout")
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch, first come first served (holding the lock)."""
-        while self.waiting and len(self.running) < self.config.max_batch_size:
-            h = self.waiting[0]
+        """Move waiting requests into the batch in the fair queue's order (holding the lock). The one
+        whose turn it is waits for room rather than being overtaken, so a large request is not starved."""
+        while len(self.running) < self.config.max_batch_size:
+            nxt = self.waiting.peek()
+            if nxt is None:
+                break
+            group, h = nxt
             if not self.batch.can_admit(len(h.prompt_ids), h.params):
                 if not self.running:  # an empty batch that cannot take it never will
-                    self.waiting.popleft()
+                    self.waiting.remove(group, h)
                     self._finish_error(h, EngineError("the request does not fit the batch buffers",
                                                       status=400, type="invalid_request_error"))
                     continue
                 break
-            self.waiting.popleft()
             try:
                 self.batch.add(h.rid, h.prompt_ids, h.params)
             except ParamError as e:
+                self.waiting.remove(group, h)
                 self._finish_error(h, EngineError(str(e), status=400, type="invalid_request_error",
                                                   param=e.field))
                 continue
             except CapacityError:
-                self.waiting.appendleft(h)
                 break
             except Exception as e:  # noqa: BLE001 - a bad request must not stop the loop
                 log.exception("admitting request %s failed", h.rid)
+                self.waiting.remove(group, h)
                 self._finish_error(h, EngineError(f"could not start the request: {e}", status=500))
                 continue
+            self.waiting.admitted(group, h)
             h.admitted = time.monotonic()
             self.running[h.rid] = h
         self._gauges()
@@ -464,7 +490,8 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers (lock held)
     def _release(self, h: Handle) -> None:
-        self.running.pop(h.rid, None)
+        if self.running.pop(h.rid, None) is not None:
+            self.waiting.finished(h.group)
         try:
             self.batch.remove(h.rid)
         except Exception:  # noqa: BLE001
@@ -484,8 +511,8 @@ class Engine:
             h.cancelled = True
 
     def _fail_all(self, err: EngineError) -> None:
-        while self.waiting:
-            self._finish_error(self.waiting.popleft(), err)
+        for h in self.waiting.clear():
+            self._finish_error(h, err)
         for h in list(self.running.values()):
             self._release(h)
             self._finish_error(h, err)

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from sampler.scheduler import Engine, EngineConfig
 from server.answer import Decoder
 from server.errors import ApiError, install_handlers
+from server.guards import Guards, default_max_body_bytes
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
 from server.routes import api, check_auth, ops
@@ -72,7 +73,8 @@ def _openapi_without_422(app: FastAPI):
 
 def create_app(bundle, engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, limits: ServerLimits | None = None, metrics: Metrics | None = None,
-               shutdown_grace: float = 30.0, engine: Engine | None = None) -> FastAPI:
+               shutdown_grace: float = 30.0, engine: Engine | None = None, max_body_bytes: int | None = None,
+               body_timeout: float | None = 30.0, allowed_hosts: list[str] | None = None) -> FastAPI:
     metrics = metrics or Metrics()
     metrics.device = bundle.model.device
     engine = engine or Engine(bundle.model, bundle.special, engine_config or EngineConfig(), metrics=metrics)
@@ -92,6 +94,9 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     app.state.engine = engine
     app.state.metrics = metrics
     install_handlers(app, check_auth)
+    app.add_middleware(Guards, max_body_bytes=max_body_bytes or default_max_body_bytes(svc.config.max_sequence_length),
+                       body_timeout=body_timeout, allowed_hosts=allowed_hosts, engine=engine, metrics=metrics,
+                       metered=("/v1/completions", "/v1/chat/completions"))
     app.include_router(ops)
     app.include_router(api)
     app.openapi = _openapi_without_422(app)

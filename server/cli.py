@@ -8,6 +8,7 @@ import os
 import sys
 
 log = logging.getLogger("llada.cli")
+DRAIN_BACKSTOP_S = 2.0  # uvicorn waits this long past the grace before it cancels handlers
 
 
 def _env(name: str, default=None):
@@ -37,7 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="waiting requests before new ones are refused with 429")
     a("--request-timeout", type=float, default=_env("request_timeout", 600.0),
       help="seconds a request may take from arrival (0: no limit)")
-    a("--api-key", default=_env("api_key"), help="require 'Authorization: Bearer KEY' on /v1/*")
+    a("--api-key", default=_env("api_key"), help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') "
+      "on /v1/*")
+    a("--max-body-bytes", type=int, default=_env("max_body_bytes"),
+      help="largest request body accepted; larger ones get 413 (default: 2 KiB per token of the model's "
+      "context, at least 1 MiB)")
+    a("--body-timeout", type=float, default=_env("body_timeout", 30.0),
+      help="seconds a client may take to send a request body; slower ones get 408 (0: no limit)")
+    a("--allowed-hosts", default=_env("allowed_hosts"),
+      help="comma-separated Host header names answered ('*': any); others get 400. Default: the bind "
+      "address, localhost, 127.0.0.1 and ::1 when bound to loopback, any name otherwise")
+    a("--header-timeout", type=float, default=_env("header_timeout", 10.0),
+      help="seconds a client may take to send a request's line and headers; then the connection is closed")
+    a("--timeout-keep-alive", type=float, default=_env("timeout_keep_alive", 5.0),
+      help="seconds an idle keep-alive connection stays open")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
       help="seconds in-flight requests get to finish after SIGTERM")
     a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
@@ -56,6 +70,10 @@ def main(argv=None) -> None:
     for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1", 2)
+    if args.max_body_bytes is not None and int(args.max_body_bytes) < 1024:
+        _fail("--max-body-bytes must be >= 1024", 2)
+    if args.header_timeout <= 0:
+        _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
         _fail(f"--port must be in 1..65535, got {args.port}", 2)
 
@@ -75,6 +93,8 @@ def main(argv=None) -> None:
 
     from sampler.scheduler import EngineConfig
     from server.app import create_app
+    from server.connection import protocol_with_header_timeout
+    from server.guards import default_allowed_hosts, default_max_body_bytes
     from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
     try:
@@ -91,9 +111,15 @@ def main(argv=None) -> None:
     econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                          max_queue=args.max_queue,
                          request_timeout=args.request_timeout if args.request_timeout > 0 else None)
+    if args.allowed_hosts:
+        allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    else:
+        allowed_hosts = default_allowed_hosts(args.host)
+    max_body = int(args.max_body_bytes) if args.max_body_bytes else default_max_body_bytes(cfg.max_sequence_length)
     try:
         app = create_app(bundle, econf, served_model_name=name, api_key=args.api_key or None,
-                         shutdown_grace=args.shutdown_grace)
+                         shutdown_grace=args.shutdown_grace, max_body_bytes=max_body,
+                         body_timeout=args.body_timeout, allowed_hosts=allowed_hosts)
     except (RuntimeError, ValueError) as e:  # e.g. the KV buffers do not fit the device
         _fail(f"cannot set up the engine: {e}")
     engine = app.state.engine
@@ -110,17 +136,24 @@ def main(argv=None) -> None:
              "shutdown_grace %gs, API key %s", args.max_batch_size, args.max_batch_tokens, args.max_queue,
              f"{args.request_timeout:g}s" if args.request_timeout > 0 else "none", args.shutdown_grace,
              "required" if args.api_key else "off")
+    log.info("guards: max body %d bytes, header timeout %gs, body timeout %s, allowed hosts %s", max_body,
+             args.header_timeout, f"{args.body_timeout:g}s" if args.body_timeout > 0 else "none",
+             ", ".join(allowed_hosts) if allowed_hosts else "any")
 
+    # uvicorn's own graceful-shutdown timeout is only a backstop: the engine fails what is left at the
+    # end of the grace (503 shutting_down), so handlers answer and connections close right after it.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_grace, access_log=False)
+                            timeout_graceful_shutdown=args.shutdown_grace + DRAIN_BACKSTOP_S, access_log=False,
+                            timeout_keep_alive=args.timeout_keep_alive,
+                            http=protocol_with_header_timeout(args.header_timeout))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            # Stop intake (new submissions get 503, /ready turns 503), let in-flight requests drain
-            # for up to the grace period, then exit 0.
+            # Stop intake (new submissions get 503 with Connection: close, /ready turns 503), let
+            # in-flight requests finish for up to the grace, fail the rest with 503, then exit 0.
             if not self.should_exit:
                 log.info("signal %s: draining in-flight requests (grace %gs)", sig, args.shutdown_grace)
-            engine.stop_intake()
+                engine.drain(args.shutdown_grace)
             if self.should_exit and sig == 2:
                 self.force_exit = True
             self.should_exit = True
@@ -135,6 +168,12 @@ def main(argv=None) -> None:
     if not server.started:
         sys.exit(1)
     log.info("stopped")
+    # Every request is answered and the engine thread has ended: skip the interpreter's teardown of
+    # torch and friends (about a second on a busy CPU) so the process exits right after its grace.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,14 @@ from sampler.scheduler import EngineError, QueueFull
 log = logging.getLogger("llada.server")
 
 API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/loglikelihood")
+ECHO_CHARS = 64         # at most this much of a client's value is quoted back (in bodies and logs)
+MAX_MESSAGE_CHARS = 1000  # and no error message is longer than this
+
+
+def clip(value, limit: int = ECHO_CHARS) -> str:
+    """repr() of a client's value cut to `limit` characters (lone surrogates come out escaped)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 class ErrorDetail(BaseModel):
@@ -40,7 +48,10 @@ def _doc(text: str) -> dict:
 
 # The error statuses the API endpoints may answer, for the OpenAPI document.
 API_ERRORS = {400: _doc("invalid request"), 401: _doc("missing or invalid API key"),
-              404: _doc("unknown model"), 429: _doc("the queue is full (see Retry-After)"),
+              404: _doc("unknown model"), 408: _doc("the request body arrived too slowly (--body-timeout)"),
+              413: _doc("the request body is over --max-body-bytes"),
+              415: _doc("the body was not sent as Content-Type: application/json"),
+              429: _doc("the queue is full (see Retry-After)"),
               500: _doc("the engine failed while running the request"),
               503: _doc("out of memory in a step, or the server is shutting down"),
               504: _doc("the request outlived the server's request timeout")}
@@ -49,6 +60,7 @@ API_ERRORS = {400: _doc("invalid request"), 401: _doc("missing or invalid API ke
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
+        message, param = _safe(message, MAX_MESSAGE_CHARS), _safe(param, ECHO_CHARS)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
@@ -64,7 +76,18 @@ class ApiError(Exception):
         return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 
 
+def _safe(text, limit: int):
+    """Text fit for a JSON body and a log line: at most `limit` characters, lone surrogates escaped."""
+    if text is None:
+        return None
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+    message, param = _safe(message, MAX_MESSAGE_CHARS), _safe(param, ECHO_CHARS)
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -92,7 +115,7 @@ def validation_error(errors: list) -> ApiError:
     param = _param(loc)
     msg = first.get("msg", "invalid request")
     if kind == "extra_forbidden":
-        msg = f"unknown field {param!r} (this server refuses fields it does not understand)"
+        msg = f"unknown field {clip(param)} (this server refuses fields it does not understand)"
     elif param:
         msg = f"{param}: {msg}"
     return ApiError(400, msg, param=param, code="invalid_value")
@@ -126,6 +149,11 @@ def install_handlers(app: FastAPI, check_auth) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            why = ("it nests deeper than the JSON parser allows" if isinstance(exc.__cause__, RecursionError)
+                   else type(exc.__cause__).__name__)
+            return _counted(request, ApiError(400, f"the request body cannot be parsed ({why})",
+                                              code="invalid_json"))
         t = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), t, headers=getattr(exc, "headers", None))
 

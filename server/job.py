@@ -17,7 +17,7 @@ from fastapi import Request
 from sampler.scheduler import EngineError, Handle
 from server.answer import Choice
 from server.errors import ApiError
-from server.requests import sampling, stop_strings
+from server.requests import check_fanout, sampling, stop_strings
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client went away
 KEEPALIVE_S = 15.0  # an SSE comment after this long without an event (proxies close idle streams)
@@ -35,11 +35,8 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.created = int(time.time())
         self.id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
-        n = 1 if req.n is None else req.n
-        lim = svc.limits
-        if not 1 <= n <= lim.max_n:
-            raise ApiError(400, f"n must be between 1 and {lim.max_n}, got {n}", param="n", code="invalid_value")
-        stops = stop_strings(req, lim)
+        n = check_fanout(svc, req, len(prompts))  # checked before tokenizing too; cheap
+        stops = stop_strings(req, svc.limits)
         base_seed = req.seed if req.seed is not None else secrets.randbits(62)
         self.handles: list[Handle] = []
         self.choices: list[Choice] = []
@@ -55,9 +52,6 @@ class Job:
                 self.handles.append(Handle(
                     prompt_ids=p, params=sp, sink=self._sink(idx), want_steps=stream_steps,
                     want_progress=bool(stops) or bool(req.stream), answer_limit=answer_limit))
-        if len(self.handles) > svc.engine.config.max_queue:
-            raise ApiError(400, f"the request asks for {len(self.handles)} generations; this server queues at "
-                           f"most {svc.engine.config.max_queue}", param="n", code="invalid_value")
 
     def _sink(self, idx):
         loop, q = self.loop, self.queue

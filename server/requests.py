@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sampler.params import MAX_SEED, ParamError, SamplingParams
 from sampler.scheduler import EngineError
-from server.errors import ApiError
+from server.errors import ApiError, clip
 from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field
 
 SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -30,17 +30,47 @@ def check_request(svc, req) -> None:
     if refused:
         raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
     if req.model is not None and req.model != svc.name:
-        raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {svc.name!r}",
+        raise ApiError(404, f"the model {clip(req.model)} does not exist; this server serves {svc.name!r}",
                        param="model", code="model_not_found")
+
+
+def check_fanout(svc, req, n_prompts: int) -> int:
+    """`n` (1..max_n) and the number of generations it asks for (prompts x n, at most the queue's
+    size), checked before any prompt is tokenized or any sub-request built. Returns n."""
+    n = 1 if req.n is None else req.n
+    lim = svc.limits
+    if not 1 <= n <= lim.max_n:
+        raise ApiError(400, f"n must be between 1 and {lim.max_n}, got {n}", param="n", code="invalid_value")
+    most = svc.engine.config.max_queue
+    if n_prompts * n > most:
+        raise ApiError(400, f"the request asks for {n_prompts * n} generations ({n_prompts} prompt(s) x n={n}); "
+                       f"this server queues at most {most}", param="n" if n > 1 else "prompt",
+                       code="invalid_value")
+    return n
+
+
+def _fits_context(svc, what: str, tokens: int | None = None, chars: int | None = None) -> None:
+    """Cheap bounds before expensive work: more ids than the context, or more text than the context
+    can hold (see Tokenizer.max_chars_per_token), is refused without scanning or encoding it."""
+    ctx = svc.config.max_sequence_length
+    if tokens is not None and tokens > ctx:
+        raise ApiError(400, f"the {what} has {tokens} tokens; the model's context is {ctx}", param=what,
+                       code="context_length_exceeded")
+    per = svc.tokenizer.max_chars_per_token if chars is not None and svc.tokenizer is not None else None
+    if per and chars > ctx * per:
+        raise ApiError(400, f"the {what} is {chars} characters long: more than the model's context of {ctx} "
+                       f"tokens can hold (at most {per} characters per token)", param=what,
+                       code="context_length_exceeded")
 
 
 def check_ids(svc, ids, what="prompt") -> list[int]:
     if not ids:
         raise ApiError(400, f"the {what} is empty", param=what, code="empty_prompt")
+    _fits_context(svc, what, tokens=len(ids))
     vocab = svc.config.embedding_size
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-            raise ApiError(400, f"token id {t!r} is outside the vocabulary [0, {vocab})", param=what,
+            raise ApiError(400, f"token id {clip(t)} is outside the vocabulary [0, {vocab})", param=what,
                            code="invalid_token_id")
     return list(ids)
 
@@ -52,22 +82,25 @@ def need_tokenizer(svc, what: str):
     return svc.tokenizer
 
 
-def completion_prompts(svc, req: CompletionRequest) -> list[list[int]]:
+def completion_items(req: CompletionRequest) -> list:
+    """The prompts of a completion request (each a string or an id list), without looking inside them."""
     p = req.prompt
     if p is None or (isinstance(p, (str, list)) and len(p) == 0):
         raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
-    if isinstance(p, str):
-        items = [p]
-    elif all(isinstance(x, int) for x in p):
-        return [check_ids(svc, p)]
-    else:
-        items = p
+    if isinstance(p, str) or all(isinstance(x, int) for x in p):
+        return [p]
+    return p
+
+
+def completion_prompts(svc, items: list) -> list[list[int]]:
+    """Token ids of each prompt (tokenizing: call it off the event loop)."""
     prompts = []
     for x in items:
         if isinstance(x, str):
             if not x:
                 raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
             tok = need_tokenizer(svc, "a text prompt")
+            _fits_context(svc, "prompt", chars=len(x))
             prompts.append(check_ids(svc, tok.encode(x)))
         else:
             prompts.append(check_ids(svc, x))
@@ -75,9 +108,12 @@ def completion_prompts(svc, req: CompletionRequest) -> list[list[int]]:
 
 
 def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
+    """The chat template rendered and tokenized (call it off the event loop)."""
     if not req.messages:
         raise ApiError(400, "messages is empty", param="messages", code="empty_prompt")
     tok = need_tokenizer(svc, "chat")
+    # Every message renders to at least one token: more messages than the context cannot fit.
+    _fits_context(svc, "messages", tokens=len(req.messages))
     msgs = []
     for m in req.messages:
         c = m.content
@@ -85,11 +121,12 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
             parts = []
             for part in c:
                 if part.type != "text":
-                    raise ApiError(400, f"content parts of type {part.type!r} are not supported",
+                    raise ApiError(400, f"content parts of type {clip(part.type)} are not supported",
                                    param="messages", code="unsupported_content")
                 parts.append(part.text or "")
             c = "".join(parts)
         msgs.append({"role": m.role, "content": c or ""})
+    _fits_context(svc, "messages", chars=sum(len(m["content"]) for m in msgs))
     from weights.tokenizer import TemplateError
 
     try:

@@ -3,6 +3,7 @@ the API key is a dependency, and every route with its bodies and errors is in /o
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from server.errors import API_ERRORS, ApiError
 from server.job import Job
 from server.metrics import CONTENT_TYPE
-from server.requests import chat_prompt, check_request, completion_prompts
+from server.requests import chat_prompt, check_fanout, check_request, completion_items, completion_prompts
 from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, LoglikelihoodResponse,
                               ModelList, Status)
 from server.schemas import ChatCompletionRequest, CompletionRequest, LoglikelihoodRequest
@@ -77,6 +78,12 @@ async def playground():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
+# Operator endpoints answer HEAD too (load balancers and uptime checks send it); the schema lists GET.
+for _path, _endpoint in (("/health", health), ("/ready", ready), ("/metrics", metrics_endpoint),
+                         ("/", playground), ("/playground", playground)):
+    ops.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
+
+
 @api.get("/models", response_model=ModelList)
 async def models(request: Request):
     svc = request.app.state.service
@@ -89,7 +96,11 @@ async def models(request: Request):
 async def completions(request: Request, body: CompletionRequest):
     svc = request.app.state.service
     check_request(svc, body)
-    return await _serve(request, body, "completions", completion_prompts(svc, body), body.max_tokens)
+    items = completion_items(body)
+    check_fanout(svc, body, len(items))
+    # Tokenizing (and scanning ids) runs in a worker thread: the event loop keeps answering.
+    prompts = await asyncio.to_thread(completion_prompts, svc, items)
+    return await _serve(request, body, "completions", prompts, body.max_tokens)
 
 
 @api.post("/chat/completions", response_model=None,
@@ -98,8 +109,10 @@ async def completions(request: Request, body: CompletionRequest):
 async def chat_completions(request: Request, body: ChatCompletionRequest):
     svc = request.app.state.service
     check_request(svc, body)
+    check_fanout(svc, body, 1)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return await _serve(request, body, "chat", [chat_prompt(svc, body)], max_tokens)
+    prompt = await asyncio.to_thread(chat_prompt, svc, body)  # template and tokenizer off the event loop
+    return await _serve(request, body, "chat", [prompt], max_tokens)
 
 
 @api.post("/loglikelihood", response_model=None, responses={200: {"model": LoglikelihoodResponse}})

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+# JSON may carry a lone UTF-16 surrogate ("\ud800"); json.loads joins valid pairs, so any surrogate
+# left in a str is lone. It is not a character and no tokenizer can encode it: it becomes U+FFFD.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text)
 
 
 class TemplateError(ValueError):
@@ -43,6 +53,24 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         self.chat_template = template
         self._compiled = None
+        self._max_chars: int | None = None
+
+    @property
+    def max_chars_per_token(self) -> int | None:
+        """At most how many characters of text one token covers, when the tokenizer bounds it: a BPE
+        model without a normalizer and without fused unknown tokens maps every character to at least
+        one byte of some token, so a text of C characters needs at least C / this many tokens. None
+        for other tokenizers (a normalizer may shrink the text; a fused unknown token covers any run).
+        The server uses it to refuse a text longer than the context can hold before encoding it."""
+        if self._max_chars is None:
+            from tokenizers.models import BPE
+
+            model = self._tok.model
+            bounded = (isinstance(model, BPE) and self._tok.normalizer is None
+                       and not (model.unk_token and model.fuse_unk))
+            self._max_chars = (max(len(t) for t in self._tok.get_vocab(with_added_tokens=True))
+                               if bounded else 0)
+        return self._max_chars or None
 
     @property
     def vocab_size(self) -> int:
@@ -52,7 +80,9 @@ class Tokenizer:
         return self._tok.token_to_id(text)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode does not): a long text encoded in a
+        # worker thread then leaves the server's event loop free.
+        return self._tok.encode_batch([replace_lone_surrogates(text)], add_special_tokens=False)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,81 @@
+"""Infilling requests: OpenAI's `suffix`, and the explicit form (`infill: true`) with marked gaps.
+
+`suffix`: the canvas is prompt ++ max_tokens masks ++ suffix; the suffix is fixed context every
+step attends to and the answer is the span, cut as any answer.
+
+`infill: true`: the prompt marks each position to fill with the marker `<|mdm_mask|>` (in text)
+or the mask token id (in a token-id prompt); one marker is one token. The canvas is the prompt
+itself: the context before the first marker, the span from the first to the last marker (fixed
+tokens between gaps stay as they are), the context after it. The span is one block; by default
+one step per marked position. The response gives the whole text with the gaps filled and, per gap
+(a maximal run of markers), its position in the prompt's tokens, its filled ids and their text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.errors import ApiError
+
+MARKER = "<|mdm_mask|>"
+
+
+@dataclass
+class InfillPrompt:
+    prefix: list[int]     # context before the span
+    span: list[int]       # mask ids at the gaps, fixed tokens elsewhere
+    suffix: list[int]     # context after the span
+    gaps: list[tuple[int, int]]  # (start in the span, length) per run of masks
+
+    @property
+    def masks(self) -> int:
+        return sum(n for _, n in self.gaps)
+
+
+def marked_ids(svc, prompt, mask_id: int) -> list[int]:
+    """Token ids of an infill prompt: text split at the marker (each piece tokenised on its own,
+    the marker becoming the mask id), or token ids as given."""
+    if isinstance(prompt, str):
+        from server.requests import need_tokenizer
+
+        tok = need_tokenizer(svc, "a text prompt")
+        ids: list[int] = []
+        for i, piece in enumerate(prompt.split(MARKER)):
+            if i:
+                ids.append(mask_id)
+            if piece:
+                ids.extend(tok.encode(piece))
+        return ids
+    return list(prompt)
+
+
+def split_infill(ids: list[int], mask_id: int, what: str = "prompt") -> InfillPrompt:
+    where = [i for i, t in enumerate(ids) if t == mask_id]
+    if not where:
+        raise ApiError(400, f"infill: the {what} marks no position to fill (write {MARKER} where a token "
+                       "goes, once per token, or the mask token id in a token-id prompt)", param=what,
+                       code="invalid_value")
+    lo, hi = where[0], where[-1] + 1
+    span = ids[lo:hi]
+    gaps, i = [], 0
+    while i < len(span):
+        if span[i] == mask_id:
+            j = i
+            while j < len(span) and span[j] == mask_id:
+                j += 1
+            gaps.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return InfillPrompt(ids[:lo], span, ids[hi:], gaps)
+
+
+def infill_choice(decoder, ip: InfillPrompt, gen_ids: list[int]) -> dict:
+    """The text with every gap filled and the filled ids per gap."""
+    whole = ip.prefix + list(gen_ids) + ip.suffix
+    gaps = []
+    for g, (start, n) in enumerate(ip.gaps):
+        ids = list(gen_ids[start:start + n])
+        gaps.append({"index": g, "position": len(ip.prefix) + start, "token_ids": ids,
+                     "text": decoder.text(ids)})
+    return {"text": decoder.text(whole), "token_ids": list(gen_ids), "gaps": gaps}
