@@ -17,7 +17,7 @@ from sampler.likelihood import MAX_MC_SAMPLES, ScoreJob
 from sampler.params import MAX_SEED
 from sampler.scheduler import EngineError
 from server.errors import ApiError
-from server.requests import need_tokenizer
+from server.requests import _fits_context, need_tokenizer
 from server.schemas import LoglikelihoodRequest
 
 DEFAULT_MC_SAMPLES = 32
@@ -39,6 +39,11 @@ def _ids(svc, value, what: str, allow_empty: bool) -> list[int]:
 
 def pair_ids(svc, pair, index: int) -> tuple[list[int], list[int]]:
     where = f"pairs.{index}"
+    both = (pair.context, pair.continuation)
+    if all(isinstance(x, str) for x in both):  # cheap bound before any encoding
+        _fits_context(svc, where, chars=sum(len(x) for x in both))
+    elif all(isinstance(x, list) for x in both):
+        _fits_context(svc, where, tokens=sum(len(x) for x in both))
     ctx = _ids(svc, pair.context, f"{where}.context", True)
     if isinstance(pair.context, str) and isinstance(pair.continuation, str) and pair.continuation:
         joint = need_tokenizer(svc, "text").encode(pair.context + pair.continuation)
@@ -94,7 +99,7 @@ async def serve_loglikelihood(request: Request, body: LoglikelihoodRequest) -> d
     def sink(item):
         loop.call_soon_threadsafe(lambda: done.done() or done.set_result(item))
 
-    job = build_job(svc, body, sink)
+    job = await asyncio.to_thread(build_job, svc, body, sink)  # tokenizing off the event loop
     try:
         svc.engine.submit_score(job)
     except EngineError as e:
