@@ -1,8 +1,14 @@
 """One denoising step for a whole batch of requests, each at its own point in its own schedule.
 
-Per-request state lives in tensors indexed by slot (host-side metadata: small ints the layout is
-built from without device synchronisation) and a device token buffer that holds every canvas.
-Each request owns a contiguous region of the token buffer and of the per-layer key/value buffers:
+Per-request state lives on the device, in one int64 and one float64 tensor indexed by slot, beside
+a token buffer that holds every canvas; `sampler.device_step` runs the step from them with shapes
+fixed per bucket and no read back to the host. The host keeps only what it needs to choose the
+next step's shapes: each request's static fields and the (block, step in block) it expects next.
+With the s/t schedule that expectation is exact; with threshold decoding a block may finish
+earlier than the host knows, and the planned step then does nothing for that request (see
+device_step). What the events need comes back in one copy to pinned memory, which `step()` reads
+at once and `step_async()` reads after launching the next step, so the host prepares step n+1
+while the device runs step n. Each request owns a contiguous region of the token buffer and of the per-layer key/value buffers:
 rows [off, off+L) hold its canvas (L = prompt + gen), and with classifier-free guidance rows
 [off+L, off+2L) hold the unconditional canvas's keys/values.
 
@@ -13,23 +19,22 @@ What a step runs for request r (bs/be: its current block's bounds):
   dual, later steps             queries [bs, be) keys [0, L)  (prefix and suffix rows cached)
 Fresh keys/values are always written to the buffers first, so the three modes are one code path.
 Selection (candidate tokens, confidences, the top-k / threshold transfer) is one batched call.
+Row `capacity` of the token and key/value buffers is scratch for padded rows.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from kernels import rng
-from kernels.selection import sample_candidates, transfer_mask
+from sampler import device_step as ds
 from sampler.block_diffusion import BlockState, block_step, canvas_length
 from sampler.params import ParamError, SamplingParams
-from weights.layers import AttnLayout, KVBuffers
+from weights.layers import KVBuffers
 
-MODE = {"none": 0, "prefix": 1, "dual": 2}
-NEG_INF = float("-inf")
-DEFERRED = -1.0  # confidence given to deferred EOS/EoT candidates: below every probability
+MODE = {"none": ds.MODE_NONE, "prefix": ds.MODE_PREFIX, "dual": ds.MODE_DUAL}
 
 
 class CapacityError(RuntimeError):
@@ -55,6 +60,10 @@ class StepEvent:
     # Tokens before this position (relative) can no longer change; None: every unmasked token is
     # final (no editing).
     final_upto: int | None = None
+    # Requests with params.logprobs set: per position unmasked this step, its log-probability in
+    # this step and the params.logprobs most likely [(token, log-probability)] (None otherwise).
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -65,8 +74,46 @@ class _Request:
     rows: int
     params: SamplingParams
     prompt_len: int
-    events: list = field(default_factory=list)
+    mode: int
+    canvas: list = field(default_factory=list)  # the generated span as the host has seen it
+    block: int = 0       # the (block, step in block) the next planned step expects
+    sib: int = 0
+    unmasked: int = 0
+    staging: object = None  # pinned source of the canvas copy, kept until the copy has run
     blocks: BlockState | None = None  # block-diffusion requests only
+    suffix_len: int = 0  # fixed context after the generated span (infilling)
+    masks: int = 0       # masked positions of the span at the start
+
+    @property
+    def length(self) -> int:
+        return self.prompt_len + self.params.gen_length + self.suffix_len
+
+    @property
+    def finished(self) -> bool:
+        return self.block >= self.params.blocks
+
+    def advance(self, block: int, sib: int, done: bool) -> tuple[int, int]:
+        """(block, step in block) after a step at (block, sib) that finished the block or not."""
+        return (block + 1, 0) if done else (block, sib + 1)
+
+    def predict_done(self, sib: int) -> bool:
+        """Whether a step at `sib` is expected to finish the block: exact for the s/t schedule;
+        threshold decoding is assumed to go on (a wrong guess costs one step that does nothing)."""
+        if self.params.threshold is not None:
+            return False
+        return sib + 1 >= self.params.steps_per_block
+
+
+@dataclass
+class _Launched:
+    """A step on its way: who was in it, what each expected, and where its results will land."""
+
+    rows: list            # (request, planned block, planned sib, predicted next) per request row
+    row_start: list       # first logit row of each request row
+    n_rows: int           # logit rows of the bucket
+    results: torch.Tensor  # the step's results on the host (pinned on CUDA), see device_step
+    done: object          # CUDA event recorded after the copy (None on the CPU)
+    logprobs: bool = False  # the results carry log-probabilities (see device_step.unpack_outputs)
 
 
 class RegionAllocator:
@@ -108,46 +155,48 @@ class RegionAllocator:
 class DiffusionBatch:
     """Running requests and their state; `step()` advances all of them with one forward."""
 
-    def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64):
+    def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64,
+                 cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None):
         self.model = model
         self.config = model.config
-        self.block_diffusion = bool(getattr(model.config, "block_diffusion", False))
         self.mask_id = special.mask
         self.stop_ids = list(special.stop)
-        self.stop_ids_d = torch.tensor(self.stop_ids, dtype=torch.int64, device=model.device)
         self.eos_id = special.eos
         self.device = model.device
+        dev = self.device
+        self.stop_ids_d = torch.tensor(self.stop_ids, dtype=torch.int64, device=dev)
         self.capacity = capacity_tokens
         self.max_requests = max_requests
-        self.kv = KVBuffers(self.config, capacity_tokens, self.device, model.dtype)
-        self.tokens = torch.full((capacity_tokens,), self.mask_id, dtype=torch.int64, device=self.device)
+        # One more row than the canvases use: the scratch row padded rows read and write.
+        self.kv = KVBuffers(self.config, capacity_tokens + 1, dev, model.dtype)
+        self.tokens = torch.full((capacity_tokens + 1,), self.mask_id, dtype=torch.int64, device=dev)
         self.regions = RegionAllocator(capacity_tokens)
         self.requests: dict[object, _Request] = {}
         self.free_slots = list(range(max_requests - 1, -1, -1))
-        n = max_requests
-        i64 = dict(dtype=torch.int64)
-        # Host-side per-slot metadata (the layout and schedules are computed from these).
-        self.offset = torch.zeros(n, **i64)
-        self.prompt_len = torch.zeros(n, **i64)
-        self.length = torch.zeros(n, **i64)        # canvas length L
-        self.block_len = torch.ones(n, **i64)
-        self.steps_pb = torch.zeros(n, **i64)      # steps per block; 0 in threshold mode
-        self.n_blocks = torch.ones(n, **i64)
-        self.block = torch.zeros(n, **i64)         # current block
-        self.step_in_block = torch.zeros(n, **i64)
-        self.steps_done = torch.zeros(n, **i64)
-        self.unmasked = torch.zeros(n, **i64)
-        self.nfe = torch.zeros(n, **i64)           # forwards as the reference samplers count them
-        self.mode = torch.zeros(n, **i64)
-        self.cfg = torch.zeros(n, dtype=torch.bool)
-        self.seed = torch.zeros(n, **i64)
-        self.temperature = torch.zeros(n, dtype=torch.float32)
-        self.threshold = torch.zeros(n, dtype=torch.float32)
-        self.cfg_scale = torch.zeros(n, dtype=torch.float64)
-        self.random_remask = torch.zeros(n, dtype=torch.bool)
-        self.ban_eos = torch.zeros(n, dtype=torch.bool)
-        self.defer_eos = torch.zeros(n, dtype=torch.bool)
+        # Per-slot state on the device (columns in sampler.device_step); the last slot is the dummy.
+        self.dummy_slot = max_requests
+        self.state = torch.zeros((max_requests + 1, ds.N_INT), dtype=torch.int64, device=dev)
+        self.state[self.dummy_slot, ds.OFF] = capacity_tokens
+        self.fstate = torch.zeros((max_requests + 1, ds.N_FLT), dtype=torch.float64, device=dev)
+        self.pinned = dev.type == "cuda"
+        # Padded bucket shapes let CUDA graphs be reused; on the CPU they would only cost.
+        self.pad_to_buckets = dev.type == "cuda" if pad_to_buckets is None else pad_to_buckets
         self.forwards = 0  # model forwards run by this batch (one per step)
+        self.host_seconds = 0.0  # host time in launch/collect, waiting for the device excluded
+        self._pending: _Launched | None = None
+        # Block diffusion (LLaDA2.x checkpoints) runs its own host-driven step (block_diffusion.py),
+        # which reads these host-side per-slot fields.
+        self.block_diffusion = bool(getattr(self.config, "block_diffusion", False))
+        if self.block_diffusion:
+            n, i64 = max_requests, dict(dtype=torch.int64)
+            self.seed, self.steps_done, self.nfe = (torch.zeros(n, **i64) for _ in range(3))
+            self.temperature = torch.zeros(n, dtype=torch.float32)
+            self.ban_eos = torch.zeros(n, dtype=torch.bool)
+            self.defer_eos = torch.zeros(n, dtype=torch.bool)
+        self.graphs = None
+        if dev.type == "cuda" and (cuda_graphs is None or cuda_graphs) and not self.block_diffusion:
+            from sampler.cuda_graphs import StepGraphs
+            self.graphs = StepGraphs(self._device_step, self.dummy_slot, dev)
 
     # ---------------------------------------------------------------- admission
     @staticmethod
@@ -163,18 +212,32 @@ class DiffusionBatch:
         return bool(self.free_slots) and self.regions.fits(
             self.rows_needed(prompt_len, params, self.block_diffusion))
 
-    def add(self, rid, prompt_ids, params: SamplingParams) -> None:
-        prompt_ids = list(prompt_ids)
+    def add(self, rid, prompt_ids, params: SamplingParams, suffix_ids=(), span_ids=None) -> None:
+        """Admit a request: canvas prompt ++ span ++ suffix, the span `gen_length` masks or
+        `span_ids` (infilling: mask ids at the positions to fill, fixed tokens elsewhere)."""
+        prompt_ids, suffix_ids = list(prompt_ids), list(suffix_ids)
+        span = [self.mask_id] * params.gen_length if span_ids is None else list(span_ids)
         if self.block_diffusion:
+            if suffix_ids or span_ids is not None:
+                raise ParamError("suffix", "infilling is not available for block-diffusion (LLaDA2.x) "
+                                 "checkpoints yet")
             params = params.for_block_diffusion()
-        params.validate(len(prompt_ids), self.config.max_sequence_length, self.block_diffusion)
+        context = len(prompt_ids) + len(suffix_ids)
+        params.validate(context, self.config.max_sequence_length, self.block_diffusion)
+        if len(span) != params.gen_length:
+            raise ParamError("prompt", f"the infill span has {len(span)} positions, gen_length is "
+                             f"{params.gen_length}")
         vocab = self.config.embedding_size
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ParamError("prompt", f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        for what, ids in (("prompt", prompt_ids), ("suffix", suffix_ids), ("prompt", span)):
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ParamError(what, f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        masks = span.count(self.mask_id)
+        if masks == 0:
+            raise ParamError("prompt", "the span has no masked position to fill")
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already running")
-        rows = self.rows_needed(len(prompt_ids), params, self.block_diffusion)
+        rows = self.rows_needed(context, params, self.block_diffusion)
         if rows > self.capacity:
             raise CapacityError(f"the request needs {rows} canvas rows; this batch holds {self.capacity}")
         if not self.free_slots:
@@ -185,27 +248,50 @@ class DiffusionBatch:
         slot = self.free_slots.pop()
         p, g = len(prompt_ids), params.gen_length
         if self.block_diffusion:
-            g = rows - p  # the canvas runs to the end of the last block
-        canvas = torch.tensor(prompt_ids + [self.mask_id] * g, dtype=torch.int64)
-        self.tokens[off:off + p + g] = canvas.to(self.device)
+            return self._add_block_diffusion(rid, slot, off, rows, prompt_ids, params)
+        req = _Request(rid, slot, off, rows, params, p, MODE[params.cache], canvas=list(span),
+                       suffix_len=len(suffix_ids), masks=masks)
+        row = [0] * ds.N_INT
+        row[ds.OFF], row[ds.PLEN], row[ds.LEN], row[ds.GEN] = off, p, req.length, g
+        row[ds.BLEN], row[ds.NBLK] = params.block, params.blocks
+        row[ds.SPB] = 0 if params.threshold is not None else params.steps_per_block
+        row[ds.MODE] = req.mode
+        row[ds.SEED] = params.seed if params.seed is not None else 0
+        row[ds.CFG] = int(params.cfg_scale > 0)
+        row[ds.RND] = int(params.remasking == "random")
+        row[ds.BAN], row[ds.DEFER] = int(bool(params.ban_eos)), int(bool(params.defer_eos))
+        row[ds.TOPK] = params.top_k
+        row[ds.NLP] = -1 if params.logprobs is None else params.logprobs
+        frow = [0.0] * ds.N_FLT
+        frow[ds.TOPP], frow[ds.MINP] = float(params.top_p), float(params.min_p)
+        frow[ds.TEMP] = float(params.temperature)
+        frow[ds.THR] = float(params.threshold) if params.threshold is not None else 0.0
+        frow[ds.CFGS] = float(params.cfg_scale)
+        # One staged copy each for the canvas and the state rows, queued behind any step in flight.
+        canvas = torch.tensor(prompt_ids + span + suffix_ids, dtype=torch.int64)
+        srow = torch.tensor(row, dtype=torch.int64)
+        frow_t = torch.tensor(frow, dtype=torch.float64)
+        if self.pinned:
+            canvas, srow, frow_t = canvas.pin_memory(), srow.pin_memory(), frow_t.pin_memory()
+        req.staging = (canvas, srow, frow_t)
+        nb = self.pinned
+        self.tokens[off:off + req.length].copy_(canvas, non_blocking=nb)
+        self.state[slot].copy_(srow, non_blocking=nb)
+        self.fstate[slot].copy_(frow_t, non_blocking=nb)
+        self.requests[rid] = req
+
+    def _add_block_diffusion(self, rid, slot, off, rows, prompt_ids, params) -> None:
+        p = len(prompt_ids)
+        canvas = torch.tensor(prompt_ids + [self.mask_id] * (rows - p), dtype=torch.int64)
+        self.tokens[off:off + rows] = canvas.to(self.device)  # the canvas runs to its last block's end
         s = slot
-        self.offset[s], self.prompt_len[s], self.length[s] = off, p, p + g
-        self.block_len[s] = params.block
-        self.n_blocks[s] = params.blocks
-        self.steps_pb[s] = 0 if params.threshold is not None else params.steps_per_block
-        self.block[s] = self.step_in_block[s] = self.steps_done[s] = self.unmasked[s] = self.nfe[s] = 0
-        self.mode[s] = MODE[params.cache]
-        self.cfg[s] = params.cfg_scale > 0
-        self.cfg_scale[s] = float(params.cfg_scale)
         self.seed[s] = params.seed if params.seed is not None else 0
+        self.steps_done[s] = self.nfe[s] = 0
         self.temperature[s] = float(params.temperature)
-        self.threshold[s] = float(params.threshold) if params.threshold is not None else 0.0
-        self.random_remask[s] = params.remasking == "random"
-        self.ban_eos[s] = bool(params.ban_eos)
-        self.defer_eos[s] = bool(params.defer_eos)
-        self.requests[rid] = _Request(rid, slot, off, rows, params, p)
-        if self.block_diffusion:
-            self.requests[rid].blocks = BlockState.start(p, params)
+        self.ban_eos[s], self.defer_eos[s] = bool(params.ban_eos), bool(params.defer_eos)
+        req = _Request(rid, slot, off, rows, params, p, ds.MODE_NONE)
+        req.blocks = BlockState.start(p, params)
+        self.requests[rid] = req
 
     def remove(self, rid) -> None:
         req = self.requests.pop(rid, None)
@@ -222,158 +308,168 @@ class DiffusionBatch:
         return self.regions.used
 
     def canvas(self, rid) -> list[int]:
-        """The request's generated span as it stands (mask ids where still masked)."""
+        """The request's generated span as the host has seen it (mask ids where still masked)."""
         req = self.requests[rid]
-        s = req.slot
-        lo = int(self.offset[s] + self.prompt_len[s])
-        return self.tokens[lo:lo + req.params.gen_length].tolist()
+        if req.blocks is not None:  # block diffusion edits tokens: read the device's canvas
+            lo = req.offset + req.prompt_len
+            return self.tokens[lo:lo + req.params.gen_length].tolist()
+        return list(req.canvas)
+
+    # ---------------------------------------------------------------- planning
+    def _plan(self):
+        """(request rows, bucket, plan rows) for the next step from the host's expectations."""
+        rows, tokens, logit_rows, max_q, cfg, filters, logprobs = [], 0, 0, 0, False, False, False
+        for req in self.requests.values():
+            if req.finished:
+                continue
+            lo, hi = ds.query_range(req.mode, req.prompt_len, req.length, req.params.block,
+                                    req.block, req.sib)
+            n = hi - lo
+            tokens += n
+            max_q = max(max_q, n)
+            if req.params.cfg_scale > 0:
+                cfg = True
+                tokens += req.length
+                max_q = max(max_q, req.length)
+            logit_rows += req.params.block
+            filters |= req.params.filtered
+            logprobs |= req.params.logprobs is not None
+            rows.append(req)
+        if not rows:
+            return [], None
+        return rows, ds.Bucket.fit(len(rows), tokens, logit_rows, max_q, cfg, self.pad_to_buckets,
+                                   filters, logprobs)
+
+    def planned_query_tokens(self) -> int:
+        """Query tokens the next step's forward processes, padding excluded (benchmarks)."""
+        total = 0
+        for req in self.requests.values():
+            if req.finished:
+                continue
+            lo, hi = ds.query_range(req.mode, req.prompt_len, req.length, req.params.block,
+                                    req.block, req.sib)
+            total += (hi - lo) + (req.length if req.params.cfg_scale > 0 else 0)
+        return total
+
+    def _device_step(self, plan, bucket):
+        return ds.device_step(self.model, self.kv, self.tokens, self.state, self.fstate, plan, bucket,
+                              self.mask_id, self.eos_id, self.stop_ids_d, self.capacity)
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self) -> list[StepEvent]:
-        if not self.requests:
-            return []
-        reqs = list(self.requests.values())
-        if self.block_diffusion:
-            return block_step(self, reqs)
-        slots = torch.tensor([r.slot for r in reqs], dtype=torch.int64)
-        b = len(reqs)
-        off, plen, length = self.offset[slots], self.prompt_len[slots], self.length[slots]
-        blen, blk, sib = self.block_len[slots], self.block[slots], self.step_in_block[slots]
-        mode, cfg = self.mode[slots], self.cfg[slots]
-        bs = plen + blk * blen
-        be = bs + blen
-        at_start = sib == 0
-        q_lo = torch.where((mode == 0) | at_start, torch.zeros_like(bs), bs)
-        q_hi = torch.where((mode == 2) & ~at_start, be, length)
-
-        # Segments: one per request (its canvas), plus one per CFG request (unconditional canvas).
-        cfg_idx = cfg.nonzero().squeeze(1)
-        seg_req = torch.cat([torch.arange(b), cfg_idx])
-        seg_uncond = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(len(cfg_idx), dtype=torch.bool)])
-        seg_lo = torch.cat([q_lo, torch.zeros(len(cfg_idx), dtype=torch.int64)])
-        seg_hi = torch.cat([q_hi, length[cfg_idx]])
-        seg_kv = off[seg_req] + torch.where(seg_uncond, length[seg_req], torch.zeros_like(seg_req))
-        counts = seg_hi - seg_lo
-        cu = torch.zeros(len(seg_req) + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(counts, 0)
-        total = int(cu[-1])
-        tok_seg = torch.repeat_interleave(torch.arange(len(seg_req)), counts, output_size=total)
-        pos = seg_lo[tok_seg] + torch.arange(total) - cu[:-1][tok_seg]
-        kv_index = seg_kv[tok_seg] + pos
-        src = off[seg_req][tok_seg] + pos
-        blank = seg_uncond[tok_seg] & (pos < plen[seg_req][tok_seg])  # prompt masked out (CFG)
-
-        # Logit rows: each request's current block, in its canvas segment (and its uncond one).
-        n_rows = blen.sum()
-        row_req = torch.repeat_interleave(torch.arange(b), blen, output_size=int(n_rows))
-        cu_rows = torch.zeros(b + 1, dtype=torch.int64)
-        cu_rows[1:] = torch.cumsum(blen, 0)
-        within = torch.arange(int(n_rows)) - cu_rows[:-1][row_req]
-        cond_rows = cu[:-1][row_req] + (bs - q_lo)[row_req] + within
-        seg_of_uncond = torch.full((b,), -1, dtype=torch.int64)
-        seg_of_uncond[cfg_idx] = torch.arange(b, b + len(cfg_idx))
-        has_u = cfg[row_req]
-        unc_rows = cu[:-1][seg_of_uncond[row_req][has_u]] + bs[row_req][has_u] + within[has_u]
-        logits_rows = torch.cat([cond_rows, unc_rows])
-
-        dev = self.device
-        src_d, kv_d = src.to(dev), kv_index.to(dev)
-        ids = self.tokens.index_select(0, src_d)
-        if bool(blank.any()):
-            ids = torch.where(blank.to(dev), torch.full_like(ids, self.mask_id), ids)
-        layout = AttnLayout(
-            cu_q=cu.to(torch.int32).to(dev), k_start=seg_kv.to(torch.int32).to(dev),
-            k_len=length[seg_req].to(torch.int32).to(dev), kv_index=kv_d,
-            max_q=int(counts.max()), max_k=int(length[seg_req].max()))
-        out = self.model(ids, pos.to(dev), layout, self.kv, logits_rows.to(dev))
-        self.forwards += 1
-        nr = int(n_rows)
-        logits = out[:nr]
-        if len(unc_rows):  # classifier-free guidance: u + (s + 1) * (c - u) on the CFG rows
-            gi = has_u.nonzero().squeeze(1).to(dev)
-            u = out[nr:]
-            scale = (self.cfg_scale[slots][row_req][has_u] + 1).to(dev, logits.dtype).unsqueeze(1)
-            logits = logits.index_copy(0, gi, u + scale * (logits.index_select(0, gi) - u))
-        return self._select(reqs, slots, logits, row_req, cu_rows, within, bs, blk, sib)
-
-    def _select(self, reqs, slots, logits, row_req, cu_rows, within, bs, blk, sib):
-        dev = self.device
-        b = len(reqs)
-        position = bs[row_req] + within                          # absolute canvas position
-        canvas_idx = (self.offset[slots][row_req] + position).to(dev)
-        cand = self.tokens.index_select(0, canvas_idx) == self.mask_id
-        ban = self.ban_eos[slots][row_req]
-        seed = self.seed[slots][row_req].to(dev)
-        nonce = self.steps_done[slots][row_req].to(dev)
-        pos_d = position.to(dev)
-        temp = self.temperature[slots][row_req].to(dev)
-        ban_d = ban.to(dev) if bool(ban.any()) else None
-        banned = dict(ban_ids=[self.eos_id], ban_rows=ban_d) if ban_d is not None else {}
-        x0, conf = sample_candidates(logits, temp, seed, nonce, pos_d, **banned)
-        # A candidate equal to the mask id would leave its position masked for ever (the block never
-        # completes, the request never ends). Trained models never propose it; rows that do are drawn
-        # again with the mask logit at -inf (same noise, same EOS ban). Other rows are unchanged.
-        rows = (x0 == self.mask_id).nonzero().squeeze(1)
-        if len(rows):
-            sub = logits.index_select(0, rows)
-            sub[:, self.mask_id] = NEG_INF
-            banned = dict(ban_ids=[self.eos_id], ban_rows=ban_d[rows]) if ban_d is not None else {}
-            x0b, confb = sample_candidates(sub, temp[rows], seed[rows], nonce[rows], pos_d[rows], **banned)
-            x0 = x0.index_copy(0, rows, x0b)
-            conf = conf.index_copy(0, rows, confb.to(conf.dtype))
-        rnd = self.random_remask[slots][row_req]
-        if bool(rnd.any()):
-            u = rng.uniform(seed, nonce, pos_d, torch.full_like(pos_d, rng.REMASK_STREAM))
-            conf = torch.where(rnd.to(dev), u.to(conf.dtype), conf)
-        defer = self.defer_eos[slots][row_req]
-        if bool(defer.any()) and self.stop_ids:
-            stop = torch.isin(x0, self.stop_ids_d)
-            conf = torch.where(defer.to(dev) & stop, torch.full_like(conf, DEFERRED), conf)
-        conf = torch.where(cand, conf, torch.full_like(conf, NEG_INF))
-
-        blen = self.block_len[slots]
-        spb = self.steps_pb[slots]
-        per = spb.clamp(min=1)
-        k = torch.where(spb > 0, blen // per + (sib < blen % per).long(), torch.zeros_like(blen))
-        chosen = transfer_mask(conf, cu_rows.to(dev), k.to(dev), self.threshold[slots].to(dev))
-        self.tokens[canvas_idx[chosen]] = x0[chosen]
-
-        # One device-to-host copy of what the events need.
-        chosen_h, cand_h = chosen.cpu(), cand.cpu()
-        x0_h, conf_h = x0.cpu(), conf.cpu()
-        n_chosen = torch.zeros(b, dtype=torch.int64).index_add_(0, row_req, chosen_h.long())
-        left = torch.zeros(b, dtype=torch.int64).index_add_(0, row_req, (cand_h & ~chosen_h).long())
-        self.unmasked[slots] += n_chosen
-        self.steps_done[slots] += 1
-        block_done = left == 0
-        # NFE as the reference counts it: its prefix-cache loop tests for a finished block after
-        # each cached forward, so a block that the block-start forward completes costs it one
-        # more forward that unmasks nothing. We skip that forward but count it, so NFE compares.
-        phantom = (self.mode[slots] == MODE["prefix"]) & (sib == 0) & block_done
-        self.nfe[slots] += 1 + phantom.long()
-        self.block[slots] = blk + block_done.long()
-        self.step_in_block[slots] = torch.where(block_done, torch.zeros_like(sib), sib + 1)
-        finished = self.block[slots] >= self.n_blocks[slots]
-
-        events = []
-        rel = (position - self.prompt_len[slots][row_req]).tolist()
-        sel = chosen_h.nonzero().squeeze(1).tolist()
-        per_req: list[list[int]] = [[] for _ in range(b)]
-        rr = row_req.tolist()
-        for i in sel:
-            per_req[rr[i]].append(i)
-        x0_l, conf_l = x0_h.tolist(), conf_h.tolist()
+    def launch(self) -> _Launched | None:
+        """Queue one step for every running request; returns where its results will land."""
+        t0 = time.perf_counter()
+        reqs, bucket = self._plan()
+        if bucket is None:
+            return None
+        b1 = bucket.requests + 1
+        plan = torch.empty((b1, 3), dtype=torch.int64, pin_memory=self.pinned)
+        plan[:, 0] = self.dummy_slot
+        plan[:, 1] = -1
+        plan[:, 2] = 0
+        rows, row_start, r0 = [], [], 0
         for j, req in enumerate(reqs):
-            s = req.slot
-            rows = per_req[j]
+            plan[j, 0], plan[j, 1], plan[j, 2] = req.slot, req.block, req.sib
+            nxt = req.advance(req.block, req.sib, req.predict_done(req.sib))
+            rows.append((req, req.block, req.sib, nxt))
+            row_start.append(r0)
+            r0 += req.params.block
+            req.block, req.sib = nxt
+        plan_d = plan.to(self.device, non_blocking=self.pinned)
+        if self.graphs is not None:
+            out = self.graphs.run(bucket, plan_d)
+        else:
+            out = self._device_step(plan_d, bucket)
+        self.forwards += 1
+        done = None
+        if self.pinned:  # one copy of the step's results into pinned memory, read after the event
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = out.clone()
+        self.host_seconds += time.perf_counter() - t0
+        return _Launched(rows, row_start, bucket.rows, host, done, bucket.logprobs)
+
+    def collect(self, launched: _Launched | None) -> list[StepEvent]:
+        """Wait for a launched step's results and turn them into events (requests removed since
+        the launch are skipped; a request whose planned step did nothing gets no event)."""
+        if launched is None:
+            return []
+        if launched.done is not None:
+            launched.done.synchronize()
+        t0 = time.perf_counter()
+        ints, conf, rq, lp = ds.unpack_outputs(launched.results, launched.n_rows, launched.logprobs)
+        events = []
+        for j, (req, block, sib, predicted) in enumerate(launched.rows):
+            active, steps_done, nfe, unmasked, block_done, finished = (int(v) for v in rq[j])
+            if not active or self.requests.get(req.rid) is not req:
+                continue
+            actual = req.advance(block, sib, bool(block_done))
+            if actual != predicted:  # a threshold block finished early: plan from the truth
+                req.block, req.sib = actual
+            r0 = launched.row_start[j]
+            seg = ints[r0:r0 + req.params.block]
+            picked = seg[:, 0].nonzero()[0]
+            positions = seg[picked, 2].tolist()
+            token_ids = seg[picked, 1].tolist()
+            for p, t in zip(positions, token_ids):
+                req.canvas[p] = t
+            req.unmasked = unmasked
             ev = StepEvent(
-                request_id=req.rid, step=int(self.steps_done[s]), block=int(blk[j]),
-                positions=[rel[i] for i in rows], token_ids=[x0_l[i] for i in rows],
-                confidences=[conf_l[i] for i in rows],
-                masks_remaining=req.params.gen_length - int(self.unmasked[s]),
-                nfe=int(self.nfe[s]), finished=bool(finished[j]))
+                request_id=req.rid, step=steps_done, block=block, positions=positions,
+                token_ids=token_ids, confidences=conf[r0 + picked].tolist(),
+                masks_remaining=req.masks - unmasked, nfe=nfe, finished=bool(finished))
+            if lp is not None and req.params.logprobs is not None:
+                rows_ = r0 + picked
+                n = req.params.logprobs
+                ev.logprobs = lp[0][rows_].tolist()
+                ev.top_logprobs = [[(t, v) for t, v in zip(ids[:n].tolist(), vals[:n].tolist())
+                                    if v != float("-inf")]
+                                   for ids, vals in zip(lp[1][rows_], lp[2][rows_])]
             if ev.finished:
-                ev.gen_ids = self.canvas(req.rid)
+                req.block, req.sib = req.params.blocks, 0
+                ev.gen_ids = list(req.canvas)
             events.append(ev)
+        self.host_seconds += time.perf_counter() - t0
         return events
+
+    def step(self) -> list[StepEvent]:
+        """One step for every running request, its events read at once."""
+        if self.block_diffusion:
+            return block_step(self, list(self.requests.values())) if self.requests else []
+        if self._pending is not None:  # results of an asynchronous step still to read
+            events = self.collect(self._pending)
+            self._pending = None
+            return events
+        return self.collect(self.launch())
+
+    def step_async(self) -> list[StepEvent]:
+        """Launch the next step, then return the events of the one launched before it: the host
+        reads step n's results while the device runs step n+1 (an empty list the first time).
+        Block diffusion steps synchronously (its next step depends on this one's edits)."""
+        if self.block_diffusion:
+            return self.step()
+        launched = self.launch()
+        previous, self._pending = self._pending, launched
+        return self.collect(previous)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def discard_pending(self) -> None:
+        """Forget a launched step's results (after a failed step, whose requests are failed)."""
+        self._pending = None
+
+    def hot_buckets(self, block_length: int = 32) -> list:
+        """Buckets of the steady state worth capturing at start: 1, 2, 4, ... requests each in a
+        dual-cache block step of `block_length` queries (the most common cached step)."""
+        out, n = [], 1
+        while n <= self.max_requests:
+            if n * block_length <= self.capacity:
+                out.append(ds.Bucket.fit(n, n * block_length, n * block_length, block_length, False))
+            n *= 2
+        return out

@@ -102,12 +102,14 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
             conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
             conf[hi:] = float("-inf")
             conf[:lo] = float("-inf")
+            # The k most confident, ties to the lower position (a stable sort): with sampling filters
+            # several positions can share confidence 1 (a kept set of one token).
+            order = torch.sort(conf, descending=True, stable=True)
             if counts is not None:
-                k = counts[i]
-                _, idx = torch.topk(conf, k)
+                idx = order.indices[:counts[i]]
             else:
                 k = int(masked[lo:hi].sum())
-                vals, idx = torch.topk(conf, k)
+                vals, idx = order.values[:k], order.indices[:k]
                 idx = idx[torch.cat([torch.ones(1, dtype=torch.bool, device=dev),
                                      vals[1:] >= params.threshold])]
             x[idx] = x0[idx]

@@ -75,6 +75,8 @@ class EngineConfig:
     request_timeout: float | None = 600.0  # seconds from submission; None or <= 0: no limit
     early_stop: bool = True           # leave the batch once the answer is final
     idle_wait: float = 0.05           # seconds the loop sleeps when there is nothing to do
+    cuda_graphs: bool = True          # replay captured CUDA graphs of the step (CUDA only)
+    pipelined: bool | None = None     # read step n's events while step n+1 runs (default: on CUDA)
 
 
 @dataclass
@@ -86,6 +88,9 @@ class Result:
     queued_s: float           # submission -> admission
     duration_s: float         # submission -> completion
     first_block_s: float | None
+    # With params.logprobs set: per generated position, (step that committed it, its log-probability
+    # in that step, [(token, log-probability)] alternatives); None where nothing was committed.
+    token_info: list | None = None
 
 
 @dataclass(eq=False)
@@ -98,6 +103,8 @@ class Handle:
     want_steps: bool = False       # deliver every StepEvent
     want_progress: bool = False    # deliver the final prefix whenever it grows
     answer_limit: int | None = None  # tokens the answer is cut at (early completion)
+    suffix_ids: list = field(default_factory=list)  # fixed context after the generated span
+    span_ids: list | None = None   # infill: the span with mask ids where tokens are filled
     rid: int = 0
     group: int = 0                 # the handles submitted together (one HTTP request) share it
     submitted: float = field(default_factory=time.monotonic)
@@ -111,6 +118,17 @@ class Handle:
     done: bool = False
     cancelled: bool = False
     stop_seen: bool = False
+    token_info: list | None = None
+
+    @property
+    def infill(self) -> bool:
+        """An infill span: the answer is its gaps, so stop ids in it end nothing early."""
+        return self.span_ids is not None
+
+    @property
+    def canvas_prompt_len(self) -> int:
+        """Fixed context rows besides the span (prompt and suffix)."""
+        return len(self.prompt_ids) + len(self.suffix_ids)
 
     def cancel(self) -> None:
         """Ask the engine to drop this request (thread safe; takes effect before the next step)."""
@@ -128,7 +146,10 @@ class Engine:
         self.stop_ids = set(special.stop)
         self.mask_id = special.mask
         self.batch = DiffusionBatch(model, special, capacity_tokens=self.config.max_batch_tokens,
-                                    max_requests=self.config.max_batch_size)
+                                    max_requests=self.config.max_batch_size,
+                                    cuda_graphs=self.config.cuda_graphs)
+        pipe = self.config.pipelined
+        self.pipelined = self.batch.device.type == "cuda" if pipe is None else bool(pipe)
         self.scorer = ScoreBatch(model, special.mask)
         self.scoring: dict[int, ScoreJob] = {}
         self.waiting = FairQueue()
@@ -148,6 +169,8 @@ class Engine:
     def start(self) -> "Engine":
         if self._thread is not None:
             return self
+        if self.batch.graphs is not None:  # capture the hot buckets before serving
+            self.batch.graphs.warm(self.batch.hot_buckets())
         self._accepting = True
         self.alive = True
         self._thread = threading.Thread(target=self._run, name="llada-engine", daemon=True)
@@ -210,7 +233,7 @@ class Engine:
     def submit(self, handles: list[Handle]) -> list[Handle]:
         """Queue handles together (all or none). Raises QueueFull or EngineStopped."""
         for h in handles:
-            self.check_fits(len(h.prompt_ids), h.params)
+            self.check_fits(h.canvas_prompt_len, h.params)
         with self._cv:
             if not self.accepting:
                 raise EngineStopped()
@@ -225,7 +248,9 @@ class Engine:
                 h.group = group
                 h.submitted = now
                 h.deadline = now + timeout if timeout and timeout > 0 else None
-                h.canvas = [None] * h.params.gen_length
+                h.canvas = [None] * h.params.gen_length if h.span_ids is None else \
+                    [None if t == self.mask_id else t for t in h.span_ids]
+                h.token_info = [None] * h.params.gen_length if h.params.logprobs is not None else None
             self.waiting.push(group, handles)
             self._gauges()
             self._cv.notify_all()
@@ -329,7 +354,7 @@ class Engine:
             if nxt is None:
                 break
             group, h = nxt
-            if not self.batch.can_admit(len(h.prompt_ids), h.params):
+            if not self.batch.can_admit(h.canvas_prompt_len, h.params):
                 if not self.running:  # an empty batch that cannot take it never will
                     self.waiting.remove(group, h)
                     self._finish_error(h, EngineError("the request does not fit the batch buffers",
@@ -337,7 +362,7 @@ class Engine:
                     continue
                 break
             try:
-                self.batch.add(h.rid, h.prompt_ids, h.params)
+                self.batch.add(h.rid, h.prompt_ids, h.params, suffix_ids=h.suffix_ids, span_ids=h.span_ids)
             except ParamError as e:
                 self.waiting.remove(group, h)
                 self._finish_error(h, EngineError(str(e), status=400, type="invalid_request_error",
@@ -359,7 +384,7 @@ class Engine:
         n = len(self.batch)
         t0 = time.perf_counter()
         try:
-            events = self.batch.step()
+            events = self.batch.step_async() if self.pipelined else self.batch.step()
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
             self._step_failed(e)
             return
@@ -424,6 +449,7 @@ class Engine:
     def _step_failed(self, e: Exception) -> None:
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
         self.step_failures += 1
+        self.batch.discard_pending()
         log.error("a step failed (%s: %s); failing the %d requests in it", type(e).__name__, e,
                   len(self.running), exc_info=not oom)
         if oom and torch.cuda.is_available():
@@ -452,6 +478,9 @@ class Engine:
             canvas[p] = t
         for p, t in zip(ev.edited_positions, ev.edited_token_ids):
             canvas[p] = t
+        if h.token_info is not None and ev.logprobs is not None:
+            for p, lp, top in zip(ev.positions, ev.logprobs, ev.top_logprobs):
+                h.token_info[p] = (ev.step, lp, top)
         before = h.prefix
         n = len(canvas) if ev.final_upto is None else ev.final_upto  # editing: only finished blocks
         while h.prefix < n and canvas[h.prefix] is not None:
@@ -472,14 +501,14 @@ class Engine:
             self._finish_error(h, EngineError("the sampler made no progress on this request",
                                               status=500, code="no_progress"))
             return
-        final = (h.stop_seen or (h.answer_limit is not None and h.prefix >= h.answer_limit))
+        final = not h.infill and (h.stop_seen or (h.answer_limit is not None and h.prefix >= h.answer_limit))
         if ev.finished or (final and self.config.early_stop and not h.want_steps):
             gen = ev.gen_ids if ev.finished else [self.mask_id if t is None else t for t in canvas]
             self._release(h)
             now = time.monotonic()
             res = Result(gen_ids=list(gen), nfe=ev.nfe, steps=ev.step, early=not ev.finished,
                          queued_s=(h.admitted or now) - h.submitted, duration_s=now - h.submitted,
-                         first_block_s=h.first_block_s)
+                         first_block_s=h.first_block_s, token_info=h.token_info)
             d = res.duration_s
             self._recent_duration = d if self._recent_duration is None else 0.9 * self._recent_duration + 0.1 * d
             if self.metrics is not None:

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="seconds an idle keep-alive connection stays open")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
       help="seconds in-flight requests get to finish after SIGTERM")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction,
+      default=str(_env("cuda_graphs", "1")).lower() not in ("0", "false", "no", "off"),
+      help="replay captured CUDA graphs of the denoising step (CUDA only; default on; capture time "
+           "and memory are logged at start)")
     a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"])
     return p
 
@@ -110,7 +114,8 @@ def main(argv=None) -> None:
              cfg.vocab_size, cfg.max_sequence_length, "yes" if bundle.tokenizer is not None else "none")
     econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                          max_queue=args.max_queue,
-                         request_timeout=args.request_timeout if args.request_timeout > 0 else None)
+                         request_timeout=args.request_timeout if args.request_timeout > 0 else None,
+                         cuda_graphs=args.cuda_graphs)
     if args.allowed_hosts:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     else:

@@ -1,0 +1,221 @@
+"""The device-resident step: padded buckets, one-step-late events, NFE accounting, no host reads.
+
+On the CPU the step normally runs at exact shapes and reads results at once; these tests force the
+CUDA behaviour (padded bucket shapes, events read one step late, no data-dependent shortcuts) and
+check that every answer and every NFE is what the plain path gives.
+"""
+
+import random
+
+import pytest
+import torch
+
+import kernel_testing  # noqa: F401  (Triton's interpreter when there is no GPU)
+from ckpt_factory import make_checkpoint
+from sampler import device_step as ds
+from sampler.batch import DiffusionBatch
+from sampler.params import SamplingParams
+from weights.checkpoint import load_checkpoint
+
+MODES = [
+    dict(),
+    dict(cache="prefix"),
+    dict(cache="dual"),
+    dict(threshold=0.3),
+    dict(threshold=0.3, cache="prefix"),
+    dict(threshold=0.2, cache="dual"),
+    dict(remasking="random", seed=5, cache="dual"),
+    dict(cfg_scale=1.5),
+    dict(cfg_scale=1.0, threshold=0.4),
+    dict(temperature=0.8, seed=123, cache="prefix"),
+    dict(temperature=0.5, seed=9, threshold=0.2, cache="dual"),
+    dict(ban_eos=True, cache="dual"),
+    dict(defer_eos=True),
+]
+
+
+def _label(m):
+    return ",".join(f"{k}={v}" for k, v in m.items()) or "plain"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Other dimensions than the golden set (GQA, head dim 16, 3 layers)."""
+    d = make_checkpoint(tmp_path_factory.mktemp("ds") / "m", d_model=64, n_layers=3, n_heads=4,
+                        n_kv_heads=2, mlp_hidden_size=72, vocab_size=150, seed=21)
+    return load_checkpoint(d, device="cpu", dtype="float32")
+
+
+def _run(bundle, reqs, arrivals=None, pad=False, late=False, max_requests=None):
+    """Drive one batch to completion: {index: (gen_ids, nfe, steps)}; arrivals[i] = step it joins."""
+    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
+    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows + 7,
+                           max_requests=max_requests or len(reqs), pad_to_buckets=pad)
+    arrivals = arrivals or [0] * len(reqs)
+    order = sorted(range(len(reqs)), key=lambda i: arrivals[i])
+    out, step_no = {}, 0
+    while len(out) < len(reqs):
+        while order and arrivals[order[0]] <= step_no and batch.can_admit(len(reqs[order[0]][0]),
+                                                                          reqs[order[0]][1]):
+            i = order.pop(0)
+            batch.add(i, *reqs[i])
+        for ev in (batch.step_async() if late else batch.step()):
+            if ev.finished:
+                out[ev.request_id] = (ev.gen_ids, ev.nfe, ev.step)
+                batch.remove(ev.request_id)
+        step_no += 1
+        assert step_no < 2000, "the batch stopped making progress"
+    return out, batch
+
+
+def _requests(rnd, extra, n=1):
+    out = []
+    for _ in range(n):
+        gen, block = rnd.choice([(16, 8), (24, 8), (16, 16), (20, 4)])
+        steps = None if "threshold" in extra else gen // rnd.choice([1, 2])
+        out.append(([rnd.randrange(0, 139) for _ in range(rnd.randrange(1, 14))],
+                    SamplingParams(gen_length=gen, block_length=block, steps=steps, **extra)))
+    return out
+
+
+@pytest.mark.parametrize("extra", MODES, ids=_label)
+def test_padded_buckets_and_late_events_change_nothing(model, extra):
+    """Alone: exact shapes read at once == padded buckets == padded buckets read one step late."""
+    rnd = random.Random(hash(_label(extra)) & 0xFFFF)
+    reqs = _requests(rnd, extra, n=2)
+    for req in reqs:
+        want, _ = _run(model, [req])
+        for pad, late in [(True, False), (True, True), (False, True)]:
+            got, _ = _run(model, [req], pad=pad, late=late)
+            assert got[0][:2] == want[0][:2], (pad, late)
+
+
+def test_mixed_batch_with_joins_is_invariant_under_padding_and_late_events(model):
+    """Every mode in one batch, requests joining mid-schedule: each answer and NFE equals the
+    request run alone with exact shapes."""
+    rnd = random.Random(77)
+    reqs = []
+    for extra in MODES:
+        reqs += _requests(rnd, extra)
+    alone = {i: _run(model, [r])[0][0][:2] for i, r in enumerate(reqs)}
+    arrivals = [rnd.randrange(0, 20) for _ in reqs]
+    for pad, late in [(True, False), (True, True)]:
+        got, batch = _run(model, reqs, arrivals, pad=pad, late=late, max_requests=6)
+        assert {i: g[:2] for i, g in got.items()} == alone, (pad, late)
+        assert not batch.requests and batch.rows_in_use == 0
+
+
+def test_late_events_cost_a_no_op_step_only_for_threshold_blocks(model):
+    """Read one step late, a threshold block that finishes is noticed one step later: that request
+    spends one planned step doing nothing (no event, no NFE); a scheduled request spends none."""
+    rnd = random.Random(5)
+    sched = _requests(rnd, dict(cache="dual"))[0]
+    thr = _requests(rnd, dict(threshold=0.2, cache="dual"))[0]
+    for req in (sched, thr):
+        now, b_now = _run(model, [req])
+        late, b_late = _run(model, [req], late=True)
+        assert late[0][:3] == now[0][:3]  # same ids, NFE and steps counted by the device
+        extra = b_late.forwards - b_now.forwards
+        if req is sched:
+            assert extra == 0
+        else:
+            assert 1 <= extra <= req[1].blocks
+
+
+@pytest.mark.parametrize("cache,per_block", [("none", 1), ("prefix", 2), ("dual", 2)])
+def test_nfe_counts_the_reference_forward_after_a_block_done_at_its_start(model, cache, per_block):
+    """With a threshold so low that the block-start forward unmasks the whole block, the reference's
+    cache loops spend one more forward (it unmasks nothing) before they notice; exact mode does not."""
+    prompt = [3, 14, 15, 92, 65]
+    sp = SamplingParams(gen_length=16, block_length=8, threshold=1e-30, cache=cache)
+    got, batch = _run(model, [(prompt, sp)])
+    assert got[0][1] == per_block * sp.blocks
+    assert batch.forwards == sp.blocks  # the uncounted forwards are not run
+
+
+def test_buckets_round_up_with_bounded_padding():
+    for n in range(1, 5000, 7):
+        b = ds.round_up(n)
+        assert b >= n and (n <= 16 or b <= n * 1.5)
+    bk = ds.Bucket.fit(5, 170, 160, 33, False)
+    assert (bk.requests, bk.tokens, bk.rows, bk.max_q) == (8, 192, 192, 64)
+    assert ds.Bucket.fit(5, 170, 160, 33, True, pad=False) == ds.Bucket(5, 170, 160, 33, True)
+
+
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::equal",
+            "aten::is_nonzero", "aten::masked_select", "aten::unique"}
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket._qualified_op_name))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_cuda_step_reads_nothing_back(model, monkeypatch):
+    """The step as CUDA runs it (padded bucket, no data-dependent shortcuts, the Triton kernels,
+    here interpreted) issues no operation that reads a device value back to the host, and the
+    same number of operations whatever the data: what CUDA graph capture needs."""
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from kernels import attention_triton as at
+    from kernels import selection_triton as st
+    if not at._interpreting():
+        pytest.skip("needs Triton's interpreter (no GPU here)")
+
+    def attn(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None):
+        assert max_q is not None  # the grid comes from the bucket, not from reading cu_q
+        return at.attention_triton(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale)
+
+    monkeypatch.setattr("weights.layers.attention", attn)
+    monkeypatch.setattr(ds, "sample_candidates", st.sample_candidates_triton)
+    monkeypatch.setattr(ds, "transfer_mask", st.transfer_mask_triton)
+    real_step = ds.device_step
+    counts = []
+
+    def counted(*a, **kw):
+        with _OpCounter() as c:
+            out = real_step(*a, dynamic=False, **kw)
+        bad = [o for o in c.ops if o in SYNC_OPS]
+        assert not bad, f"host reads inside the step: {bad}"
+        counts.append(len(c.ops))
+        return out
+
+    monkeypatch.setattr(ds, "device_step", counted)
+    reqs = [([5, 9, 2], SamplingParams(gen_length=8, block_length=4, steps=4, cache="dual")),
+            ([7, 1], SamplingParams(gen_length=8, block_length=4, threshold=0.3, cache="prefix"))]
+    got, _ = _run(model, reqs, pad=True, late=True)
+    monkeypatch.setattr(ds, "device_step", real_step)
+    for i, r in enumerate(reqs):
+        assert got[i][:2] == _run(model, [r])[0][0][:2]
+    assert len(set(counts)) <= 3  # one op sequence per kind of bucket (cfg or not, sizes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_matches_eager(model):
+    """On a GPU: the captured-and-replayed step gives the same answers as the eager step."""
+    gpu = load_checkpoint(model.path, device="cuda", dtype="float32")
+    rnd = random.Random(9)
+    reqs = []
+    for extra in MODES:
+        reqs += _requests(rnd, extra)
+    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
+    outs = []
+    for graphs in (False, True):
+        batch = DiffusionBatch(gpu.model, gpu.special, capacity_tokens=rows, max_requests=len(reqs),
+                               cuda_graphs=graphs)
+        for i, r in enumerate(reqs):
+            batch.add(i, *r)
+        res = {}
+        while batch.requests:
+            for ev in batch.step_async():
+                if ev.finished:
+                    res[ev.request_id] = (ev.gen_ids, ev.nfe)
+                    batch.remove(ev.request_id)
+        outs.append(res)
+        if graphs:
+            assert batch.graphs.replays > 0
+    assert outs[0] == outs[1]
