@@ -49,6 +49,46 @@ def marked_ids(svc, prompt, mask_id: int) -> list[int]:
     return list(prompt)
 
 
+def check_infill(req) -> None:
+    """Fields that have no meaning for the infill form, refused with a 400 naming them."""
+    why = {
+        "stream": "the infill form answers once (or with stream_steps): its gaps do not form a text "
+                  "that grows from the left",
+        "logprobs": "logprobs are reported for completions, not for the infill form",
+        "suffix": "the infill form takes its context after the gaps from the prompt; suffix is for "
+                  "the plain completion",
+        "max_tokens": "the infill form fills exactly the marked positions; max_tokens does not apply",
+        "stop": "the infill form fills exactly the marked positions; stop does not apply",
+    }
+    for name, message in why.items():
+        if getattr(req, name, None):
+            raise ApiError(400, message, param=name, code="unsupported_parameter")
+
+
+def infill_prompts(svc, items: list) -> list[InfillPrompt]:
+    """Each prompt of an infill request split into context, span and context (call it off the
+    event loop: text is tokenized)."""
+    from server.requests import _fits_context, check_ids
+
+    mask = svc.bundle.special.mask
+    out = []
+    for x in items:
+        if isinstance(x, str):
+            _fits_context(svc, "prompt", chars=len(x))
+        ids = check_ids(svc, marked_ids(svc, x, mask))
+        out.append(split_infill(ids, mask))
+    return out
+
+
+def suffix_ids(svc, text: str) -> list[int]:
+    """OpenAI's `suffix`: text, tokenized (it needs the checkpoint's tokenizer)."""
+    from server.requests import _fits_context, need_tokenizer
+
+    tok = need_tokenizer(svc, "suffix")
+    _fits_context(svc, "suffix", chars=len(text))
+    return tok.encode(text)
+
+
 def split_infill(ids: list[int], mask_id: int, what: str = "prompt") -> InfillPrompt:
     where = [i for i, t in enumerate(ids) if t == mask_id]
     if not where:
@@ -79,3 +119,24 @@ def infill_choice(decoder, ip: InfillPrompt, gen_ids: list[int]) -> dict:
         gaps.append({"index": g, "position": len(ip.prefix) + start, "token_ids": ids,
                      "text": decoder.text(ids)})
     return {"text": decoder.text(whole), "token_ids": list(gen_ids), "gaps": gaps}
+
+
+class InfillChoice:
+    """A choice of an infill request: the same interface as server.answer.Choice (index, answer,
+    on_done), with the filled gaps kept for the response."""
+
+    def __init__(self, index: int, decoder, ip: InfillPrompt):
+        self.index = index
+        self.decoder = decoder
+        self.ip = ip
+        self.answer = None
+        self.filled: dict | None = None
+        self.max_tokens = len(ip.span)
+
+    def on_done(self, gen_ids) -> str:
+        from server.answer import Answer
+
+        self.filled = infill_choice(self.decoder, self.ip, list(gen_ids))
+        self.answer = Answer(ids=list(gen_ids), text=self.filled["text"], finish_reason="stop",
+                             completion_tokens=self.ip.masks)
+        return self.answer.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sampler.params import MAX_SEED, ParamError, SamplingParams
+from sampler.params import MAX_SEED, MAX_TOP_LOGPROBS, ParamError, SamplingParams
 from sampler.scheduler import EngineError
 from server.errors import ApiError, clip
 from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field
@@ -147,28 +147,71 @@ def stop_strings(req, limits: ServerLimits) -> list[str]:
     return [x for x in stops if x]
 
 
-def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base_seed: int) -> SamplingParams:
+def logprobs_wanted(req) -> int | None:
+    """Alternatives per token a request asks for (None: no logprobs). Completions: `logprobs: N`;
+    chat: `logprobs: true` with `top_logprobs: N` (0 when absent)."""
+    if isinstance(req, ChatCompletionRequest):
+        if not req.logprobs:
+            if req.top_logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs",
+                               code="invalid_value")
+            return None
+        n = req.top_logprobs or 0
+        if not 0 <= n <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}",
+                           param="top_logprobs", code="invalid_value")
+        return n
+    return req.logprobs
+
+
+def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base_seed: int,
+             span: list[int] | None = None, exact_length: bool = False) -> SamplingParams:
+    """The request's SamplingParams. `prompt_len` counts all fixed context (prompt and suffix).
+    `span`: an infill span (mask ids where to fill): one block over it, one step per masked
+    position by default. `exact_length`: gen_length is max_tokens itself (a suffix follows the span,
+    so no rounding up to whole blocks)."""
     lim = svc.limits
-    if max_tokens is None:
-        max_tokens = min(lim.default_max_tokens, max(1, svc.config.max_sequence_length - prompt_len))
-    if max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens",
-                       code="invalid_value")
-    if req.block_length is not None:
-        block = req.block_length
-        if block < 1:
-            raise ApiError(400, f"block_length must be >= 1, got {block}", param="block_length",
+    steps = req.steps
+    if span is not None:
+        gen_length = block = len(span)
+        masks = span.count(svc.bundle.special.mask)
+        if req.block_length is not None and req.block_length != gen_length:
+            raise ApiError(400, f"infill runs its span ({gen_length} tokens from the first to the last marked "
+                           "position) as one block; leave block_length out", param="block_length",
+                           code="invalid_value")
+        if steps is None and req.threshold is None:
+            steps = masks
+        if steps is not None and steps > masks:
+            raise ApiError(400, f"steps {steps} exceeds the {masks} marked positions to fill", param="steps",
                            code="invalid_value")
     else:
-        block = min(lim.default_block_length, max_tokens)
-    gen_length = -(-max_tokens // block) * block
+        if max_tokens is None:
+            max_tokens = min(lim.default_max_tokens, max(1, svc.config.max_sequence_length - prompt_len))
+        if max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens",
+                           code="invalid_value")
+        if req.block_length is not None:
+            block = req.block_length
+            if block < 1:
+                raise ApiError(400, f"block_length must be >= 1, got {block}", param="block_length",
+                               code="invalid_value")
+            if exact_length and max_tokens % block:
+                raise ApiError(400, f"with a suffix the span is exactly max_tokens ({max_tokens}) long: "
+                               f"block_length {block} must divide it", param="block_length",
+                               code="invalid_value")
+        else:
+            block = max_tokens if exact_length else min(lim.default_block_length, max_tokens)
+        gen_length = -(-max_tokens // block) * block
+    top_k = 0 if req.top_k in (None, -1) else req.top_k
     sp = SamplingParams(
-        gen_length=gen_length, block_length=block, steps=req.steps,
+        gen_length=gen_length, block_length=block, steps=steps,
         temperature=0.0 if req.temperature is None else req.temperature,
         remasking=req.remasking or "low_confidence",
         cfg_scale=0.0 if req.cfg_scale is None else req.cfg_scale,
         threshold=req.threshold, cache=req.cache or "none",
-        seed=derive_seed(base_seed, index), ban_eos=bool(req.ban_eos), defer_eos=bool(req.defer_eos))
+        seed=derive_seed(base_seed, index), ban_eos=bool(req.ban_eos), defer_eos=bool(req.defer_eos),
+        top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
+        min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req))
     try:
         if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
             raise ParamError("seed", f"seed must be an integer in [0, 2**63), got {req.seed}")
