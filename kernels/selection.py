@@ -144,13 +144,20 @@ def restrict_logits(logits, temperature, filters: RowFilters):
     return l.masked_fill(~kept, NEG_INF)
 
 
-def apply_filters(logits, temperature, filters: RowFilters, banned=None):
+def apply_filters(logits, temperature, filters: RowFilters, banned=None, dynamic: bool | None = None):
     """`logits` with the filtered rows restricted (`restrict_logits`), in the logits' dtype (the kept
     values are unchanged, the others -inf); other rows untouched. `banned`, a bool [N, V] or None,
     marks tokens already excluded (EOS ban, mask re-draw) so the kept set is decided without them.
-    Shapes never depend on values: every row is restricted and the result chosen per row."""
+    `dynamic` (default: off CUDA) restricts only the filtered rows; otherwise shapes never depend on
+    values (CUDA graphs): every row is restricted and the result chosen per row."""
     rows = filters.active(temperature)
     src = logits if banned is None else logits.masked_fill(banned, NEG_INF)
+    if (not logits.is_cuda) if dynamic is None else dynamic:
+        idx = rows.nonzero().squeeze(1)
+        out = src.clone()
+        if len(idx):
+            out[idx] = restrict_logits(src[idx], temperature[idx], filters.take(idx)).to(logits.dtype)
+        return out
     out = restrict_logits(src, temperature, filters).to(logits.dtype)
     return torch.where(rows.unsqueeze(1), out, src)
 

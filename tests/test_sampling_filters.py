@@ -11,12 +11,16 @@ from kernels.selection import RowFilters, apply_filters, restrict_logits, sample
 
 
 def sample(logits, temp, seed, nonce, pos, ban_ids=None, filters=None):
+    """Candidates with the filters applied, checking that the static-shape path (CUDA graphs) and
+    the dynamic one (only the filtered rows) restrict alike."""
     if filters is not None:
         banned = None
         if ban_ids:
             banned = torch.zeros_like(logits, dtype=torch.bool)
             banned[:, ban_ids] = True
-        logits = apply_filters(logits, temp, filters, banned)
+        static = apply_filters(logits, temp, filters, banned, dynamic=False)
+        logits = apply_filters(logits, temp, filters, banned, dynamic=True)
+        assert torch.equal(static, logits)
     return sample_candidates(logits, temp, seed, nonce, pos, ban_ids=ban_ids)
 
 
