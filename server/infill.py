@@ -110,15 +110,23 @@ def split_infill(ids: list[int], mask_id: int, what: str = "prompt") -> InfillPr
     return InfillPrompt(ids[:lo], span, ids[hi:], gaps)
 
 
+def _literal(decoder, ids) -> str:
+    """Text of ids with special tokens written out: the prompt comes back as it was sent."""
+    if decoder.tokenizer is None:
+        return decoder.text(ids)
+    return decoder.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
 def infill_choice(decoder, ip: InfillPrompt, gen_ids: list[int]) -> dict:
-    """The text with every gap filled and the filled ids per gap."""
+    """The prompt's text with every gap filled (special tokens written out, so it reads as the
+    prompt did) and the filled ids and text per gap."""
     whole = ip.prefix + list(gen_ids) + ip.suffix
     gaps = []
     for g, (start, n) in enumerate(ip.gaps):
         ids = list(gen_ids[start:start + n])
         gaps.append({"index": g, "position": len(ip.prefix) + start, "token_ids": ids,
-                     "text": decoder.text(ids)})
-    return {"text": decoder.text(whole), "token_ids": list(gen_ids), "gaps": gaps}
+                     "text": _literal(decoder, ids)})
+    return {"text": _literal(decoder, whole), "token_ids": list(gen_ids), "gaps": gaps}
 
 
 class InfillChoice:
