@@ -26,7 +26,7 @@ import torch
 from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
 from sampler.reference import reference_generate
-from weights.checkpoint import SpecialIds, load_checkpoint
+from weights.checkpoint import SpecialIds, load_checkpoint, pick_cpu_threads
 from weights.config import LLaDAConfig
 from weights.model import LLaDAModel
 
@@ -184,6 +184,7 @@ def main(argv=None) -> int:
         bundle = build_random(shape, dev, dtype)
         label = f"random {shape} shape"
     cfg = bundle.config
+    pick_cpu_threads(cfg, dev)  # one intra-op thread for small models on a CPU, as the server does
     weight_bytes = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
     bw, flops = measure_machine(dev, dtype)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"

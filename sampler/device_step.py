@@ -145,30 +145,21 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     q_lo = torch.where((mode == MODE_NONE) | start, zero, bs)
     q_hi = torch.where((mode == MODE_DUAL) & ~start, be, length)
     q_hi = torch.maximum(q_hi, q_lo)
-    seg_lo, seg_cnt, seg_kv, seg_len, seg_req = [q_lo], [q_hi - q_lo], [off], [length], [torch.arange(b1, device=dev)]
-    if bucket.cfg:
-        seg_lo.append(zero)
-        seg_cnt.append(torch.where(cfg, length, zero))
-        seg_kv.append(off + length)
-        seg_len.append(length)
-        seg_req.append(torch.arange(b1, device=dev))
-    seg_lo, seg_cnt = torch.cat(seg_lo), torch.cat(seg_cnt)
-    seg_kv, seg_len, seg_req = torch.cat(seg_kv), torch.cat(seg_len), torch.cat(seg_req)
-    n_real = len(seg_cnt)
-    pad_cnt = (T - seg_cnt.sum()).clamp(min=0).reshape(1)
-    one = torch.ones(1, dtype=torch.int64, device=dev)
-    seg_cnt = torch.cat([seg_cnt, pad_cnt])
-    seg_lo = torch.cat([seg_lo, zero[:1]])
-    seg_kv = torch.cat([seg_kv, one * capacity])
-    seg_len = torch.cat([seg_len, one])
+    # Segment table [4, segments]: query start, query count, first K/V row, key count.
+    segs = torch.stack([q_lo, q_hi - q_lo, off, length])
+    if bucket.cfg:  # the unconditional canvases: all of each, in the rows after the canvas
+        segs = torch.cat([segs, torch.stack([zero, torch.where(cfg, length, zero), off + length,
+                                             length])], dim=1)
+    n_real = segs.shape[1]
+    pad = torch.stack([zero[0], (T - segs[1].sum()).clamp(min=0), zero[0] + capacity, zero[0] + 1])
+    seg_lo, seg_cnt, seg_kv, seg_len = torch.cat([segs, pad.unsqueeze(1)], dim=1).unbind(0)
     cu = torch.zeros(n_real + 2, dtype=torch.int64, device=dev)
     cu[1:] = torch.cumsum(seg_cnt, 0)
     r = torch.arange(T, device=dev)
     seg = torch.searchsorted(cu[1:], r, right=True).clamp(max=n_real)
     is_pad = seg == n_real
     pos = seg_lo[seg] + r - cu[seg]
-    seg_req_ext = torch.cat([seg_req, torch.full((1,), b1 - 1, dtype=torch.int64, device=dev)])
-    req_of_tok = seg_req_ext[seg]
+    req_of_tok = torch.where(is_pad, b1 - 1, seg % b1)
     kv_index = torch.where(is_pad, torch.full_like(pos, capacity), seg_kv[seg] + pos)
     src = torch.where(is_pad, torch.full_like(pos, capacity), off[req_of_tok] + pos)
     ids = tokens.index_select(0, src)

@@ -96,7 +96,7 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     install_handlers(app, check_auth)
     app.add_middleware(Guards, max_body_bytes=max_body_bytes or default_max_body_bytes(svc.config.max_sequence_length),
                        body_timeout=body_timeout, allowed_hosts=allowed_hosts, engine=engine, metrics=metrics,
-                       metered=("/v1/completions", "/v1/chat/completions"))
+                       metered=("/v1/completions", "/v1/chat/completions"), authenticate=check_auth)
     app.include_router(ops)
     app.include_router(api)
     app.openapi = _openapi_without_422(app)

@@ -2,7 +2,8 @@
 
 - Host: with an allow-list (`--allowed-hosts`), any other Host header gets 400 `invalid_host`, which
   stops DNS-rebinding pages from reaching a server bound to loopback.
-- API bodies (POST under /v1/): `Content-Type: application/json` is required (415 otherwise; a web page
+- API bodies (POST under /v1/): the API key is checked before anything is read (401);
+  `Content-Type: application/json` is required (415 otherwise; a web page
   cannot send that cross-origin without a CORS preflight, which this server never grants); the body is
   read here, before any handler runs, and is refused with 413 past `--max-body-bytes` (at once when
   Content-Length says so), with 408 when it takes longer than `--body-timeout` to arrive. A client that
@@ -20,7 +21,9 @@ import asyncio
 import ipaddress
 import logging
 
-from server.errors import clip, error_response
+from starlette.requests import Request
+
+from server.errors import ApiError, clip, error_response
 
 log = logging.getLogger("llada.server")
 
@@ -74,7 +77,7 @@ class Guards:
 
     def __init__(self, app, *, max_body_bytes: int, body_timeout: float | None = 30.0,
                  allowed_hosts: list[str] | None = None, engine=None, metrics=None,
-                 metered: tuple[str, ...] = ()):
+                 metered: tuple[str, ...] = (), authenticate=None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout if body_timeout and body_timeout > 0 else None
@@ -84,6 +87,7 @@ class Guards:
         self.engine = engine
         self.metrics = metrics
         self.metered = set(metered)
+        self.authenticate = authenticate  # raises ApiError (401) for a request without the API key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -101,6 +105,11 @@ class Guards:
                 return await self._refuse(scope, receive, send, 400, why, "invalid_host")
 
         if scope.get("method") == "POST" and path.startswith("/v1/"):
+            if self.authenticate is not None:  # no body is read for a client without the key
+                try:
+                    self.authenticate(Request(scope))
+                except ApiError as e:
+                    return await self._refuse(scope, receive, send, e.status, e.message, e.code, e.type)
             ctype = headers.get("content-type")
             media = (ctype or "").split(";", 1)[0].strip().lower()
             if media != "application/json":
@@ -160,14 +169,14 @@ class Guards:
             await send(message)
         return wrapped
 
-    async def _refuse(self, scope, receive, send, status: int, message: str, code: str) -> None:
+    async def _refuse(self, scope, receive, send, status: int, message: str, code: str,
+                      type_: str = "invalid_request_error") -> None:
         path = scope.get("path", "")
         if path in self.metered and self.metrics is not None:
             self.metrics.request_done(path, status)
         log.info("%s %d: %s", path, status, message)
-        # After a 408 or 413 the rest of the body is unread: the connection cannot be reused.
-        headers = {"Connection": "close"} if status in (408, 413) else None
-        await error_response(status, message, code=code, headers=headers)(scope, receive, send)
+        # The body (or its rest) is left unread: the connection cannot carry another request.
+        await error_response(status, message, type_, code=code, headers={"Connection": "close"})(scope, receive, send)
 
 
 def _replay(body: bytes, receive):

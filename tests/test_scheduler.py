@@ -96,8 +96,11 @@ CASES = [
 ]
 
 
-def test_staggered_submissions_equal_the_sampler(engine_factory, bundle):
-    eng = engine_factory(max_batch_size=4, max_batch_tokens=256, early_stop=False)
+@pytest.mark.parametrize("pipelined", [False, True], ids=["events-at-once", "events-one-step-late"])
+def test_staggered_submissions_equal_the_sampler(engine_factory, bundle, pipelined):
+    """Also with events read one step late (what the engine does on CUDA: the host handles step n
+    while step n+1 runs): the same answers."""
+    eng = engine_factory(max_batch_size=4, max_batch_tokens=256, early_stop=False, pipelined=pipelined)
     handles = []
     for i, (p, sp) in enumerate(CASES):
         handles.append(eng.submit([handle(p, sp)])[0])
@@ -169,10 +172,11 @@ def test_cancel_frees_the_slot_within_a_step(engine_factory, bundle):
     assert result(other)[0] == "done"
 
 
-def test_early_completion_keeps_the_answer(engine_factory, bundle):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["events-at-once", "events-one-step-late"])
+def test_early_completion_keeps_the_answer(engine_factory, bundle, pipelined):
     stop = bundle.special.stop
-    late = engine_factory(early_stop=False, max_batch_tokens=512)
-    early = engine_factory(early_stop=True, max_batch_tokens=512)
+    late = engine_factory(early_stop=False, max_batch_tokens=512, pipelined=pipelined)
+    early = engine_factory(early_stop=True, max_batch_tokens=512, pipelined=pipelined)
     saved = 0
     for i in range(12):
         prompt = [(13 * i + j) % 290 for j in range(1 + i % 5)]
