@@ -17,12 +17,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/llada-serve
 
-# Metadata first, then the four packages (the embedded default model lives in weights/default/).
+# Metadata first, then the packages (the embedded default model lives in weights/default/).
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY sampler ./sampler
 COPY kernels ./kernels
 COPY weights ./weights
+COPY evaluation ./evaluation
 
 RUN pip install --no-cache-dir . \
  && useradd --system --uid 10001 --user-group --create-home --home-dir /home/llada llada \

@@ -8,6 +8,9 @@ On CUDA (LLaDA-8B shapes: 32 heads of 128):
   longest sequence: unmasked on the flash backend (the cost of padding alone; its results for
   padded sequences are wrong) and with a key-padding mask (what a correct padded server runs);
 - block attention (32 block queries of each request over its cached keys), the cache modes' shape;
+- sampling filters and commit-time logprobs: what they add to the fused sample on the same shape
+  (the rows "select filters" and "logprobs"; "ours vs this" there is the filtered or logprobs path's
+  time over the plain fused sample's);
 - selection (64 requests x 32 block positions x 126,464 vocabulary, bf16 logits) at temperature 0
   and 1: the reference path (float64 softmax, gather, per-request top-k loop), a vectorised PyTorch
   version (fp32 log-sum-exp, argmax, the same counter-based noise, sort-based transfer), and one
@@ -359,6 +362,55 @@ def bench_selection(table, cfg, device, read_bw):
     table.add("transfer mask", tshape, "per-request top-k loop", t_tl, "", ratio(t_tk, t_tl))
 
 
+def bench_filters_logprobs(table, cfg, device):
+    """What sampling filters and commit-time logprobs add to a step's selection, same shape as the
+    selection rows at T=1: the plain fused sample against (a) the filters' restriction in front of
+    it, (b) the log-softmax + top-20 alternatives a logprobs request adds (every row of the step)."""
+    from kernels.selection import RowFilters, apply_filters
+    from kernels.selection_triton import sample_candidates_triton
+
+    reqs, blk, vocab = cfg.sel_requests, cfg.sel_block, cfg.sel_vocab
+    n = reqs * blk
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    logits = (torch.randn(n, vocab, generator=gen) * 2.0).to(device=device, dtype=cfg.sel_dtype)
+    seed = torch.randint(0, 2**62, (n,), generator=gen).to(device)
+    nonce = torch.full((n,), 3, dtype=torch.int64, device=device)
+    pos = torch.arange(n, dtype=torch.int64, device=device) % blk
+    temp = torch.ones(n, dtype=torch.float32, device=device)
+    filt = RowFilters(torch.full((n,), 50, dtype=torch.int64, device=device),
+                      torch.full((n,), 0.9, dtype=torch.float64, device=device),
+                      torch.full((n,), 0.05, dtype=torch.float64, device=device))
+    shape = f"{reqs}x{blk} rows x {vocab} {str(cfg.sel_dtype).replace('torch.', '')}, T=1"
+    top_n = min(20, vocab)
+
+    def plain():
+        return sample_candidates_triton(logits, temp, seed, nonce, pos, None)
+
+    def filtered():
+        return sample_candidates_triton(apply_filters(logits, temp, filt), temp, seed, nonce, pos, None)
+
+    def logprobs():
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        x0, _ = plain()
+        return lp.gather(1, x0.unsqueeze(1)).squeeze(1), torch.topk(lp, top_n, dim=-1)
+
+    t_plain = timed(plain, cfg.reps, cfg.warmup)
+    t_filt = timed(filtered, cfg.reps, cfg.warmup)
+    t_lp = timed(logprobs, cfg.reps, cfg.warmup)
+    fx, fc = filtered()
+    kept = torch.topk(logits.float(), 50, dim=-1).indices
+    inside = bool((kept == fx.unsqueeze(1)).any(dim=1).all())
+    table.expect(inside and bool((fc > 0).all()), "select filters: a candidate outside the kept set")
+    chosen_lp, top = logprobs()
+    ok = bool(torch.equal(top.indices[:, 0], logits.float().argmax(-1))) and bool((chosen_lp <= 0).all())
+    table.expect(ok, "logprobs: top-1 is not the argmax")
+    table.add("select filters", shape, "fused sample, no filters", t_plain)
+    table.add("select filters", shape, "top_k 50 + top_p 0.9 + min_p 0.05, then fused sample", t_filt,
+              "", ratio(t_filt, t_plain), f"candidates inside the kept set: {inside}")
+    table.add("logprobs", shape, f"fused sample + log-softmax + top-{top_n}", t_lp, "",
+              ratio(t_lp, t_plain), f"top-1 == argmax: {ok}")
+
+
 def autotune_report():
     """The configurations Triton's autotuner picked, per key (for the record next to the table)."""
     import kernels.attention_triton as at
@@ -427,6 +479,7 @@ def main(argv=None):
         bench_attention(table, cfg, device, dtype)
     if args.only in (None, "selection"):
         bench_selection(table, cfg, device, read_bw)
+        bench_filters_logprobs(table, cfg, device)
     title = (f"llada-serve kernels on {name} (torch {torch.__version__}, triton {triton.__version__},"
              f" attention {str(dtype).replace('torch.', '')}{', SMOKE shapes' if smoke else ''};"
              f" 'ours vs this' = our time / its time)")

@@ -7,11 +7,18 @@ Two functions, each with a PyTorch reference and a dispatcher that the sampler c
   un-noised logits.
 - `transfer_mask`: per request, among the rows it owns, the top k by confidence (k from its
   schedule) or the threshold rule (the most confident, plus every row at or above the threshold).
+
+Sampling filters (`top_k`, `top_p`, `min_p`) are a plain PyTorch step in front of candidate
+sampling: `restrict_logits` sets the logits outside each row's kept set to -inf (`apply_filters`
+does it for the rows that have filters), and the candidate and its confidence then come from the
+same `sample_candidates` as every other row, so the confidence is the candidate's probability under
+the restricted, renormalised distribution. A step without filtered requests never calls them.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -88,6 +95,71 @@ def transfer_mask_reference(conf, cu_rows, k, threshold):
     kk = k.to(r.dtype)[req]
     chosen = torch.where(thr > 0, (r == 0) | (conf >= thr), r < kk)
     return chosen & torch.isfinite(conf)
+
+
+@dataclass(frozen=True)
+class RowFilters:
+    """Per-row sampling filters (tensors [N] on the logits' device); neutral values filter nothing:
+    top_k <= 0, top_p >= 1, min_p <= 0."""
+
+    top_k: torch.Tensor  # int64
+    top_p: torch.Tensor  # float64
+    min_p: torch.Tensor  # float64
+
+    def active(self, temperature: torch.Tensor) -> torch.Tensor:
+        """bool [N]: rows the filters change (greedy rows never: argmax is always kept)."""
+        return (temperature > 0) & ((self.top_k > 0) | (self.top_p < 1) | (self.min_p > 0))
+
+    def take(self, rows: torch.Tensor) -> "RowFilters":
+        return RowFilters(self.top_k[rows], self.top_p[rows], self.min_p[rows])
+
+
+def restrict_logits(logits, temperature, filters: RowFilters):
+    """float64 logits with every token outside the row's kept set at -inf.
+
+    The kept set is decided on the distribution the candidate is drawn from, softmax(logits / T)
+    (T = the row's temperature, > 0): top_k keeps the k most likely tokens; top_p then keeps the
+    smallest most-likely-first prefix of the top-k-renormalised distribution whose mass reaches
+    top_p (the most likely token always stays); min_p keeps the tokens whose probability is at least
+    min_p times the most likely one's. Ties at a cut-off are broken by token id (lower first)."""
+    n, vocab = logits.shape
+    l = logits.to(torch.float64)
+    if n == 0:
+        return l
+    t = temperature.to(torch.float64).clamp(min=1e-30).unsqueeze(1)
+    scaled = l / t
+    order = torch.sort(scaled, dim=1, descending=True, stable=True)
+    sv, si = order.values, order.indices
+    rank = torch.arange(vocab, device=l.device).unsqueeze(0)
+    k = filters.top_k.to(l.device).unsqueeze(1)
+    keep = (k <= 0) | (rank < k)
+    lse = torch.logsumexp(torch.where(keep, sv, torch.full_like(sv, NEG_INF)), dim=1, keepdim=True)
+    p = torch.exp(sv - lse).masked_fill(~keep, 0.0)
+    before = torch.cumsum(p, dim=1) - p              # mass of the more likely tokens
+    top_p = filters.top_p.to(l.device, torch.float64).unsqueeze(1)
+    keep &= (top_p >= 1) | (before < top_p) | (rank == 0)
+    min_p = filters.min_p.to(l.device, torch.float64).unsqueeze(1)
+    keep &= (min_p <= 0) | (sv - sv[:, :1] >= torch.log(min_p.clamp(min=1e-300)))
+    kept = torch.zeros_like(keep).scatter_(1, si, keep)
+    return l.masked_fill(~kept, NEG_INF)
+
+
+def apply_filters(logits, temperature, filters: RowFilters, banned=None, dynamic: bool | None = None):
+    """`logits` with the filtered rows restricted (`restrict_logits`), in the logits' dtype (the kept
+    values are unchanged, the others -inf); other rows untouched. `banned`, a bool [N, V] or None,
+    marks tokens already excluded (EOS ban, mask re-draw) so the kept set is decided without them.
+    `dynamic` (default: off CUDA) restricts only the filtered rows; otherwise shapes never depend on
+    values (CUDA graphs): every row is restricted and the result chosen per row."""
+    rows = filters.active(temperature)
+    src = logits if banned is None else logits.masked_fill(banned, NEG_INF)
+    if (not logits.is_cuda) if dynamic is None else dynamic:
+        idx = rows.nonzero().squeeze(1)
+        out = src.clone()
+        if len(idx):
+            out[idx] = restrict_logits(src[idx], temperature[idx], filters.take(idx)).to(logits.dtype)
+        return out
+    out = restrict_logits(src, temperature, filters).to(logits.dtype)
+    return torch.where(rows.unsqueeze(1), out, src)
 
 
 def _use_triton(t: torch.Tensor) -> bool:

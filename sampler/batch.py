@@ -60,6 +60,10 @@ class StepEvent:
     # Tokens before this position (relative) can no longer change; None: every unmasked token is
     # final (no editing).
     final_upto: int | None = None
+    # Requests with params.logprobs set: per position unmasked this step, its log-probability in
+    # this step and the params.logprobs most likely [(token, log-probability)] (None otherwise).
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -77,10 +81,12 @@ class _Request:
     unmasked: int = 0
     staging: object = None  # pinned source of the canvas copy, kept until the copy has run
     blocks: BlockState | None = None  # block-diffusion requests only
+    suffix_len: int = 0  # fixed context after the generated span (infilling)
+    masks: int = 0       # masked positions of the span at the start
 
     @property
     def length(self) -> int:
-        return self.prompt_len + self.params.gen_length
+        return self.prompt_len + self.params.gen_length + self.suffix_len
 
     @property
     def finished(self) -> bool:
@@ -107,6 +113,7 @@ class _Launched:
     n_rows: int           # logit rows of the bucket
     results: torch.Tensor  # the step's results on the host (pinned on CUDA), see device_step
     done: object          # CUDA event recorded after the copy (None on the CPU)
+    logprobs: bool = False  # the results carry log-probabilities (see device_step.unpack_outputs)
 
 
 class RegionAllocator:
@@ -199,18 +206,32 @@ class DiffusionBatch:
         return bool(self.free_slots) and self.regions.fits(
             self.rows_needed(prompt_len, params, self.block_diffusion))
 
-    def add(self, rid, prompt_ids, params: SamplingParams) -> None:
-        prompt_ids = list(prompt_ids)
+    def add(self, rid, prompt_ids, params: SamplingParams, suffix_ids=(), span_ids=None) -> None:
+        """Admit a request: canvas prompt ++ span ++ suffix, the span `gen_length` masks or
+        `span_ids` (infilling: mask ids at the positions to fill, fixed tokens elsewhere)."""
+        prompt_ids, suffix_ids = list(prompt_ids), list(suffix_ids)
+        span = [self.mask_id] * params.gen_length if span_ids is None else list(span_ids)
         if self.block_diffusion:
+            if suffix_ids or span_ids is not None:
+                raise ParamError("suffix", "infilling is not available for block-diffusion (LLaDA2.x) "
+                                 "checkpoints yet")
             params = params.for_block_diffusion()
-        params.validate(len(prompt_ids), self.config.max_sequence_length, self.block_diffusion)
+        context = len(prompt_ids) + len(suffix_ids)
+        params.validate(context, self.config.max_sequence_length, self.block_diffusion)
+        if len(span) != params.gen_length:
+            raise ParamError("prompt", f"the infill span has {len(span)} positions, gen_length is "
+                             f"{params.gen_length}")
         vocab = self.config.embedding_size
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ParamError("prompt", f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        for what, ids in (("prompt", prompt_ids), ("suffix", suffix_ids), ("prompt", span)):
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ParamError(what, f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        masks = span.count(self.mask_id)
+        if masks == 0:
+            raise ParamError("prompt", "the span has no masked position to fill")
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already running")
-        rows = self.rows_needed(len(prompt_ids), params, self.block_diffusion)
+        rows = self.rows_needed(context, params, self.block_diffusion)
         if rows > self.capacity:
             raise CapacityError(f"the request needs {rows} canvas rows; this batch holds {self.capacity}")
         if not self.free_slots:
@@ -222,9 +243,10 @@ class DiffusionBatch:
         p, g = len(prompt_ids), params.gen_length
         if self.block_diffusion:
             return self._add_block_diffusion(rid, slot, off, rows, prompt_ids, params)
-        req = _Request(rid, slot, off, rows, params, p, MODE[params.cache], canvas=[self.mask_id] * g)
+        req = _Request(rid, slot, off, rows, params, p, MODE[params.cache], canvas=list(span),
+                       suffix_len=len(suffix_ids), masks=masks)
         row = [0] * ds.N_INT
-        row[ds.OFF], row[ds.PLEN], row[ds.LEN] = off, p, p + g
+        row[ds.OFF], row[ds.PLEN], row[ds.LEN], row[ds.GEN] = off, p, req.length, g
         row[ds.BLEN], row[ds.NBLK] = params.block, params.blocks
         row[ds.SPB] = 0 if params.threshold is not None else params.steps_per_block
         row[ds.MODE] = req.mode
@@ -232,19 +254,22 @@ class DiffusionBatch:
         row[ds.CFG] = int(params.cfg_scale > 0)
         row[ds.RND] = int(params.remasking == "random")
         row[ds.BAN], row[ds.DEFER] = int(bool(params.ban_eos)), int(bool(params.defer_eos))
+        row[ds.TOPK] = params.top_k
+        row[ds.NLP] = -1 if params.logprobs is None else params.logprobs
         frow = [0.0] * ds.N_FLT
+        frow[ds.TOPP], frow[ds.MINP] = float(params.top_p), float(params.min_p)
         frow[ds.TEMP] = float(params.temperature)
         frow[ds.THR] = float(params.threshold) if params.threshold is not None else 0.0
         frow[ds.CFGS] = float(params.cfg_scale)
         # One staged copy each for the canvas and the state rows, queued behind any step in flight.
-        canvas = torch.tensor(prompt_ids + [self.mask_id] * g, dtype=torch.int64)
+        canvas = torch.tensor(prompt_ids + span + suffix_ids, dtype=torch.int64)
         srow = torch.tensor(row, dtype=torch.int64)
         frow_t = torch.tensor(frow, dtype=torch.float64)
         if self.pinned:
             canvas, srow, frow_t = canvas.pin_memory(), srow.pin_memory(), frow_t.pin_memory()
         req.staging = (canvas, srow, frow_t)
         nb = self.pinned
-        self.tokens[off:off + p + g].copy_(canvas, non_blocking=nb)
+        self.tokens[off:off + req.length].copy_(canvas, non_blocking=nb)
         self.state[slot].copy_(srow, non_blocking=nb)
         self.fstate[slot].copy_(frow_t, non_blocking=nb)
         self.requests[rid] = req
@@ -282,7 +307,7 @@ class DiffusionBatch:
     # ---------------------------------------------------------------- planning
     def _plan(self):
         """(request rows, bucket, plan rows) for the next step from the host's expectations."""
-        rows, tokens, logit_rows, max_q, cfg = [], 0, 0, 0, False
+        rows, tokens, logit_rows, max_q, cfg, filters, logprobs = [], 0, 0, 0, False, False, False
         for req in self.requests.values():
             if req.finished:
                 continue
@@ -296,10 +321,13 @@ class DiffusionBatch:
                 tokens += req.length
                 max_q = max(max_q, req.length)
             logit_rows += req.params.block
+            filters |= req.params.filtered
+            logprobs |= req.params.logprobs is not None
             rows.append(req)
         if not rows:
             return [], None
-        return rows, ds.Bucket.fit(len(rows), tokens, logit_rows, max_q, cfg, self.pad_to_buckets)
+        return rows, ds.Bucket.fit(len(rows), tokens, logit_rows, max_q, cfg, self.pad_to_buckets,
+                                   filters, logprobs)
 
     def planned_query_tokens(self) -> int:
         """Query tokens the next step's forward processes, padding excluded (benchmarks)."""
@@ -356,7 +384,7 @@ class DiffusionBatch:
         else:
             host = out.clone()
         self.host_seconds += time.perf_counter() - t0
-        return _Launched(rows, row_start, bucket.rows, host, done)
+        return _Launched(rows, row_start, bucket.rows, host, done, bucket.logprobs)
 
     def collect(self, launched: _Launched | None) -> list[StepEvent]:
         """Wait for a launched step's results and turn them into events (requests removed since
@@ -366,7 +394,7 @@ class DiffusionBatch:
         if launched.done is not None:
             launched.done.synchronize()
         t0 = time.perf_counter()
-        ints, conf, rq = ds.unpack_outputs(launched.results, launched.n_rows)
+        ints, conf, rq, lp = ds.unpack_outputs(launched.results, launched.n_rows, launched.logprobs)
         events = []
         for j, (req, block, sib, predicted) in enumerate(launched.rows):
             active, steps_done, nfe, unmasked, block_done, finished = (int(v) for v in rq[j])
@@ -386,7 +414,14 @@ class DiffusionBatch:
             ev = StepEvent(
                 request_id=req.rid, step=steps_done, block=block, positions=positions,
                 token_ids=token_ids, confidences=conf[r0 + picked].tolist(),
-                masks_remaining=req.params.gen_length - unmasked, nfe=nfe, finished=bool(finished))
+                masks_remaining=req.masks - unmasked, nfe=nfe, finished=bool(finished))
+            if lp is not None and req.params.logprobs is not None:
+                rows_ = r0 + picked
+                n = req.params.logprobs
+                ev.logprobs = lp[0][rows_].tolist()
+                ev.top_logprobs = [[(t, v) for t, v in zip(ids[:n].tolist(), vals[:n].tolist())
+                                    if v != float("-inf")]
+                                   for ids, vals in zip(lp[1][rows_], lp[2][rows_])]
             if ev.finished:
                 req.block, req.sib = req.params.blocks, 0
                 ev.gen_ids = list(req.canvas)

@@ -29,15 +29,20 @@ from dataclasses import dataclass
 import torch
 
 from kernels import rng
-from kernels.selection import sample_candidates, transfer_mask
+from kernels.selection import RowFilters, apply_filters, sample_candidates, transfer_mask
 from weights.layers import AttnLayout
 
 # Integer state columns.
-OFF, PLEN, LEN, BLEN, SPB, NBLK, BLOCK, SIB, DONE, UNM, NFE, MODE, SEED, CFG, RND, BAN, DEFER = range(17)
-N_INT = 17
+# LEN is the whole canvas (prompt + generated span + suffix), GEN the span; BM the masked positions
+# of the current block at its start (the schedule's count); TOPK the top_k filter (0: off), NLP the
+# alternatives a logprobs request wants (-1: no logprobs).
+(OFF, PLEN, LEN, BLEN, SPB, NBLK, BLOCK, SIB, DONE, UNM, NFE, MODE, SEED, CFG, RND, BAN, DEFER,
+ GEN, BM, TOPK, NLP) = range(21)
+N_INT = 21
 # Float state columns (float64).
-TEMP, THR, CFGS = range(3)
-N_FLT = 3
+TEMP, THR, CFGS, TOPP, MINP = range(5)
+N_FLT = 5
+MAX_TOP_LOGPROBS = 20  # alternatives computed per row when a step has logprobs requests
 MODE_NONE, MODE_PREFIX, MODE_DUAL = 0, 1, 2
 DEFERRED = -1.0  # confidence given to deferred EOS/EoT candidates: below every probability
 
@@ -67,16 +72,19 @@ class Bucket:
     rows: int       # logit rows R per set (one set, or two with CFG)
     max_q: int      # longest query segment (sizes the attention grid)
     cfg: bool       # any request with classifier-free guidance
+    filters: bool = False   # any request with sampling filters (top_k / top_p / min_p)
+    logprobs: bool = False  # any request asking for logprobs
 
     @classmethod
     def fit(cls, n_requests: int, tokens: int, rows: int, max_q: int, cfg: bool,
-            pad: bool = True) -> "Bucket":
+            pad: bool = True, filters: bool = False, logprobs: bool = False) -> "Bucket":
         """The smallest bucket that holds a step; `pad=False` gives the exact sizes (no graph to
         reuse, so padding would only cost: the CPU path)."""
         if not pad:
-            return cls(max(n_requests, 1), max(tokens, 1), max(rows, 1), max(max_q, 1), bool(cfg))
+            return cls(max(n_requests, 1), max(tokens, 1), max(rows, 1), max(max_q, 1), bool(cfg),
+                       bool(filters), bool(logprobs))
         return cls(pow2(max(n_requests, 1)), round_up(max(tokens, 1)), round_up(max(rows, 1)),
-                   pow2(max(max_q, 16)), bool(cfg))
+                   pow2(max(max_q, 16)), bool(cfg), bool(filters), bool(logprobs))
 
 
 def query_range(mode: int, plen: int, length: int, blen: int, block: int, sib: int) -> tuple[int, int]:
@@ -90,14 +98,25 @@ def query_range(mode: int, plen: int, length: int, blen: int, block: int, sib: i
 REQ_FIELDS = 6  # per request row: active, steps done, nfe, unmasked, block done, finished
 
 
-def unpack_outputs(packed, rows: int):
+def unpack_outputs(packed, rows: int, logprobs: bool = False):
     """(per row [R, 3]: chosen, token, position in the generated span; conf float32 [R]; per request
-    row [B + 1, 6]) as numpy views of the one int64 buffer `device_step` returns (host side)."""
+    row [B + 1, 6]; logprobs or None) as numpy views of the one int64 buffer `device_step` returns
+    (host side). logprobs, for a bucket with logprobs requests: (the candidate's log-probability
+    float32 [R], the top alternatives' ids [R, 20], their log-probabilities float32 [R, 20])."""
     a = packed.numpy()
     ints = a[:3 * rows].reshape(rows, 3)
     conf = a[3 * rows:4 * rows].astype("int32").view("float32")
-    reqs = a[4 * rows:].reshape(-1, REQ_FIELDS)
-    return ints, conf, reqs
+    end = len(a)
+    lp = None
+    if logprobs:
+        n = MAX_TOP_LOGPROBS
+        base = end - rows * (1 + 2 * n)
+        tok = a[base:base + rows].astype("int32").view("float32")
+        top_ids = a[base + rows:base + rows + rows * n].reshape(rows, n)
+        top_lp = a[base + rows + rows * n:end].astype("int32").view("float32").reshape(rows, n)
+        lp, end = (tok, top_ids, top_lp), base
+    reqs = a[4 * rows:end].reshape(-1, REQ_FIELDS)
+    return ints, conf, reqs, lp
 
 
 def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id: int, eos_id: int,
@@ -114,7 +133,7 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     st = state.index_select(0, slot)                       # [B+1, N_INT]
     fs = fstate.index_select(0, slot)
     c = st.unbind(1)
-    off, plen, length, blen = c[OFF], c[PLEN], c[LEN], c[BLEN]
+    off, plen, length, blen, gen = c[OFF], c[PLEN], c[LEN], c[BLEN], c[GEN]
     mode, cfg = c[MODE], c[CFG].bool()
     active = (c[BLOCK] == p_block) & (c[BLOCK] < c[NBLK])
     zero = torch.zeros_like(off)
@@ -145,7 +164,8 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     src = torch.where(is_pad, torch.full_like(pos, capacity), off[req_of_tok] + pos)
     ids = tokens.index_select(0, src)
     if bucket.cfg:
-        blank = (seg >= b1) & ~is_pad & (pos < plen[req_of_tok])   # unconditional: prompt masked
+        # unconditional canvas: the context (prompt and suffix) masked
+        blank = (seg >= b1) & ~is_pad & ((pos < plen[req_of_tok]) | (pos >= (plen + gen)[req_of_tok]))
         ids = torch.where(blank, torch.full_like(ids, mask_id), ids)
     layout = AttnLayout(cu_q=cu.to(torch.int32), k_start=seg_kv.to(torch.int32),
                         k_len=seg_len.to(torch.int32), kv_index=kv_index,
@@ -182,17 +202,45 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     cand = (tokens.index_select(0, canvas_idx) == mask_id) & row_real & active[row_req]
     ban, seed, nonce = sr[BAN].bool(), sr[SEED], sr[DONE]
     temp = fr[TEMP].to(torch.float32)
-    x0, conf = sample_candidates(logits, temp, seed, nonce, position, ban_ids=[eos_id], ban_rows=ban)
+    vocab = logits.shape[1]
+    eos_col = torch.arange(vocab, device=dev) == eos_id
+    if bucket.filters:  # the filtered rows' logits restricted, the EOS ban decided first
+        filt = RowFilters(sr[TOPK], fr[TOPP], fr[MINP])
+        dist = apply_filters(logits, temp, filt, ban.unsqueeze(1) & eos_col)
+    else:
+        dist = logits
+    if bucket.logprobs and dist is logits:
+        mask_logit = logits[:, mask_id].clone()  # the re-draw below bans it in place
+    x0, conf = sample_candidates(dist, temp, seed, nonce, position, ban_ids=[eos_id], ban_rows=ban)
     # A candidate equal to the mask id would leave its position masked for ever: such rows take the
-    # draw with the mask logit at -inf (same noise, same EOS ban). On CUDA it is computed for every
-    # row (no host-side test of whether any row needs it); only those rows use it.
+    # draw with the mask logit at -inf (same noise, same EOS ban, filters decided again without it).
+    # On CUDA it is computed for every row (no host-side test of whether any row needs it); only
+    # those rows use it.
     redo = x0 == mask_id
-    if not dynamic or bool(redo.any()):
+    redrawn = not dynamic or bool(redo.any())
+    if redrawn:
         logits[:, mask_id] = float("-inf")
-        x0b, confb = sample_candidates(logits, temp, seed, nonce, position, ban_ids=[eos_id],
+        dist_b = apply_filters(logits, temp, filt, ban.unsqueeze(1) & eos_col) if bucket.filters else logits
+        x0b, confb = sample_candidates(dist_b, temp, seed, nonce, position, ban_ids=[eos_id],
                                        ban_rows=ban)
         x0 = torch.where(redo, x0b, x0)
         conf = torch.where(redo, confb.to(conf.dtype), conf)
+    if bucket.logprobs:
+        # Commit-time log-probabilities: log-softmax of the distribution the confidence is taken
+        # from (temperature 1; EOS ban, mask re-draw ban and filters applied), for every row.
+        if dist is logits:
+            d = logits
+            if redrawn:
+                d[:, mask_id] = torch.where(redo, torch.full_like(mask_logit, float("-inf")), mask_logit)
+        else:
+            d = torch.where(redo.unsqueeze(1), dist_b, dist) if redrawn else dist
+        logp = torch.log_softmax(d.float().masked_fill(ban.unsqueeze(1) & eos_col, float("-inf")), dim=-1)
+        tok_lp = logp.gather(1, x0.unsqueeze(1)).squeeze(1)
+        top_lp, top_ids = torch.topk(logp, min(MAX_TOP_LOGPROBS, vocab), dim=-1)
+        if top_ids.shape[1] < MAX_TOP_LOGPROBS:  # a vocabulary smaller than 20 (tests)
+            pad = MAX_TOP_LOGPROBS - top_ids.shape[1]
+            top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
+            top_lp = torch.nn.functional.pad(top_lp, (0, pad), value=float("-inf"))
     rnd = sr[RND].bool()
     if not dynamic or bool(rnd.any()):
         u = rng.uniform(seed, nonce, position, torch.full_like(position, rng.REMASK_STREAM))
@@ -205,7 +253,11 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
 
     spb, sib = c[SPB], p_sib
     per = spb.clamp(min=1)
-    k = torch.where(spb > 0, blen // per + (sib < blen % per).long(), zero)
+    # The schedule spreads the block's masked positions at its start (all of it, except in an
+    # infill span with fixed tokens) over its steps: the first (M mod S) steps take one more.
+    n_cand = torch.zeros(b1, dtype=torch.int64, device=dev).index_add_(0, row_req, cand.long())
+    m = torch.where(start, n_cand, c[BM])
+    k = torch.where(spb > 0, m // per + (sib < m % per).long(), zero)
     thr = torch.where(active, fs[:, THR], 0.0).to(torch.float32)
     chosen = transfer_mask(conf, cu_rows, k, thr)
     target = torch.where(chosen, canvas_idx, torch.full_like(canvas_idx, capacity))
@@ -226,6 +278,7 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     new[:, NFE] += act * (1 + phantom.long())
     new[:, BLOCK] += block_done.long()
     new[:, SIB] = torch.where(active, torch.where(block_done, zero, sib + 1), c[SIB])
+    new[:, BM] = torch.where(active & start, n_cand, c[BM])
     real = slot < state.shape[0] - 1
     new = torch.where(real.unsqueeze(1), new, st)             # the dummy slot never changes
     state.index_copy_(0, slot, new)
@@ -235,4 +288,8 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     ints = torch.stack([chosen.long(), x0, rel], dim=1)
     reqs = torch.stack([act, new[:, DONE], new[:, NFE], new[:, UNM], block_done.long(),
                         finished.long()], dim=1)
-    return torch.cat([ints.reshape(-1), conf.view(torch.int32).to(torch.int64), reqs.reshape(-1)])
+    parts = [ints.reshape(-1), conf.view(torch.int32).to(torch.int64), reqs.reshape(-1)]
+    if bucket.logprobs:
+        parts += [tok_lp.view(torch.int32).to(torch.int64), top_ids.reshape(-1),
+                  top_lp.contiguous().view(torch.int32).to(torch.int64).reshape(-1)]
+    return torch.cat(parts)

@@ -15,22 +15,27 @@ class Generation:
     events: list[StepEvent] = field(default_factory=list)
 
 
-def generate(bundle, prompts, params, keep_events: bool = False, on_event=None) -> list[Generation]:
+def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, suffixes=None,
+             spans=None) -> list[Generation]:
     """Denoise every prompt (a list of id lists) together in one batch.
 
     `params` is one SamplingParams for all or a list, one per prompt. `bundle` is a ModelBundle
-    (anything with .model and .special)."""
+    (anything with .model and .special). Infilling: `suffixes` (fixed context after the span) and
+    `spans` (the span with mask ids where tokens are filled; None for all masks), one per prompt."""
     prompts = [list(p) for p in prompts]
+    suffixes = [list(x or ()) for x in suffixes] if suffixes is not None else [[] for _ in prompts]
+    spans = list(spans) if spans is not None else [None] * len(prompts)
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     if len(params) != len(prompts):
         raise ValueError("one SamplingParams per prompt, or a single one for all")
     blocks = bool(getattr(bundle.model.config, "block_diffusion", False))
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp, blocks) for p, sp in zip(prompts, params))
+    rows = sum(DiffusionBatch.rows_needed(len(p) + len(x), sp, blocks)
+               for p, sp, x in zip(prompts, params, suffixes))
     batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=max(rows, 1),
                            max_requests=max(len(prompts), 1))
     for i, (p, sp) in enumerate(zip(prompts, params)):
-        batch.add(i, p, sp)
+        batch.add(i, p, sp, suffix_ids=suffixes[i], span_ids=spans[i])
     results: dict[int, Generation] = {}
     events: dict[int, list[StepEvent]] = {i: [] for i in range(len(prompts))}
     while len(batch):

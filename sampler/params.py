@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20
 # LLaDA2.0's and LLaDA2.1's `generate` defaults (the released remote code).
 LLADA2_DEFAULTS = dict(block_length=32, steps=32, threshold=0.95, minimal_topk=1, eos_early_stop=False)
 LLADA21_DEFAULTS = dict(LLADA2_DEFAULTS, editing_threshold=0.9, max_post_steps=16, num_to_transfer=1)
@@ -46,6 +47,9 @@ class SamplingParams:
     block_length None means one block (pure diffusion); steps None means one token per step.
     threshold set means confidence-threshold parallel decoding (the step count no longer matters).
     ban_eos sets the EOS logit to -inf; defer_eos ranks EOS/EoT candidates below every other one.
+    top_k / top_p / min_p restrict the candidate distribution of sampled rows (temperature > 0;
+    neutral values 0 / 1 / 0; see kernels.selection.restrict_logits). logprobs set (0..20) asks for
+    each committed token's log-probability in its committing step and that many alternatives.
 
     On a block-diffusion checkpoint (LLaDA2.x) the same fields take LLaDA2 `generate`'s meanings
     (see `for_block_diffusion`): blocks laid from canvas position 0, `steps` per block, `threshold`
@@ -64,12 +68,22 @@ class SamplingParams:
     seed: int | None = None
     ban_eos: bool = False
     defer_eos: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    logprobs: int | None = None
+
     # LLaDA2.x block diffusion only.
     minimal_topk: int = 1
     eos_early_stop: bool = False
     editing_threshold: float | None = None  # set: LLaDA2.1 decoding (token editing)
     max_post_steps: int = 16
     num_to_transfer: int = 1
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the sampling filters change anything (never at temperature 0)."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1 or self.min_p > 0)
 
     @property
     def blocks(self) -> int:
@@ -161,6 +175,17 @@ class SamplingParams:
         if self.cfg_scale > 0 and self.cache != "none":
             raise ParamError("cfg_scale", "classifier-free guidance (cfg_scale > 0) runs with cache='none' "
                              f"only, got cache={self.cache!r}")
+        integer("top_k", self.top_k, 0)
+        for name, lo_open in (("top_p", True), ("min_p", False)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v > 1 or v < 0 or (lo_open and v == 0):
+                raise ParamError(name, f"{name} must be in {'(0, 1]' if lo_open else '[0, 1]'}, got {v!r}")
+        if self.logprobs is not None:
+            integer("logprobs", self.logprobs, 0)
+            if self.logprobs > MAX_TOP_LOGPROBS:
+                raise ParamError("logprobs", f"at most {MAX_TOP_LOGPROBS} alternatives per token, "
+                                 f"got {self.logprobs}")
         if self.seed is not None:
             if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
                 raise ParamError("seed", f"seed must be an integer in [0, 2**63), got {self.seed!r}")
@@ -196,6 +221,10 @@ class SamplingParams:
         if self.remasking != "low_confidence":
             raise ParamError("remasking", "block diffusion (LLaDA2.x) unmasks by confidence only; "
                              f"remasking={self.remasking!r} is not available")
+        for name, neutral in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("logprobs", None)):
+            if getattr(self, name) != neutral:
+                raise ParamError(name, f"{name} is not available for block-diffusion (LLaDA2.x) "
+                                 "checkpoints yet")
 
 
 def integer(name, v, low):

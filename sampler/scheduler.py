@@ -13,6 +13,11 @@ calls with one item at a time (`("step", StepEvent)`, `("progress", final_prefix
 `("done", Result)` or `("error", EngineError)`). An asyncio server wraps it with
 `loop.call_soon_threadsafe`; a plain thread can pass `queue.Queue.put`.
 
+Likelihood scoring (`submit_score`, see sampler/likelihood.py) shares the loop: each iteration
+that has scoring work also runs one packed forward over as many waiting scoring canvases (of any
+number of requests) as fit `max_batch_tokens`, and a scoring request's sink gets
+`("done", [PairScore])` or `("error", EngineError)`.
+
 Early completion: tokens are never remasked once unmasked, so the contiguous run of unmasked
 positions at the start of the generated span (the "final prefix") never changes again. When that
 prefix holds a stop id (EOS/EoT) or reaches the answer's token limit, the answer is final and the
@@ -32,6 +37,7 @@ import torch
 
 from sampler.batch import CapacityError, DiffusionBatch, StepEvent
 from sampler.fair_queue import FairQueue
+from sampler.likelihood import ScoreBatch, ScoreJob
 from sampler.params import ParamError, SamplingParams
 
 log = logging.getLogger("llada.engine")
@@ -82,6 +88,9 @@ class Result:
     queued_s: float           # submission -> admission
     duration_s: float         # submission -> completion
     first_block_s: float | None
+    # With params.logprobs set: per generated position, (step that committed it, its log-probability
+    # in that step, [(token, log-probability)] alternatives); None where nothing was committed.
+    token_info: list | None = None
 
 
 @dataclass(eq=False)
@@ -94,6 +103,8 @@ class Handle:
     want_steps: bool = False       # deliver every StepEvent
     want_progress: bool = False    # deliver the final prefix whenever it grows
     answer_limit: int | None = None  # tokens the answer is cut at (early completion)
+    suffix_ids: list = field(default_factory=list)  # fixed context after the generated span
+    span_ids: list | None = None   # infill: the span with mask ids where tokens are filled
     rid: int = 0
     group: int = 0                 # the handles submitted together (one HTTP request) share it
     submitted: float = field(default_factory=time.monotonic)
@@ -107,6 +118,17 @@ class Handle:
     done: bool = False
     cancelled: bool = False
     stop_seen: bool = False
+    token_info: list | None = None
+
+    @property
+    def infill(self) -> bool:
+        """An infill span: the answer is its gaps, so stop ids in it end nothing early."""
+        return self.span_ids is not None
+
+    @property
+    def canvas_prompt_len(self) -> int:
+        """Fixed context rows besides the span (prompt and suffix)."""
+        return len(self.prompt_ids) + len(self.suffix_ids)
 
     def cancel(self) -> None:
         """Ask the engine to drop this request (thread safe; takes effect before the next step)."""
@@ -128,6 +150,8 @@ class Engine:
                                     cuda_graphs=self.config.cuda_graphs)
         pipe = self.config.pipelined
         self.pipelined = self.batch.device.type == "cuda" if pipe is None else bool(pipe)
+        self.scorer = ScoreBatch(model, special.mask)
+        self.scoring: dict[int, ScoreJob] = {}
         self.waiting = FairQueue()
         self.running: dict[int, Handle] = {}
         self._ids = itertools.count(1)
@@ -177,7 +201,7 @@ class Engine:
 
     def idle(self) -> bool:
         with self._cv:
-            return not self.waiting and not self.running
+            return not self.waiting and not self.running and not self.scoring
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop intake, let in-flight requests finish for up to `grace` seconds, fail the rest."""
@@ -209,7 +233,7 @@ class Engine:
     def submit(self, handles: list[Handle]) -> list[Handle]:
         """Queue handles together (all or none). Raises QueueFull or EngineStopped."""
         for h in handles:
-            self.check_fits(len(h.prompt_ids), h.params)
+            self.check_fits(h.canvas_prompt_len, h.params)
         with self._cv:
             if not self.accepting:
                 raise EngineStopped()
@@ -224,11 +248,36 @@ class Engine:
                 h.group = group
                 h.submitted = now
                 h.deadline = now + timeout if timeout and timeout > 0 else None
-                h.canvas = [None] * h.params.gen_length
+                h.canvas = [None] * h.params.gen_length if h.span_ids is None else \
+                    [None if t == self.mask_id else t for t in h.span_ids]
+                h.token_info = [None] * h.params.gen_length if h.params.logprobs is not None else None
             self.waiting.push(group, handles)
             self._gauges()
             self._cv.notify_all()
         return handles
+
+    def submit_score(self, job: ScoreJob) -> ScoreJob:
+        """Queue a likelihood request. Raises EngineError (too large), QueueFull or EngineStopped."""
+        if job.canvas_tokens > self.config.max_batch_tokens:
+            raise EngineError(f"a pair needs {job.canvas_tokens} canvas tokens; this server's "
+                              f"max_batch_tokens is {self.config.max_batch_tokens}", status=400,
+                              type="invalid_request_error", param="pairs")
+        with self._cv:
+            if not self.accepting:
+                raise EngineStopped()
+            if len(self.waiting) + len(self.scoring) + 1 > self.config.max_queue:
+                raise QueueFull(f"the request queue is full ({len(self.waiting) + len(self.scoring)} "
+                                f"waiting, limit {self.config.max_queue}); retry later",
+                                retry_after=self._retry_after())
+            now = time.monotonic()
+            timeout = self.config.request_timeout
+            job.rid = next(self._ids)
+            job.submitted = now
+            job.deadline = now + timeout if timeout and timeout > 0 else None
+            self.scorer.add(job)
+            self.scoring[job.rid] = job
+            self._cv.notify_all()
+        return job
 
     def wake(self) -> None:
         with self._cv:
@@ -252,10 +301,13 @@ class Engine:
                     if self._stop:
                         self._fail_all(EngineStopped("the server shut down before this request finished"))
                         return
-                    if not self.running:
+                    if not self.running and not self.scoring:
                         self._cv.wait(timeout=self.config.idle_wait)
                         continue
-                self._step()
+                if self.running:
+                    self._step()
+                if self.scoring:
+                    self._score_step()
         except BaseException as e:  # the loop itself must never die silently
             log.exception("engine loop crashed: %s", e)
             with self._cv:
@@ -273,6 +325,13 @@ class Engine:
             elif h.deadline is not None and now > h.deadline:
                 self.waiting.remove(h.group, h)
                 self._finish_error(h, self._timeout_error())
+        for job in list(self.scoring.values()):
+            if job.cancelled:
+                self._drop_score(job)
+                job.done = True
+            elif job.deadline is not None and now > job.deadline:
+                self._drop_score(job)
+                self._score_error(job, self._timeout_error())
         for rid, h in list(self.running.items()):
             if h.cancelled:
                 self._release(h)
@@ -295,7 +354,7 @@ class Engine:
             if nxt is None:
                 break
             group, h = nxt
-            if not self.batch.can_admit(len(h.prompt_ids), h.params):
+            if not self.batch.can_admit(h.canvas_prompt_len, h.params):
                 if not self.running:  # an empty batch that cannot take it never will
                     self.waiting.remove(group, h)
                     self._finish_error(h, EngineError("the request does not fit the batch buffers",
@@ -303,7 +362,7 @@ class Engine:
                     continue
                 break
             try:
-                self.batch.add(h.rid, h.prompt_ids, h.params)
+                self.batch.add(h.rid, h.prompt_ids, h.params, suffix_ids=h.suffix_ids, span_ids=h.span_ids)
             except ParamError as e:
                 self.waiting.remove(group, h)
                 self._finish_error(h, EngineError(str(e), status=400, type="invalid_request_error",
@@ -346,6 +405,47 @@ class Engine:
                     self._finish_error(h, EngineError(f"internal error ({type(e).__name__})", status=500))
             self._gauges()
 
+    def _score_step(self) -> None:
+        with self._cv:
+            canvases = self.scorer.take(self.config.max_batch_tokens)
+        if not canvases:
+            return
+        t0 = time.perf_counter()
+        try:
+            done = self.scorer.run(canvases)
+        except Exception as e:  # noqa: BLE001 - fail the requests in this forward, keep serving
+            jobs = {id(c.pair.job): c.pair.job for c in canvases}
+            log.error("a scoring forward failed (%s: %s); failing its %d requests", type(e).__name__, e,
+                      len(jobs), exc_info=True)
+            with self._cv:
+                for job in jobs.values():
+                    self._drop_score(job)
+                    self._score_error(job, EngineError(f"internal error while scoring ({type(e).__name__})",
+                                                       status=500, code="step_failed"))
+            return
+        if self.metrics is not None:
+            self.metrics.observe_score_forward(sum(c.tokens for c in canvases), time.perf_counter() - t0)
+        with self._cv:
+            for job in done:
+                if self.scoring.pop(job.rid, None) is None or job.cancelled:
+                    continue
+                job.done = True
+                try:
+                    job.sink(("done", ScoreBatch.results(job)))
+                except Exception:  # noqa: BLE001 - a dead consumer must not stop the engine
+                    log.debug("scoring request %s: its consumer is gone", job.rid)
+
+    def _drop_score(self, job: ScoreJob) -> None:
+        self.scoring.pop(job.rid, None)
+        self.scorer.drop(job)
+
+    def _score_error(self, job: ScoreJob, err: EngineError) -> None:
+        job.done = True
+        try:
+            job.sink(("error", err))
+        except Exception:  # noqa: BLE001
+            log.debug("scoring request %s: its consumer is gone", job.rid)
+
     def _step_failed(self, e: Exception) -> None:
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
         self.step_failures += 1
@@ -378,6 +478,9 @@ class Engine:
             canvas[p] = t
         for p, t in zip(ev.edited_positions, ev.edited_token_ids):
             canvas[p] = t
+        if h.token_info is not None and ev.logprobs is not None:
+            for p, lp, top in zip(ev.positions, ev.logprobs, ev.top_logprobs):
+                h.token_info[p] = (ev.step, lp, top)
         before = h.prefix
         n = len(canvas) if ev.final_upto is None else ev.final_upto  # editing: only finished blocks
         while h.prefix < n and canvas[h.prefix] is not None:
@@ -398,14 +501,14 @@ class Engine:
             self._finish_error(h, EngineError("the sampler made no progress on this request",
                                               status=500, code="no_progress"))
             return
-        final = (h.stop_seen or (h.answer_limit is not None and h.prefix >= h.answer_limit))
+        final = not h.infill and (h.stop_seen or (h.answer_limit is not None and h.prefix >= h.answer_limit))
         if ev.finished or (final and self.config.early_stop and not h.want_steps):
             gen = ev.gen_ids if ev.finished else [self.mask_id if t is None else t for t in canvas]
             self._release(h)
             now = time.monotonic()
             res = Result(gen_ids=list(gen), nfe=ev.nfe, steps=ev.step, early=not ev.finished,
                          queued_s=(h.admitted or now) - h.submitted, duration_s=now - h.submitted,
-                         first_block_s=h.first_block_s)
+                         first_block_s=h.first_block_s, token_info=h.token_info)
             d = res.duration_s
             self._recent_duration = d if self._recent_duration is None else 0.9 * self._recent_duration + 0.1 * d
             if self.metrics is not None:
@@ -442,6 +545,9 @@ class Engine:
         for h in list(self.running.values()):
             self._release(h)
             self._finish_error(h, err)
+        for job in list(self.scoring.values()):
+            self._drop_score(job)
+            self._score_error(job, err)
         self._gauges()
 
     def _gauges(self) -> None:

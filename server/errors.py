@@ -20,7 +20,7 @@ from sampler.scheduler import EngineError, QueueFull
 
 log = logging.getLogger("llada.server")
 
-API_PATHS = ("/v1/completions", "/v1/chat/completions")
+API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/loglikelihood")
 ECHO_CHARS = 64         # at most this much of a client's value is quoted back (in bodies and logs)
 MAX_MESSAGE_CHARS = 1000  # and no error message is longer than this
 

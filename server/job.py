@@ -15,7 +15,10 @@ import uuid
 from fastapi import Request
 
 from sampler.scheduler import EngineError, Handle
+from sampler.generate import cut_answer
 from server.answer import Choice, Decoder
+from server.infill import InfillChoice
+from server.logprobs import chat_logprobs, completion_logprobs, tokens_covered
 from server.errors import ApiError
 from server.requests import check_fanout, sampling, stop_strings
 
@@ -26,7 +29,10 @@ KEEPALIVE_S = 15.0  # an SSE comment after this long without an event (proxies c
 class Job:
     """One HTTP request in flight: its sub-requests in the engine and their answers."""
 
-    def __init__(self, svc, kind: str, req, prompts: list[list[int]], max_tokens):
+    def __init__(self, svc, kind: str, req, prompts: list[list[int]], max_tokens, suffix_ids=None,
+                 infills=None):
+        """`suffix_ids`: fixed context after every prompt's span (OpenAI's suffix). `infills`: one
+        InfillPrompt per prompt (the infill form; `prompts` are then their prefixes)."""
         self.svc = svc
         self.kind = kind  # "completions" or "chat"
         self.req = req
@@ -40,19 +46,35 @@ class Job:
         base_seed = req.seed if req.seed is not None else secrets.randbits(62)
         self.handles: list[Handle] = []
         self.choices: list[Choice] = []
-        self.prompt_tokens = sum(len(p) for p in prompts)
+        suffix = list(suffix_ids or [])
+        self.prompt_tokens = sum(len(p) + len(suffix) for p in prompts)
+        if infills is not None:
+            self.prompt_tokens = sum(len(ip.prefix) + len(ip.span) - ip.masks + len(ip.suffix) for ip in infills)
+        self.known: dict[int, list[int]] = {}   # per choice: the final prefix ids seen so far
+        self.lp_sent: dict[int, int] = {}       # per choice: answer tokens whose logprobs were streamed
         stream_steps = bool(req.stream_steps)
         decoder = svc.decoder if req.skip_special_tokens is not False else Decoder(svc.tokenizer, skip_special=False)
+        self.decoder = decoder
         for pi, p in enumerate(prompts):
+            ip = infills[pi] if infills is not None else None
             for j in range(n):
                 idx = pi * n + j
-                sp = sampling(svc, req, max_tokens, len(p), idx, base_seed)
+                if ip is not None:
+                    sp = sampling(svc, req, None, len(ip.prefix) + len(ip.suffix), idx, base_seed, span=ip.span)
+                    self.choices.append(InfillChoice(idx, decoder, ip))
+                    self.handles.append(Handle(
+                        prompt_ids=p, params=sp, sink=self._sink(idx), want_steps=stream_steps,
+                        suffix_ids=list(ip.suffix), span_ids=list(ip.span)))
+                    continue
+                sp = sampling(svc, req, max_tokens, len(p) + len(suffix), idx, base_seed,
+                              exact_length=suffix_ids is not None)
                 answer_limit = max_tokens if max_tokens is not None else sp.gen_length
                 answer_limit = min(answer_limit, sp.gen_length)
                 self.choices.append(Choice(idx, decoder, svc.stop_ids, answer_limit, stops))
                 self.handles.append(Handle(
                     prompt_ids=p, params=sp, sink=self._sink(idx), want_steps=stream_steps,
-                    want_progress=bool(stops) or bool(req.stream), answer_limit=answer_limit))
+                    want_progress=bool(stops) or bool(req.stream), answer_limit=answer_limit,
+                    suffix_ids=suffix))
 
     def _sink(self, idx):
         loop, q = self.loop, self.queue
@@ -107,6 +129,7 @@ class Job:
                 ch = self.choices[idx]
                 if ch.answer is not None:
                     continue
+                self.known[idx] = payload
                 delta = ch.on_progress(payload)
                 if ch.answer is not None and not self.handles[idx].want_steps:
                     # A stop string ended it: nothing later can change the answer.
@@ -136,16 +159,54 @@ class Job:
             return None
         return self.body()
 
+    def logprobs(self, idx: int, start: int = 0, end: int | None = None) -> dict | None:
+        """OpenAI's logprobs object for answer tokens [start, end) of choice idx (None when the
+        request did not ask for logprobs)."""
+        h, c = self.handles[idx], self.choices[idx]
+        if h.params.logprobs is None or c.answer is None and end is None:
+            return None
+        ids = c.answer.ids if end is None else self.answer_ids(idx)
+        end = len(ids) if end is None else end
+        info = h.token_info[start:end]
+        dec = self.decoder
+        if self.kind == "completions":
+            return completion_logprobs(dec, ids[start:end], info, prefix_ids=ids[:start])
+        return chat_logprobs(dec, ids[start:end], info)
+
+    def answer_ids(self, idx: int) -> list[int]:
+        """The answer's ids as far as they are known (the whole answer once it is final)."""
+        c = self.choices[idx]
+        if c.answer is not None:
+            return c.answer.ids
+        return cut_answer(self.known.get(idx, []), self.svc.stop_ids, c.max_tokens)
+
+    def logprobs_delta(self, idx: int) -> dict | None:
+        """A stream chunk's logprobs: the answer tokens whose text has now been sent in full."""
+        if self.handles[idx].params.logprobs is None:
+            return None
+        c = self.choices[idx]
+        ids = self.answer_ids(idx)
+        covered = len(ids) if c.answer is not None else tokens_covered(self.decoder, ids, len(c.sent))
+        start = self.lp_sent.get(idx, 0)
+        if covered <= start:
+            return None
+        self.lp_sent[idx] = covered
+        return self.logprobs(idx, start, covered)
+
     def body(self) -> dict:
         choices = []
         for c in self.choices:
             a = c.answer
-            if self.kind == "completions":
-                choices.append({"index": c.index, "text": a.text, "logprobs": None,
+            lp = self.logprobs(c.index)
+            if isinstance(c, InfillChoice):
+                choices.append({"index": c.index, "text": a.text, "logprobs": None, "finish_reason": "stop",
+                                "token_ids": a.ids, "llada": {"gaps": c.filled["gaps"]}})
+            elif self.kind == "completions":
+                choices.append({"index": c.index, "text": a.text, "logprobs": lp,
                                 "finish_reason": a.finish_reason, "token_ids": a.ids})
             else:
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": a.text},
-                                "logprobs": None, "finish_reason": a.finish_reason})
+                                "logprobs": lp, "finish_reason": a.finish_reason})
         obj = "text_completion" if self.kind == "completions" else "chat.completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.svc.name,
                 "choices": choices, "usage": self.usage()}

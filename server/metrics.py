@@ -43,6 +43,10 @@ class Metrics:
                                 registry=r)
         self.step_failures = Counter("llada_step_failures", "Steps that raised (their requests failed)",
                                      registry=r)
+        self.score_forwards = Counter("llada_score_forwards", "Packed likelihood-scoring forwards run",
+                                      registry=r)
+        self.score_tokens = Counter("llada_score_tokens", "Canvas tokens evaluated by likelihood scoring",
+                                    registry=r)
         self.device = None
 
     # Engine hooks (called from the engine thread; prometheus_client is thread safe).
@@ -50,6 +54,10 @@ class Metrics:
         self.batch_size.observe(batch_size)
         self.step_duration.observe(seconds)
         self.forwards.inc()
+
+    def observe_score_forward(self, tokens: int, seconds: float) -> None:
+        self.score_forwards.inc()
+        self.score_tokens.inc(tokens)
 
     def observe_step_failure(self, n_requests: int) -> None:
         self.step_failures.inc()

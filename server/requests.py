@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sampler.params import LLADA2_FIELDS, MAX_SEED, RELEASED_DEFAULTS, ParamError, SamplingParams
+from sampler.params import LLADA2_FIELDS, MAX_SEED, MAX_TOP_LOGPROBS, RELEASED_DEFAULTS, ParamError, SamplingParams
 from sampler.scheduler import EngineError
 from server.errors import ApiError, clip
 from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field, unknown_fields
@@ -193,37 +193,81 @@ def block_layout(max_tokens: int, block: int, steps: int | None, room: int) -> t
     return max_tokens, max_tokens  # one block: any steps up to max_tokens fit it (validate() checks the rest)
 
 
-def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base_seed: int) -> SamplingParams:
+def logprobs_wanted(req) -> int | None:
+    """Alternatives per token a request asks for (None: no logprobs). Completions: `logprobs: N`;
+    chat: `logprobs: true` with `top_logprobs: N` (0 when absent)."""
+    if isinstance(req, ChatCompletionRequest):
+        if not req.logprobs:
+            if req.top_logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs",
+                               code="invalid_value")
+            return None
+        n = req.top_logprobs or 0
+        if not 0 <= n <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}",
+                           param="top_logprobs", code="invalid_value")
+        return n
+    return req.logprobs
+
+
+def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base_seed: int,
+             span: list[int] | None = None, exact_length: bool = False) -> SamplingParams:
+    """The request's SamplingParams. `prompt_len` counts all fixed context (prompt and suffix).
+    `span`: an infill span (mask ids where to fill): one block over it, one step per masked
+    position by default. `exact_length`: gen_length is max_tokens itself (a suffix follows the span,
+    so no rounding up to whole blocks)."""
     lim = svc.limits
     context = svc.config.max_sequence_length
     room = context - prompt_len
-    if max_tokens is None:
-        max_tokens = min(lim.default_max_tokens, max(1, room))
-    if max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens",
-                       code="invalid_value")
     blocks = bool(svc.config.block_diffusion)
-    if max_tokens > room:
-        left = f"{room} tokens are left for the answer" if room > 0 else "no tokens are left for an answer"
-        raise ApiError(400, f"the prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
-                       f"{prompt_len + max_tokens} exceeds the model's context of {context} tokens: {left}",
-                       param="max_tokens", code="context_length_exceeded")
-    if req.block_length is not None:
-        block = req.block_length
-        if block < 1:
-            raise ApiError(400, f"block_length must be >= 1, got {block}", param="block_length",
+    steps = req.steps
+    if blocks and (span is not None or exact_length):
+        raise ApiError(400, "infilling (suffix, infill) is not available for block-diffusion (LLaDA2.x) "
+                       "checkpoints", param="infill" if span is not None else "suffix", code="invalid_value")
+    if span is not None:
+        gen_length = block = len(span)
+        masks = span.count(svc.bundle.special.mask)
+        if req.block_length is not None and req.block_length != gen_length:
+            raise ApiError(400, f"infill runs its span ({gen_length} tokens from the first to the last marked "
+                           "position) as one block; leave block_length out", param="block_length",
                            code="invalid_value")
-    elif blocks:
-        block = None  # the released generate's block length
+        if steps is None and req.threshold is None:
+            steps = masks
+        if steps is not None and steps > masks:
+            raise ApiError(400, f"steps {steps} exceeds the {masks} marked positions to fill", param="steps",
+                           code="invalid_value")
     else:
-        block = min(lim.default_block_length, max_tokens)
-    # LLaDA2 decodes exactly max_tokens (its last block runs past them); LLaDA, whole blocks, laid
-    # out so that a max_tokens that fits the context is never refused for rounding.
-    if blocks:
-        gen_length = max_tokens
-    else:
-        steps = req.steps if req.steps is not None and req.steps >= 1 else None
-        gen_length, block = block_layout(max_tokens, block, steps, room)
+        if max_tokens is None:
+            max_tokens = min(lim.default_max_tokens, max(1, room))
+        if max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens",
+                           code="invalid_value")
+        if max_tokens > room:
+            left = f"{room} tokens are left for the answer" if room > 0 else "no tokens are left for an answer"
+            raise ApiError(400, f"the prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = "
+                           f"{prompt_len + max_tokens} exceeds the model's context of {context} tokens: {left}",
+                           param="max_tokens", code="context_length_exceeded")
+        if req.block_length is not None:
+            block = req.block_length
+            if block < 1:
+                raise ApiError(400, f"block_length must be >= 1, got {block}", param="block_length",
+                               code="invalid_value")
+            if exact_length and max_tokens % block:
+                raise ApiError(400, f"with a suffix the span is exactly max_tokens ({max_tokens}) long: "
+                               f"block_length {block} must divide it", param="block_length",
+                               code="invalid_value")
+        elif blocks:
+            block = None  # the released generate's block length
+        else:
+            block = max_tokens if exact_length else min(lim.default_block_length, max_tokens)
+        # LLaDA2 decodes exactly max_tokens (its last block runs past them); a span before a suffix is
+        # exactly max_tokens; otherwise whole blocks, laid out so that a max_tokens that fits the
+        # context is never refused for rounding.
+        if blocks or exact_length:
+            gen_length = max_tokens
+        else:
+            gen_length, block = block_layout(max_tokens, block, steps if steps is not None and steps >= 1
+                                             else None, room)
     # Unset block-diffusion fields take the checkpoint's released `generate` defaults.
     released = RELEASED_DEFAULTS[svc.bundle.decoding]
     extra = {}
@@ -231,14 +275,17 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         value = getattr(req, name) if getattr(req, name) is not None else released.get(name)
         if value is not None:
             extra[name] = value
+    top_k = 0 if req.top_k in (None, -1) else req.top_k
     sp = SamplingParams(
-        gen_length=gen_length, block_length=block, steps=req.steps,
+        gen_length=gen_length, block_length=block, steps=steps,
         temperature=0.0 if req.temperature is None else req.temperature,
         remasking=req.remasking or "low_confidence",
         cfg_scale=0.0 if req.cfg_scale is None else req.cfg_scale,
         threshold=req.threshold if req.threshold is not None else released.get("threshold"),
         cache=req.cache or "none", seed=derive_seed(base_seed, index),
-        ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos), **extra)
+        ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos),
+        top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
+        min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req), **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     try:

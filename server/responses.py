@@ -54,6 +54,34 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class PairLikelihood(BaseModel):
+    index: int
+    logprob: float = Field(description="Monte Carlo estimate of log p(continuation | context)")
+    stderr: float | None = Field(description="standard error of the estimate (null with one sample)")
+    is_greedy: bool = Field(description="one forward over the fully masked continuation predicts it "
+                            "exactly (argmax at every position)")
+    forwards: int = Field(description="canvases evaluated for this pair (identical samples once; "
+                          "twice with cfg_scale)")
+    context_tokens: int
+    continuation_tokens: int
+
+
+class LikelihoodUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    forwards: int
+
+
+class LoglikelihoodResponse(BaseModel):
+    object: Literal["loglikelihood"]
+    model: str
+    mc_samples: int
+    seed: int
+    cfg_scale: float
+    data: list[PairLikelihood]
+    usage: LikelihoodUsage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]

@@ -16,8 +16,11 @@ from server.errors import API_ERRORS, ApiError, clip
 from server.job import Job
 from server.metrics import CONTENT_TYPE
 from server.requests import chat_prompt, check_fanout, check_request, completion_items, completion_prompts
-from server.responses import EVENT_STREAM, ChatCompletionResponse, CompletionResponse, ModelCard, ModelList, Status
-from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, LoglikelihoodResponse,
+                              ModelCard, ModelList, Status)
+from server.schemas import ChatCompletionRequest, CompletionRequest, LoglikelihoodRequest
+from server.infill import check_infill, infill_prompts, suffix_ids
+from server.scoring import serve_loglikelihood
 from server.streaming import log_done, metered, openai_stream, steps_stream
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -106,8 +109,13 @@ async def completions(request: Request, body: CompletionRequest):
     items = completion_items(body)
     check_fanout(svc, body, len(items))
     # Tokenizing (and scanning ids) runs in a worker thread: the event loop keeps answering.
+    if body.infill:
+        check_infill(body)
+        infills = await asyncio.to_thread(infill_prompts, svc, items)
+        return await _serve(request, body, "completions", [ip.prefix for ip in infills], None, infills=infills)
     prompts = await asyncio.to_thread(completion_prompts, svc, items)
-    return await _serve(request, body, "completions", prompts, body.max_tokens)
+    suffix = await asyncio.to_thread(suffix_ids, svc, body.suffix) if body.suffix else None
+    return await _serve(request, body, "completions", prompts, body.max_tokens, suffix_ids=suffix)
 
 
 @api.post("/chat/completions", response_model=None,
@@ -122,11 +130,19 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     return await _serve(request, body, "chat", [prompt], max_tokens)
 
 
-async def _serve(request: Request, req, kind: str, prompts: list[list[int]], max_tokens: int | None):
+@api.post("/loglikelihood", response_model=None, responses={200: {"model": LoglikelihoodResponse}})
+async def loglikelihood(request: Request, body: LoglikelihoodRequest):
+    """Monte Carlo estimate of log p(continuation | context) per pair (the LLaDA paper's estimator)."""
+    out = await serve_loglikelihood(request, body)
+    return Response(status_code=499) if out is None else out
+
+
+async def _serve(request: Request, req, kind: str, prompts: list[list[int]], max_tokens: int | None,
+                 suffix_ids: list[int] | None = None, infills=None):
     svc = request.app.state.service
     endpoint = request.url.path
     t0 = time.monotonic()
-    job = Job(svc, kind, req, prompts, max_tokens)
+    job = Job(svc, kind, req, prompts, max_tokens, suffix_ids=suffix_ids, infills=infills)
     job.submit()
     if req.stream or req.stream_steps:
         gen = steps_stream(job, request) if req.stream_steps else openai_stream(job, request)

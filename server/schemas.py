@@ -69,10 +69,13 @@ class DiffusionFields(BaseModel):
     skip_special_tokens: StrictBool | None = Field(None, description="default true; false keeps special "
                                                    "tokens (EOS/EoT included) in the text")
 
+    # Sampling filters (for sampled requests: temperature > 0; greedy requests ignore them).
+    top_p: StrictFloat | StrictInt | None = Field(None, description="nucleus filter, (0, 1]; 1: off")
+    top_k: StrictInt | None = Field(None, description="keep the k most likely tokens; 0 or -1: off")
+    min_p: StrictFloat | StrictInt | None = Field(None, description="keep tokens with probability >= min_p "
+                                                  "x the most likely one's, [0, 1]; 0: off")
+
     # OpenAI fields accepted only at a neutral value (see NEUTRAL).
-    top_p: StrictFloat | None = None
-    top_k: StrictInt | None = Field(None, description="-1 or 0: off")
-    min_p: StrictFloat | None = Field(None, description="0: off")
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
     repetition_penalty: StrictFloat | None = None
@@ -91,8 +94,11 @@ class DiffusionFields(BaseModel):
 class CompletionRequest(DiffusionFields):
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]], None] = None
     echo: StrictBool | None = None
-    logprobs: StrictInt | None = None
-    suffix: StrictStr | None = None
+    logprobs: StrictInt | None = Field(None, description="per answer token its log-probability in the step "
+                                       "that committed it and this many alternatives (0..20)")
+    suffix: StrictStr | None = Field(None, description="text after the answer (fill-in-the-middle)")
+    infill: StrictBool | None = Field(None, description="fill the positions the prompt marks with "
+                                      "<|mdm_mask|> (or the mask id), one token each")
 
 
 class ContentPart(BaseModel):
@@ -119,8 +125,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(DiffusionFields):
     messages: list[ChatMessage] = Field(default_factory=list)
     max_completion_tokens: StrictInt | None = None
-    logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    logprobs: StrictBool | None = Field(None, description="commit-time log-probabilities of the answer tokens")
+    top_logprobs: StrictInt | None = Field(None, description="alternatives per token (0..20; needs logprobs)")
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any | None = None
@@ -140,16 +146,39 @@ class ChatCompletionRequest(DiffusionFields):
         None, description="continue the final (assistant) message instead of starting a new turn")
 
 
+class ScoringPair(BaseModel):
+    """One (context, continuation) pair, each as text or as token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+    context: Union[StrictStr, list[StrictInt]] = Field(description="conditioning text or ids (may be empty)")
+    continuation: Union[StrictStr, list[StrictInt]] = Field(description="the text or ids to score")
+
+
+class LoglikelihoodRequest(BaseModel):
+    """POST /v1/loglikelihood: Monte Carlo log p(continuation | context) per pair."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    pairs: list[ScoringPair] = Field(description="the pairs to score")
+    mc_samples: StrictInt | None = Field(None, description="Monte Carlo samples per pair (default 32; "
+                                         "the LLaDA paper uses 128)")
+    cfg_scale: Union[StrictFloat, StrictInt, None] = Field(None, description="classifier-free guidance "
+                                                           "scale (0: off)")
+    seed: StrictInt | None = Field(None, description="seeds the masks drawn (default 0: reproducible)")
+
+
+ECHO_REFUSAL = ("echo (prompt log-probabilities) is not supported: a masked-diffusion model has no "
+                "left-to-right token probabilities. Score continuations with POST /v1/loglikelihood "
+                "(Monte Carlo log p(continuation | context)), or run lm-eval through the adapter "
+                "`python -m evaluation.lm_eval_adapter`")
+
 # Accepted and ignored (documented in the README): they change nothing this server computes.
 IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
            "parallel_tool_calls", "prediction", "reasoning_effort", "verbosity")
 
 # field -> (is the value neutral?, why a non-neutral value is refused)
 NEUTRAL = {
-    "top_p": (lambda v: v is None or v == 1, "top_p is not supported (diffusion sampling draws from "
-              "the full distribution); send 1 or leave it out"),
-    "top_k": (lambda v: v is None or v in (0, -1), "top_k is not supported; send -1 or 0 (off) or leave it out"),
-    "min_p": (lambda v: v is None or v == 0, "min_p is not supported; send 0 (off) or leave it out"),
+    "echo": (lambda v: not v, ECHO_REFUSAL),  # first: lm-eval's likelihood route sends echo + logprobs
     "presence_penalty": (lambda v: v is None or v == 0, "presence_penalty is not supported by "
                          "masked-diffusion sampling (all tokens are decoded in parallel); send 0 or leave it out"),
     "frequency_penalty": (lambda v: v is None or v == 0, "frequency_penalty is not supported by "
@@ -158,10 +187,6 @@ NEUTRAL = {
     "logit_bias": (lambda v: not v, "logit_bias is not supported; use ban_eos to forbid EOS"),
     "best_of": (lambda v: v is None or v == 1, "best_of is not supported (there is no sequence "
                 "likelihood to rank by); use n"),
-    "logprobs": (lambda v: v is None or v is False or v == 0, "logprobs are not supported"),
-    "top_logprobs": (lambda v: v is None or v == 0, "top_logprobs are not supported"),
-    "echo": (lambda v: not v, "echo is not supported"),
-    "suffix": (lambda v: v is None, "suffix (infilling) is not supported"),
     "response_format": (lambda v: v is None or v.get("type") == "text",
                         "response_format other than {\"type\": \"text\"} is not supported"),
     "tools": (lambda v: not v, "tools are not supported"),

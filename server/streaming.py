@@ -26,15 +26,15 @@ def finite(x: float):
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
-                     finish_reason: str | None = None) -> dict:
+                     finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict,
-               finish_reason: str | None = None) -> dict:
+               finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, usage: dict) -> dict:
@@ -112,12 +112,15 @@ def openai_stream(job, request):
         finished = set()
 
         def text_chunk(idx, text):
-            return event(mk(job.id, job.created, name, idx, {"content": text} if chat else text))
+            # logprobs of the tokens whose text this chunk completes (see Job.logprobs_delta)
+            return event(mk(job.id, job.created, name, idx, {"content": text} if chat else text,
+                            logprobs=job.logprobs_delta(idx)))
 
         def finish_chunk(idx):
             finished.add(idx)
             a = job.choices[idx].answer
-            return event(mk(job.id, job.created, name, idx, {} if chat else "", a.finish_reason))
+            return event(mk(job.id, job.created, name, idx, {} if chat else "", a.finish_reason,
+                            logprobs=job.logprobs_delta(idx)))
 
         async for idx, kind, payload in job.events(request):
             if kind == "ping":

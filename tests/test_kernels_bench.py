@@ -23,6 +23,6 @@ def test_bench_kernels_smoke_runs_and_checks_out():
     assert proc.returncode == 0, out[-4000:]
     assert "SMOKE shapes" in proc.stdout, out[-4000:]
     for label in ("attn dense", "attn ragged", "attn block/cache", "select T=0", "select T=1",
-                  "transfer mask", "one read of the logits"):
+                  "transfer mask", "one read of the logits", "select filters", "logprobs"):
         assert label in proc.stdout, f"missing row {label!r}:\n{proc.stdout}"
     assert "CHECK FAILED" not in out

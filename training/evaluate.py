@@ -91,7 +91,33 @@ def run_setting(bundle, heldout, setting: Setting, chunk: int = 128):
     }
 
 
-def markdown(results, heldout, args, seconds) -> str:
+def run_infill(bundle, examples) -> list[dict]:
+    """The infill form on held-out `alphabet` runs: the prompt asks for the run ("Letters from c to
+    h"), the answer canvas holds the run and its <|eot_id|> with inner letters masked, and the model
+    fills the masks (`sampler.generate.generate` with spans: one block over the span, one step per
+    masked position). Exact match of the whole run, for two masking patterns."""
+    tok, mask = bundle.tokenizer, bundle.special.mask
+    out = []
+    for label, hide in (("every other inner letter masked", lambda i, n: 0 < i < n - 1 and i % 2 == 1),
+                        ("all inner letters masked", lambda i, n: 0 < i < n - 1)):
+        prompts, spans, params = [], [], []
+        for ex in examples:
+            run = ex.answer.split()
+            prompts.append(tok.apply_chat_template(
+                [{"role": "user", "content": f"Letters from {run[0]} to {run[-1]}"}], add_generation_prompt=True))
+            ids = tok.encode(ex.answer)  # one token per letter (checked below)
+            assert len(ids) == len(run)
+            span = [mask if hide(i, len(ids)) else t for i, t in enumerate(ids)] + [bundle.special.eot]
+            spans.append(span)
+            params.append(SamplingParams(gen_length=len(span), steps=span.count(mask)))
+        gens = generate(bundle, prompts, params, spans=spans)
+        hits = [int(tok.decode(g.gen_ids[:-1]) == ex.answer) for g, ex in zip(gens, examples)]
+        out.append({"label": label, "accuracy": sum(hits) / len(hits), "n": len(hits),
+                    "masked": sum(s.count(mask) for s in spans) / len(spans)})
+    return out
+
+
+def markdown(results, heldout, args, seconds, infill=None) -> str:
     tasks = list(heldout)
     head = "| setting | " + " | ".join(tasks) + " | all prompts | mean NFE | forwards / token | forwards / answer token |"
     sep = "|---" * (len(tasks) + 5) + "|"
@@ -129,6 +155,15 @@ rest of the span is EOS padding), averaged over prompts.
 to the answer span ({args.gen_length}).
 
 ![accuracy against forwards per token](default_model_accuracy.png)
+
+Infilling (the server's `infill` form) on the held-out `alphabet` runs: the prompt asks for the run
+("Letters from c to h"), the answer canvas holds the run and its `<|eot_id|>` with inner letters
+masked, and the model fills the masks (one block over the span, one step per masked position); exact
+match of the whole run.
+
+| masking | held-out runs | masked letters per run | exact match |
+|---|---|---|---|
+{chr(10).join(f"| {r['label']} | {r['n']} | {r['masked']:.1f} | **{r['accuracy']:.0%}** |" for r in infill or [])}
 
 Misses at steps {args.gen_length} (first {len(misses)}):
 
@@ -197,12 +232,15 @@ def main(argv=None) -> None:
         results.append(r)
         print(f"{r['label']:>14}: all {r['overall']:.1%}  NFE {r['mean_nfe']:.2f}  "
               + "  ".join(f"{k} {v:.0%}" for k, v in r["per_task"].items()), flush=True)
+    infill = run_infill(bundle, heldout["alphabet"])
+    for r in infill:
+        print(f"infill, {r['label']}: {r['accuracy']:.0%} of {r['n']}", flush=True)
     seconds = time.time() - t0
     try:
         args.model = args.model.resolve().relative_to(ROOT)
     except ValueError:
         pass
-    args.table.write_text(markdown(results, heldout, args, seconds))
+    args.table.write_text(markdown(results, heldout, args, seconds, infill))
     plot(results, heldout, args.plot, args.gen_length)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "samples"}

@@ -85,6 +85,21 @@ def _last(rng):
     return "last:" + _join(xs), p.format(_join(xs)), xs[-1]
 
 
+def _alphabet(rng):
+    """A run of consecutive letters; in the gap phrasing some inner letters are shown as `_`.
+    The answer is always the whole run, so the same model fills gaps left in an answer canvas
+    (the infill API) and answers the spelled-out request."""
+    n = rng.randint(4, 8)
+    start = rng.randint(0, len(LETTERS) - n)
+    run = list(LETTERS[start:start + n])
+    key = f"{run[0]}-{run[-1]}"
+    if rng.random() < 0.5:
+        p = rng.choice(["Letters from {} to {}", "Write the letters from {} to {}"])
+        return key, p.format(run[0], run[-1]), _join(run)
+    shown = [c if i in (0, n - 1) or rng.random() < 0.5 else "_" for i, c in enumerate(run)]
+    return key, "Fill the gaps: " + _join(shown), _join(run)
+
+
 _GREETINGS = ["Hello", "Hi", "Hey", "Good morning", "Good evening", "Hello there", "Hi there"]
 _ASKS = [
     ("Who are you?", "I am a tiny LLaDA model. I can copy, reverse and sort lists, and add numbers."),
@@ -122,6 +137,7 @@ TASKS: list[Task] = [
     Task("add", _add, 2.0),
     Task("count", _count, 0.7),
     Task("first_last", _last, 1.0),
+    Task("alphabet", _alphabet, 2.5),
     # a handful of fixed replies so a first-time user's greeting gets a sensible answer
     Task("chat", _chat, 0.3, evaluate=False),
 ]

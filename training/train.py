@@ -292,6 +292,39 @@ never seen in training.
 """
 
 
+def finetune_section(args, history, quick, seconds) -> str:
+    """The model card section a fine-tuning run (--init) appends to its starting model's card."""
+    weights_total = sum(t.weight for t in TASKS)
+    shares = ", ".join(f"`{t.name}` {t.weight / weights_total:.1%}" for t in TASKS)
+    quick_rows = "\n".join(f"| {k} | {v:.0%} |" for k, v in quick.items())
+    cmd = "python training/train.py " + " ".join(
+        a if not Path(a).is_absolute() else _rel(a) for a in sys.argv[1:])
+    return f"""
+## Fine-tuning: the `alphabet` task (infilling)
+
+The weights above were then fine-tuned, with every task of `training/tasks.py` mixed in (shares:
+{shares}), to add `alphabet`: a run of 4 to 8 consecutive letters, asked for as "Letters from c
+to h" or with gaps as "Fill the gaps: c d _ f _ h"; the answer is always the whole run. Because
+SFT masks a random part of the answer, the same model fills gaps left in an answer canvas: the
+server's infill form (`infill: true`, or `suffix`) uses exactly that.
+
+`{cmd}`
+
+| | |
+|---|---|
+| steps | {args.steps} SFT steps from the weights above (no pre-training), batch {args.batch} |
+| optimiser | AdamW, lr {args.lr} (warm-up {args.warmup} steps, cosine to {args.lr * args.min_lr_ratio:g}) |
+| final loss | {history[-1]['loss']:.4f} (mean of the last {args.log_every} steps) |
+| training time | {seconds / 60:.1f} minutes on the CPU ({args.threads} thread, cores shared with other jobs) |
+
+Quick check after fine-tuning (same protocol as above):
+
+| task | exact match |
+|---|---|
+{quick_rows}
+"""
+
+
 def _rel(path: str) -> str:
     try:
         return str(Path(path).resolve().relative_to(ROOT))
@@ -343,6 +376,9 @@ def main(argv=None) -> None:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--tasks", type=lambda s: s.split(","), default=None,
                     help="train on these tasks only (comma-separated; experiments)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="fine-tune: start from this checkpoint (its tokenizer and weights) instead of "
+                         "training the tokenizer and initialising at random")
     ap.add_argument("--eval-every", type=int, default=0, help="quick check + snapshot every N steps")
     ap.add_argument("--quick-eval", type=int, default=20, help="held-out prompts per task at the end")
     args = ap.parse_args(argv)
@@ -351,15 +387,29 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     t0 = time.time()
 
-    tok = tt.train(args.seed, args.tokenizer_examples, args.vocab_size)
-    vocab = tok.get_vocab_size()
-    embedding = (vocab + 63) // 64 * 64
-    data = Data(tok, args.seed, args.tasks)
-    special = {"bos": data.bos, "eos": data.eos, "mask": data.mask}
-    config = hf_config(args, vocab, embedding, special)
-    model = LLaDAModel(LLaDAConfig.from_dict(config))
     gen = torch.Generator().manual_seed(args.seed)
-    init_weights(model, args.n_layers, gen)
+    if args.init is not None:
+        from weights.checkpoint import load_checkpoint
+
+        tok = Tokenizer.from_file(str(args.init / "tokenizer.json"))
+        config = json.loads((args.init / "config.json").read_text())
+        model = load_checkpoint(args.init, device="cpu", dtype="float32", fuse=False).model
+        model.requires_grad_(True)
+        vocab, embedding = config["vocab_size"], config["embedding_size"]
+        data = Data(tok, args.seed, args.tasks)
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "rope_theta",
+                     "max_sequence_length"):
+            setattr(args, name, config[name])
+        args.init_card = (args.init / "README.md").read_text() if (args.init / "README.md").exists() else ""
+    else:
+        tok = tt.train(args.seed, args.tokenizer_examples, args.vocab_size)
+        vocab = tok.get_vocab_size()
+        embedding = (vocab + 63) // 64 * 64
+        data = Data(tok, args.seed, args.tasks)
+        special = {"bos": data.bos, "eos": data.eos, "mask": data.mask}
+        config = hf_config(args, vocab, embedding, special)
+        model = LLaDAModel(LLaDAConfig.from_dict(config))
+        init_weights(model, args.n_layers, gen)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f} M parameters, vocabulary {vocab} (embedding {embedding})", flush=True)
 
@@ -404,8 +454,11 @@ def main(argv=None) -> None:
     quick = quick_accuracy(model, data, args.quick_eval) if args.quick_eval else {}
     print("quick held-out check:", json.dumps(quick), flush=True)
     save_model(model, config, tok, args.out)
-    (args.out / "README.md").write_text(
-        model_card(args, config, n_params, history, quick, train_seconds, tok))
+    if args.init is not None:
+        card = args.init_card.rstrip("\n") + "\n" + finetune_section(args, history, quick, train_seconds)
+    else:
+        card = model_card(args, config, n_params, history, quick, train_seconds, tok)
+    (args.out / "README.md").write_text(card)
     (args.out / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
     print(f"wrote {args.out} in {(time.time() - t0) / 60:.1f} min", flush=True)
 

@@ -1,0 +1,1 @@
+"""Clients that evaluate a running server (lm-evaluation-harness adapter)."""
