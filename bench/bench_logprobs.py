@@ -3,6 +3,7 @@ for neither pay nothing for them.
 
     python -m bench.bench_logprobs                 # CPU: a random model with a 32k vocabulary
     python -m bench.bench_logprobs --quick         # smaller (a test runs it)
+    python -m bench.bench_logprobs --device cuda   # GPU: bf16, the 8B vocabulary (126,464), d_model 1024
 
 One process, one random model, the same 16 requests (prompt 32, one block of 32, 32 steps) through
 DiffusionBatch.step, the median over steps of the same step index, in these configurations:
@@ -35,7 +36,7 @@ from weights.config import LLaDAConfig
 from weights.model import LLaDAModel
 
 
-def build(vocab: int, d_model: int) -> Bundle:
+def build(vocab: int, d_model: int, device: str = "cpu", dtype=torch.float32) -> Bundle:
     cfg = LLaDAConfig(d_model=d_model, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=2 * d_model,
                       vocab_size=vocab, embedding_size=vocab, max_sequence_length=1024,
                       mask_token_id=vocab - 10, eos_token_id=vocab - 9, pad_token_id=vocab - 9)
@@ -47,7 +48,7 @@ def build(vocab: int, d_model: int) -> Bundle:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.05, generator=gen)
-    model.eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Bundle(model, cfg, SpecialIds(mask=cfg.mask_token_id, eos=cfg.eos_token_id))
 
 
@@ -60,10 +61,13 @@ def run(bundle, params: list[SamplingParams], prompt_len: int, steps: int) -> tu
     for i, sp in enumerate(params):
         batch.add(i, torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), sp)
     times, nbytes = [], 0
+    cuda = bundle.model.device.type == "cuda"
     for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         launched = batch.launch()
-        batch.collect(launched)
+        batch.collect(launched)  # waits for the step's results
         times.append((time.perf_counter() - t0) * 1e3)
         nbytes = launched.results.numel() * launched.results.element_size()
     return statistics.median(times[1:]), nbytes
@@ -74,10 +78,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a 4k vocabulary and 8 steps")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    vocab, d_model, steps = (4096, 64, 8) if args.quick else (32768, 128, 32)
-    bundle = build(vocab, d_model)
+    if args.device.startswith("cuda"):
+        vocab, d_model, steps, dtype = 126464, 1024, 32, torch.bfloat16
+    else:
+        vocab, d_model, steps, dtype = (4096, 64, 8, torch.float32) if args.quick else (32768, 128, 32, torch.float32)
+    bundle = build(vocab, d_model, args.device, dtype)
     n, gen = args.requests, 32
     base = SamplingParams(gen_length=gen, steps=min(steps, gen))
     neutral = SamplingParams(gen_length=gen, steps=min(steps, gen), top_k=0, top_p=1.0, min_p=0.0, logprobs=None)
@@ -99,7 +107,8 @@ def main(argv=None) -> int:
             times[name].append(ms)
     rows = [(name, statistics.median(times[name]), sizes[name]) for name, _ in configs]
     t0 = rows[0][1]
-    print(f"step cost on the CPU (torch {torch.__version__}, 1 thread): {n} requests, prompt 32, one block "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "the CPU, 1 thread"
+    print(f"step cost on {where} (torch {torch.__version__}): {n} requests, prompt 32, one block "
           f"of {gen}, vocabulary {vocab}, d_model {d_model}; median ms per step over {min(steps, gen)} steps, median of {args.rounds} interleaved rounds")
     print()
     print("| configuration | ms / step | vs baseline | bytes read back / step |")

@@ -44,6 +44,8 @@ TRITON_INTERPRET=0 LLADA_TEST_DEVICE=cuda timeout 420 python3 -m pytest -q -x -p
   tests/test_device_step.py 2>&1 | tail -3
 echo "== kernel benchmark"
 timeout 300 python3 -m bench.bench_kernels 2>&1 | tee "$OUT/bench_kernels.txt"
+echo "== logprobs and filters: what they cost a step (16 requests, 8B vocabulary, bf16)"
+timeout 300 python3 -m bench.bench_logprobs --device cuda 2>&1 | tee "$OUT/bench_logprobs.txt"
 echo "== engine benchmark (random 8B shape, bf16)"
 timeout 600 python3 -m bench.bench_engine --json "$OUT/bench_engine.json" 2>&1 | tee "$OUT/bench_engine.txt"
 echo "== MoE family: the grouped MoE kernel against the per-expert loop, engine on LLaDA2-mini and LLaDA-MoE shapes"

@@ -149,6 +149,8 @@ def install_handlers(app: FastAPI, check_auth) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, ApiError):  # refused while FastAPI parsed the body
+            return _counted(request, exc.__cause__)
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
             why = ("it nests deeper than the JSON parser allows" if isinstance(exc.__cause__, RecursionError)
                    else type(exc.__cause__).__name__)

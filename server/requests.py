@@ -11,6 +11,7 @@ from server.errors import ApiError, clip
 from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field, unknown_fields
 
 log = logging.getLogger("llada.server")
+MAX_SCORING_PAIRS = 256  # pairs per /v1/loglikelihood request
 SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
@@ -43,6 +44,31 @@ def check_request(svc, req) -> None:
     if req.model is not None and req.model != svc.name:
         raise ApiError(404, f"the model {clip(req.model)} does not exist; this server serves {svc.name!r}",
                        param="model", code="model_not_found")
+
+
+def check_raw_sizes(svc, data) -> None:
+    """The parsed JSON body's list lengths, before pydantic validates it (validation holds the GIL
+    for as long as it takes, so a list no request can use is refused before it is walked): an id list
+    longer than the context, more prompts than the queue holds, more messages than the context has
+    tokens, more stop strings than the limit."""
+    if not isinstance(data, dict):
+        return
+    ctx, queue, stops = svc.config.max_sequence_length, svc.engine.config.max_queue, svc.limits.max_stop
+    p, m, s = data.get("prompt"), data.get("messages"), data.get("stop")
+    if isinstance(p, list) and p and isinstance(p[0], int) and len(p) > ctx:
+        _fits_context(svc, "prompt", tokens=len(p))
+    if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > queue:
+        raise ApiError(400, f"the prompt list has {len(p)} prompts; this server queues at most {queue} "
+                       "generations", param="prompt", code="invalid_value")
+    if isinstance(m, list) and len(m) > ctx:
+        raise ApiError(400, f"{len(m)} messages cannot fit the model's context of {ctx} tokens",
+                       param="messages", code="context_length_exceeded")
+    if isinstance(s, list) and len(s) > stops:
+        raise ApiError(400, f"at most {stops} stop strings, got {len(s)}", param="stop", code="invalid_value")
+    pairs = data.get("pairs")
+    if isinstance(pairs, list) and len(pairs) > MAX_SCORING_PAIRS:
+        raise ApiError(400, f"at most {MAX_SCORING_PAIRS} pairs per request, got {len(pairs)}", param="pairs",
+                       code="invalid_value")
 
 
 def check_fanout(svc, req, n_prompts: int) -> int:

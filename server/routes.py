@@ -9,13 +9,15 @@ import time
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from server.errors import API_ERRORS, ApiError, clip
 from server.job import Job
 from server.metrics import CONTENT_TYPE
-from server.requests import chat_prompt, check_fanout, check_request, completion_items, completion_prompts
+from server.requests import (chat_prompt, check_fanout, check_raw_sizes, check_request, completion_items,
+                             completion_prompts)
 from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, LoglikelihoodResponse,
                               ModelCard, ModelList, Status)
 from server.schemas import ChatCompletionRequest, CompletionRequest, LoglikelihoodRequest
@@ -47,8 +49,29 @@ def require_api_key(request: Request, _bearer_token=Depends(_bearer), _header=De
     check_auth(request)
 
 
+class _SizeCheckedRequest(Request):
+    """A request whose parsed JSON body passes `check_raw_sizes` before FastAPI validates it."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            data = await super().json()
+            check_raw_sizes(self.app.state.service, data)  # FastAPI reports it as a parse error's cause
+            self._json = data
+        return self._json
+
+
+class SizeCheckedRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            return await handler(_SizeCheckedRequest(request.scope, request.receive))
+        return checked
+
+
 ops = APIRouter(tags=["operations"])
 api = APIRouter(prefix="/v1", tags=["OpenAI API"], dependencies=[Depends(require_api_key)],
+                route_class=SizeCheckedRoute,
                 responses=API_ERRORS)
 
 

@@ -17,11 +17,10 @@ from sampler.likelihood import MAX_MC_SAMPLES, ScoreJob
 from sampler.params import MAX_SEED
 from sampler.scheduler import EngineError
 from server.errors import ApiError
-from server.requests import _fits_context, need_tokenizer
+from server.requests import MAX_SCORING_PAIRS as MAX_PAIRS, _fits_context, need_tokenizer
 from server.schemas import LoglikelihoodRequest
 
 DEFAULT_MC_SAMPLES = 32
-MAX_PAIRS = 256
 DISCONNECT_POLL_S = 0.25
 
 

@@ -101,8 +101,8 @@ def openai_stream(job, request):
         chat = job.kind == "chat"
         make = chat_chunk if chat else completion_chunk
 
-        def mk(*args):
-            chunk = make(*args)
+        def mk(*args, **kw):
+            chunk = make(*args, **kw)
             if continuous:
                 chunk["usage"] = job.usage()
             return chunk

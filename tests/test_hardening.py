@@ -442,8 +442,15 @@ def test_prompt_count_is_checked_before_any_prompt_is_read(bundle, live_server, 
     monkeypatch.setattr(server.routes, "completion_prompts", lambda *a: calls.append(1) or real(*a))
     body = raw_json({"prompt": [[1]] * 200_000})
     assert len(body) < 1 << 20
+    # A list no request can use is refused on its length, before it is validated element by element.
     err = assert_error(post(srv.url, "/v1/completions", body), 400, "prompt")
-    assert "200000 generations" in err["message"] and not calls
+    assert "the prompt list has 200000 prompts" in err["message"] and not calls
+    err = assert_error(post(srv.url, "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "x"}] * 600}), 400, "messages")
+    assert "600 messages" in err["message"]
+    err = assert_error(post(srv.url, "/v1/completions", dict(GOOD, stop=["x"] * 10_000)), 400, "stop")
+    err = assert_error(post(srv.url, "/v1/completions", dict(GOOD, prompt=[[1]] * 20, n=13)), 400, "n")
+    assert "260 generations" in err["message"] and not calls
     err = assert_error(post(srv.url, "/v1/completions", dict(GOOD, prompt=[[1]] * 20, n=16)), 400, "n")
     assert "320 generations" in err["message"] and not calls
     assert post(srv.url, "/v1/completions", GOOD).status_code == 200 and calls
