@@ -17,7 +17,7 @@ from server.app import create_app
 from test_server_helpers import metric, metrics, post
 from weights.checkpoint import load_checkpoint
 
-TASK = Path(__file__).resolve().parent / "lm_eval_task"
+TASK = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 
 @pytest.fixture(scope="module")
