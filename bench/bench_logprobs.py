@@ -12,10 +12,12 @@ DiffusionBatch.step, the median over steps of the same step index, in these conf
 - the same requests with `logprobs=None` spelled out and filters at their neutral values (top_k 0,
   top_p 1, min_p 0): nothing to compute, so the same step as the baseline (ratio 1.00x expected);
 - one of the 16 asks for logprobs (5 alternatives): the step computes a log-softmax and the top 20
-  of every row, and reads them back (what sharing a step with a logprobs request costs);
+  of that request's rows (every row on CUDA, at fixed shapes) and reads them back (what sharing a
+  step with a logprobs request costs its batchmates);
 - every request asks for logprobs;
-- one request samples with filters (temperature 1, top_k 50, top_p 0.9): the restriction runs on
-  every row of the step.
+- one request samples (temperature 1) without filters, then the same with filters (top_k 50,
+  top_p 0.9): the difference between the two is the filters' own cost (off CUDA the restriction
+  runs on the filtered rows only; on CUDA on every row).
 Ratios are to the baseline. On the GPU the kernel-level costs are rows of bench.bench_kernels.
 """
 
@@ -90,12 +92,14 @@ def main(argv=None) -> int:
     base = SamplingParams(gen_length=gen, steps=min(steps, gen))
     neutral = SamplingParams(gen_length=gen, steps=min(steps, gen), top_k=0, top_p=1.0, min_p=0.0, logprobs=None)
     lp = SamplingParams(gen_length=gen, steps=min(steps, gen), logprobs=5)
+    sampled = SamplingParams(gen_length=gen, steps=min(steps, gen), temperature=1.0, seed=3)
     filt = SamplingParams(gen_length=gen, steps=min(steps, gen), temperature=1.0, seed=3, top_k=50, top_p=0.9)
     configs = [
         ("baseline: no logprobs, no filters", [base] * n),
         ("neutral fields spelled out", [neutral] * n),
         (f"1 of {n} asks for logprobs", [lp] + [base] * (n - 1)),
         (f"all {n} ask for logprobs", [lp] * n),
+        (f"1 of {n} samples, no filters", [sampled] + [base] * (n - 1)),
         (f"1 of {n} samples with filters", [filt] + [base] * (n - 1)),
     ]
     # Rounds interleave the configurations, so a busy machine slows them alike; median over rounds.

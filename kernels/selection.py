@@ -146,20 +146,35 @@ def restrict_logits(logits, temperature, filters: RowFilters):
 
 def apply_filters(logits, temperature, filters: RowFilters, banned=None, dynamic: bool | None = None):
     """`logits` with the filtered rows restricted (`restrict_logits`), in the logits' dtype (the kept
-    values are unchanged, the others -inf); other rows untouched. `banned`, a bool [N, V] or None,
-    marks tokens already excluded (EOS ban, mask re-draw) so the kept set is decided without them.
-    `dynamic` (default: off CUDA) restricts only the filtered rows; otherwise shapes never depend on
-    values (CUDA graphs): every row is restricted and the result chosen per row."""
+    values are unchanged, the others -inf); other rows untouched. `banned` marks tokens already
+    excluded (EOS ban, mask re-draw) so the kept set is decided without them: None, a bool [N, V],
+    or a pair (rows bool [N], columns bool [V]) meaning their outer product (built only for the rows
+    it is needed on). `dynamic` (default: off CUDA) restricts only the filtered rows; otherwise
+    shapes never depend on values (CUDA graphs): every row is restricted and the result chosen per
+    row."""
     rows = filters.active(temperature)
-    src = logits if banned is None else logits.masked_fill(banned, NEG_INF)
+
+    def excluded(sel=None):
+        if banned is None:
+            return None
+        if isinstance(banned, tuple):
+            r, c = banned
+            return (r if sel is None else r[sel]).unsqueeze(1) & c
+        return banned if sel is None else banned[sel]
+
     if (not logits.is_cuda) if dynamic is None else dynamic:
         idx = rows.nonzero().squeeze(1)
-        out = src.clone()
+        out = logits.clone()
         if len(idx):
-            out[idx] = restrict_logits(src[idx], temperature[idx], filters.take(idx)).to(logits.dtype)
+            sub, ban = logits[idx], excluded(idx)
+            if ban is not None:
+                sub = sub.masked_fill(ban, NEG_INF)
+            out[idx] = restrict_logits(sub, temperature[idx], filters.take(idx)).to(logits.dtype)
         return out
+    ban = excluded()
+    src = logits if ban is None else logits.masked_fill(ban, NEG_INF)
     out = restrict_logits(src, temperature, filters).to(logits.dtype)
-    return torch.where(rows.unsqueeze(1), out, src)
+    return torch.where(rows.unsqueeze(1), out, logits)
 
 
 def _use_triton(t: torch.Tensor) -> bool:

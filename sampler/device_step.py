@@ -206,7 +206,7 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     eos_col = torch.arange(vocab, device=dev) == eos_id
     if bucket.filters:  # the filtered rows' logits restricted, the EOS ban decided first
         filt = RowFilters(sr[TOPK], fr[TOPP], fr[MINP])
-        dist = apply_filters(logits, temp, filt, ban.unsqueeze(1) & eos_col)
+        dist = apply_filters(logits, temp, filt, (ban, eos_col))
     else:
         dist = logits
     if bucket.logprobs and dist is logits:
@@ -220,7 +220,7 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     redrawn = not dynamic or bool(redo.any())
     if redrawn:
         logits[:, mask_id] = float("-inf")
-        dist_b = apply_filters(logits, temp, filt, ban.unsqueeze(1) & eos_col) if bucket.filters else logits
+        dist_b = apply_filters(logits, temp, filt, (ban, eos_col)) if bucket.filters else logits
         x0b, confb = sample_candidates(dist_b, temp, seed, nonce, position, ban_ids=[eos_id],
                                        ban_rows=ban)
         x0 = torch.where(redo, x0b, x0)
@@ -234,13 +234,26 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
                 d[:, mask_id] = torch.where(redo, torch.full_like(mask_logit, float("-inf")), mask_logit)
         else:
             d = torch.where(redo.unsqueeze(1), dist_b, dist) if redrawn else dist
-        logp = torch.log_softmax(d.float().masked_fill(ban.unsqueeze(1) & eos_col, float("-inf")), dim=-1)
-        tok_lp = logp.gather(1, x0.unsqueeze(1)).squeeze(1)
+        # Off CUDA only the rows of requests that asked are computed (their batchmates pay nothing);
+        # on CUDA every row is, at fixed shapes (no host-side row selection inside a graph).
+        rows_lp = (sr[NLP] >= 0).nonzero().squeeze(1) if dynamic else None
+        sub = d if rows_lp is None else d.index_select(0, rows_lp)
+        sub_ban = ban if rows_lp is None else ban.index_select(0, rows_lp)
+        logp = torch.log_softmax(sub.float().masked_fill(sub_ban.unsqueeze(1) & eos_col, float("-inf")), dim=-1)
+        sub_x0 = x0 if rows_lp is None else x0.index_select(0, rows_lp)
+        tok_lp = logp.gather(1, sub_x0.unsqueeze(1)).squeeze(1)
         top_lp, top_ids = torch.topk(logp, min(MAX_TOP_LOGPROBS, vocab), dim=-1)
         if top_ids.shape[1] < MAX_TOP_LOGPROBS:  # a vocabulary smaller than 20 (tests)
             pad = MAX_TOP_LOGPROBS - top_ids.shape[1]
             top_ids = torch.nn.functional.pad(top_ids, (0, pad), value=-1)
             top_lp = torch.nn.functional.pad(top_lp, (0, pad), value=float("-inf"))
+        if rows_lp is not None:  # back to one entry per row (rows that did not ask: never read)
+            n_rows = x0.shape[0]
+            tok_lp = torch.zeros(n_rows, dtype=tok_lp.dtype, device=dev).index_copy_(0, rows_lp, tok_lp)
+            top_ids = torch.full((n_rows, MAX_TOP_LOGPROBS), -1, dtype=top_ids.dtype,
+                                 device=dev).index_copy_(0, rows_lp, top_ids)
+            top_lp = torch.full((n_rows, MAX_TOP_LOGPROBS), float("-inf"), dtype=top_lp.dtype,
+                                device=dev).index_copy_(0, rows_lp, top_lp)
     rnd = sr[RND].bool()
     if not dynamic or bool(rnd.any()):
         u = rng.uniform(seed, nonce, position, torch.full_like(position, rng.REMASK_STREAM))

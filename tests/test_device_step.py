@@ -194,6 +194,46 @@ def test_the_cuda_step_reads_nothing_back(model, monkeypatch):
     assert len(set(counts)) <= 3  # one op sequence per kind of bucket (cfg or not, sizes)
 
 
+def _events(bundle, reqs, pad):
+    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
+    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows + 7, max_requests=len(reqs),
+                           pad_to_buckets=pad)
+    for i, r in enumerate(reqs):
+        batch.add(i, *r)
+    out = []
+    while len(out) < len(reqs) * 100:
+        evs = batch.step()
+        if not evs:
+            break
+        out += [(e.request_id, e.step, e.positions, e.token_ids, e.logprobs, e.top_logprobs) for e in evs]
+        for e in evs:
+            if e.finished:
+                batch.remove(e.request_id)
+    return out
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(temperature=0.7, seed=3, top_p=0.8), dict(cache="dual")],
+                         ids=_label)
+def test_logprobs_of_one_request_are_the_same_at_fixed_shapes(model, monkeypatch, extra):
+    """Off CUDA only the rows of requests that asked compute log-probabilities; on CUDA every row
+    does, at fixed shapes. Both give the same numbers, and the batchmates' events carry none."""
+    reqs = [([5, 9, 2], SamplingParams(gen_length=8, block_length=4, steps=8, logprobs=3, **extra)),
+            ([7, 1], SamplingParams(gen_length=8, block_length=4, steps=4, **extra)),
+            ([4, 4, 8, 1], SamplingParams(gen_length=16, block_length=8, steps=8, logprobs=0, **extra))]
+    dynamic = _events(model, reqs, pad=False)
+    real_step = ds.device_step
+    monkeypatch.setattr(ds, "device_step", lambda *a, **kw: real_step(*a, dynamic=False, **kw))
+    static = _events(model, reqs, pad=True)
+    assert [e[:4] for e in dynamic] == [e[:4] for e in static]
+    for d, s in zip(dynamic, static):
+        if d[0] == 1:
+            assert d[4] is None and s[4] is None
+            continue
+        assert d[4] == pytest.approx(s[4], abs=1e-5)
+        assert [[t for t, _ in alts] for alts in d[5]] == [[t for t, _ in alts] for alts in s[5]]
+        assert len(d[4]) == len(d[2]) and all(len(a) <= (3 if d[0] == 0 else 0) for a in d[5])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay_matches_eager(model):
     """On a GPU: the captured-and-replayed step gives the same answers as the eager step."""

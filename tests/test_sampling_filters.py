@@ -19,6 +19,12 @@ def sample(logits, temp, seed, nonce, pos, ban_ids=None, filters=None):
             banned = torch.zeros_like(logits, dtype=torch.bool)
             banned[:, ban_ids] = True
         static = apply_filters(logits, temp, filters, banned, dynamic=False)
+        if banned is not None:  # the (rows, columns) form the step passes
+            cols = torch.zeros(logits.shape[1], dtype=torch.bool)
+            cols[ban_ids] = True
+            pair = (torch.ones(logits.shape[0], dtype=torch.bool), cols)
+            assert torch.equal(apply_filters(logits, temp, filters, pair, dynamic=True), static)
+            assert torch.equal(apply_filters(logits, temp, filters, pair, dynamic=False), static)
         logits = apply_filters(logits, temp, filters, banned, dynamic=True)
         assert torch.equal(static, logits)
     return sample_candidates(logits, temp, seed, nonce, pos, ban_ids=ban_ids)
