@@ -162,7 +162,8 @@ def main(argv=None) -> None:
         app = create_app(bundle, econf, served_model_name=name, api_key=args.api_key or None,
                          shutdown_grace=args.shutdown_grace, max_body_bytes=max_body,
                          body_timeout=args.body_timeout, allowed_hosts=allowed_hosts,
-                         strict_fields=args.strict_fields, chat_special_tokens=args.chat_special_tokens)
+                         strict_fields=args.strict_fields, chat_special_tokens=args.chat_special_tokens,
+                         freeze_gc=True)
     except (RuntimeError, ValueError) as e:  # e.g. the KV buffers do not fit the device
         _fail(f"cannot set up the engine: {e}")
     engine = app.state.engine

@@ -548,3 +548,28 @@ def test_no_body_is_read_without_the_api_key(bundle, live_server):
     assert ok.status_code == 200
     m = metrics(srv.url)
     assert metric(m, "llada_requests_total", endpoint="/v1/completions", status=401) == 1
+
+
+def test_a_started_server_freezes_what_startup_allocated(bundle):
+    """With freeze_gc (what llada-serve sets), the objects of start-up move to the collector's
+    permanent generation, so the collections a large request triggers do not walk them."""
+    import asyncio
+    import gc
+
+    app = create_app(bundle, EngineConfig(max_batch_tokens=256), freeze_gc=True)
+
+    async def start_and_stop():
+        async with app.router.lifespan_context(app):
+            return gc.get_freeze_count()
+
+    try:
+        assert asyncio.run(start_and_stop()) > 10_000
+    finally:
+        gc.unfreeze()
+    plain = create_app(bundle, EngineConfig(max_batch_tokens=256))
+
+    async def plain_start():
+        async with plain.router.lifespan_context(plain):
+            return gc.get_freeze_count()
+
+    assert asyncio.run(plain_start()) == 0
