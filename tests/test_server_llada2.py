@@ -117,10 +117,12 @@ def test_step_stream_reports_edits(l21):
     ({"editing_threshold": 1.5}, "editing_threshold"), ({"minimal_topk": 0}, "minimal_topk"),
     ({"cfg_scale": 1.0}, "cfg_scale"), ({"max_post_steps": -1}, "max_post_steps"),
     ({"num_to_transfer": "2"}, "num_to_transfer"), ({"remasking": "random"}, "remasking"),
+    ({"logprobs": 2}, "logprobs"), ({"temperature": 1.0, "top_p": 0.5}, "top_p"),
+    ({"infill": True, "prompt": [5, 499, 7], "max_tokens": None}, "infill"),
 ])
 def test_bad_llada2_parameters_are_400s(l20, body, param):
     _, srv = l20
-    r = post(srv.url, "/v1/completions", dict(prompt=PROMPT, max_tokens=8, **body))
+    r = post(srv.url, "/v1/completions", dict(dict(prompt=PROMPT, max_tokens=8), **body))
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
