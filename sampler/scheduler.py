@@ -318,28 +318,20 @@ class Engine:
     def _reap(self) -> None:
         """Drop cancelled and timed-out requests (holding the lock)."""
         now = time.monotonic()
-        for h in list(self.waiting):
-            if h.cancelled:
-                self.waiting.remove(h.group, h)
-                h.done = True
-            elif h.deadline is not None and now > h.deadline:
-                self.waiting.remove(h.group, h)
-                self._finish_error(h, self._timeout_error())
-        for job in list(self.scoring.values()):
-            if job.cancelled:
-                self._drop_score(job)
-                job.done = True
-            elif job.deadline is not None and now > job.deadline:
-                self._drop_score(job)
-                self._score_error(job, self._timeout_error())
-        for rid, h in list(self.running.items()):
-            if h.cancelled:
-                self._release(h)
-                h.done = True
-            elif h.deadline is not None and now > h.deadline:
-                self._release(h)
-                self._finish_error(h, self._timeout_error())
+        self._expire(list(self.waiting), lambda h: self.waiting.remove(h.group, h), self._finish_error, now)
+        self._expire(list(self.scoring.values()), self._drop_score, self._score_error, now)
+        self._expire(list(self.running.values()), self._release, self._finish_error, now)
         self._gauges()
+
+    def _expire(self, items, drop, fail, now: float) -> None:
+        """Each cancelled item dropped quietly, each one past its deadline dropped and failed (504)."""
+        for x in items:
+            if x.cancelled:
+                drop(x)
+                x.done = True
+            elif x.deadline is not None and now > x.deadline:
+                drop(x)
+                fail(x, self._timeout_error())
 
     def _timeout_error(self) -> EngineError:
         return EngineError(f"the request did not finish within the server's request timeout "
