@@ -40,20 +40,10 @@ def make_checkpoint(path, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, mlp_h
         else:
             t = std * torch.randn(shape, generator=gen) / (shape[-1] ** 0.5) * 4
         tensors[PREFIX + name] = t.contiguous()
-    names = sorted(tensors)
     if shards == 1:
         save_file(tensors, str(path / "model.safetensors"))
         return path
-    weight_map = {}
-    per = (len(names) + shards - 1) // shards
-    for i in range(shards):
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
-        save_file(part, str(path / fname))
-        weight_map.update({n: fname for n in part})
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2))
-    return path
+    return write_shards(path, tensors, shards)
 
 
 CHAT_TEMPLATE = (
@@ -141,6 +131,11 @@ def make_moe_checkpoint(path, family: str = "llada2", seed: int = 0, shards: int
         else:
             t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
         tensors[name] = t.contiguous()
+    return write_shards(path, tensors, shards)
+
+
+def write_shards(path, tensors: dict, shards: int):
+    """The tensors in `shards` safetensors files (names sorted, split evenly) with their index."""
     names = sorted(tensors)
     per = (len(names) + shards - 1) // shards
     weight_map = {}
