@@ -42,7 +42,7 @@ class Job:
         self.created = int(time.time())
         self.id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
         n = check_fanout(svc, req, len(prompts))  # checked before tokenizing too; cheap
-        stops = stop_strings(req, svc.limits)
+        stops = stop_strings(req)
         base_seed = req.seed if req.seed is not None else secrets.randbits(62)
         self.handles: list[Handle] = []
         self.choices: list[Choice] = []

@@ -189,14 +189,11 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
     return check_ids(svc, ids, "messages")
 
 
-def stop_strings(req, limits: ServerLimits) -> list[str]:
+def stop_strings(req) -> list[str]:
     s = req.stop
     if s is None:
         return []
-    stops = [s] if isinstance(s, str) else list(s)
-    if len(stops) > limits.max_stop:
-        raise ApiError(400, f"at most {limits.max_stop} stop strings, got {len(stops)}", param="stop",
-                       code="invalid_value")
+    stops = [s] if isinstance(s, str) else list(s)  # at most max_stop: see check_raw_sizes
     return [x for x in stops if x]
 
 

@@ -17,7 +17,7 @@ from sampler.likelihood import MAX_MC_SAMPLES, ScoreJob
 from sampler.params import MAX_SEED
 from sampler.scheduler import EngineError
 from server.errors import ApiError
-from server.requests import MAX_SCORING_PAIRS as MAX_PAIRS, _fits_context, need_tokenizer
+from server.requests import _fits_context, need_tokenizer
 from server.schemas import LoglikelihoodRequest
 
 DEFAULT_MC_SAMPLES = 32
@@ -70,9 +70,7 @@ def build_job(svc, body: LoglikelihoodRequest, sink) -> ScoreJob:
                        param="model", code="model_not_found")
     if not body.pairs:
         raise ApiError(400, "pairs is empty", param="pairs", code="empty_prompt")
-    if len(body.pairs) > MAX_PAIRS:
-        raise ApiError(400, f"at most {MAX_PAIRS} pairs per request, got {len(body.pairs)}", param="pairs",
-                       code="invalid_value")
+    # More than MAX_SCORING_PAIRS pairs were refused before validation (requests.check_raw_sizes).
     mc = DEFAULT_MC_SAMPLES if body.mc_samples is None else body.mc_samples
     if not 1 <= mc <= MAX_MC_SAMPLES:
         raise ApiError(400, f"mc_samples must be between 1 and {MAX_MC_SAMPLES}, got {mc}", param="mc_samples",
