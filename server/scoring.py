@@ -16,7 +16,7 @@ from fastapi import Request
 from sampler.likelihood import MAX_MC_SAMPLES, ScoreJob
 from sampler.params import MAX_SEED
 from sampler.scheduler import EngineError
-from server.errors import ApiError
+from server.errors import ApiError, clip
 from server.requests import _fits_context, need_tokenizer
 from server.schemas import LoglikelihoodRequest
 
@@ -66,7 +66,7 @@ def pair_ids(svc, pair, index: int) -> tuple[list[int], list[int]]:
 
 def build_job(svc, body: LoglikelihoodRequest, sink) -> ScoreJob:
     if body.model is not None and body.model != svc.name:
-        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {svc.name!r}",
+        raise ApiError(404, f"the model {clip(body.model)} does not exist; this server serves {svc.name!r}",
                        param="model", code="model_not_found")
     if not body.pairs:
         raise ApiError(400, "pairs is empty", param="pairs", code="empty_prompt")
