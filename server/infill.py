@@ -131,13 +131,14 @@ def infill_choice(decoder, ip: InfillPrompt, gen_ids: list[int]) -> dict:
 
 class InfillChoice:
     """A choice of an infill request: the same interface as server.answer.Choice (index, answer,
-    on_done), with the filled gaps kept for the response."""
+    tokens, on_done), with the filled gaps kept for the response."""
 
     def __init__(self, index: int, decoder, ip: InfillPrompt):
         self.index = index
         self.decoder = decoder
         self.ip = ip
         self.answer = None
+        self.tokens = 0  # answer tokens known so far: none until the span is done (usage of a stream cut short)
         self.filled: dict | None = None
         self.max_tokens = len(ip.span)
 

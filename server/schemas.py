@@ -206,12 +206,18 @@ MESSAGE_NEUTRAL = {
 }
 
 
+def _messages(req: BaseModel) -> list:
+    """The parsed chat messages of a request whose model declares them (in a completion body a
+    `messages` key is an unknown field holding raw JSON, not messages)."""
+    return (req.messages or []) if "messages" in type(req).model_fields else []
+
+
 def refused_field(req: BaseModel) -> tuple[str, str] | None:
     """The first field set to a value this server refuses, with the reason."""
     for name, (ok, why) in NEUTRAL.items():
         if name in type(req).model_fields and not ok(getattr(req, name)):
             return name, why
-    for i, m in enumerate(getattr(req, "messages", None) or ()):
+    for i, m in enumerate(_messages(req)):
         for name, (ok, why) in MESSAGE_NEUTRAL.items():
             if not ok(getattr(m, name)):
                 return f"messages.{i}.{name}", why
@@ -223,6 +229,6 @@ def unknown_fields(req: BaseModel) -> list[str]:
     out = list(req.model_extra or ())
     if req.stream_options is not None:
         out += [f"stream_options.{k}" for k in req.stream_options.model_extra or ()]
-    for i, m in enumerate(getattr(req, "messages", None) or ()):
+    for i, m in enumerate(_messages(req)):
         out += [f"messages.{i}.{k}" for k in m.model_extra or ()]
     return out

@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """A config.json that this server cannot run; the message names the field."""
 
 
+def without_nulls(raw: dict) -> dict:
+    """config.json with its explicit nulls dropped: a null field means the field is absent, as the
+    released configs and their reference code read it (LLaDA-MoE's `shared_expert_intermediate_size:
+    null` is no shared expert; `rope_scaling: null` is plain RoPE), so every optional field then takes
+    its default and a required one is reported missing."""
+    return {k: v for k, v in raw.items() if v is not None}
+
+
 # Fields whose value must be exactly this for the released LLaDA architecture.
 _REQUIRED_VALUES = {
     "block_type": "llama",
@@ -79,6 +87,7 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LLaDAConfig":
+        raw = without_nulls(raw)
         for name, want in _REQUIRED_VALUES.items():
             if name in raw and raw[name] != want:
                 raise ConfigError(
@@ -151,6 +160,7 @@ def config_from_dict(raw: dict):
     """The family's config for a parsed config.json (ConfigError names what is wrong)."""
     from weights.config_moe import LLaDA2Config, LLaDAMoEConfig
 
+    raw = without_nulls(raw)
     archs = raw.get("architectures") or []
     if not isinstance(archs, list):
         raise ConfigError(f"config.json: architectures must be a list, got {archs!r}")

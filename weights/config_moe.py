@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from weights.config import ConfigError
+from weights.config import ConfigError, without_nulls
 
 # The released LLaDA2.x and LLaDA-MoE special ids (generate defaults; the tokenizer's ids).
 DEFAULT_EOS_ID = 156892
@@ -21,7 +21,7 @@ class _Fields:
     """Typed access to a raw config dict; every error names the field."""
 
     def __init__(self, raw: dict):
-        self.raw = raw
+        self.raw = without_nulls(raw)  # null is absent: the field's default, or "missing" when required
 
     def int(self, name, default=None, low=1, required=True):
         v = self.raw.get(name, default)
@@ -270,6 +270,7 @@ class LLaDAMoEConfig(_MoEShape):
     @classmethod
     def from_dict(cls, raw: dict) -> "LLaDAMoEConfig":
         f = _Fields(raw)
+        raw = f.raw
         common = _common(f)
         n_layers = common["n_layers"]
         freq = raw.get("moe_layer_freq")

