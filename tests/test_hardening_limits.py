@@ -148,3 +148,80 @@ def test_null_shared_expert_width_is_no_shared_expert():
                                                                                raw["vocab_size"])
     with pytest.raises(ConfigError, match="missing required field 'd_model'"):
         config_from_dict(dict(raw, d_model=None))
+
+
+# ---------------------------------------------------------------- checkpoint files stay inside
+def _sharded(tmp_path):
+    from ckpt_factory import make_checkpoint
+
+    return make_checkpoint(tmp_path / "ckpt", shards=2, seed=1)
+
+
+def _retarget_shard(d: Path, new_name: str):
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    old = sorted(set(data["weight_map"].values()))[-1]
+    data["weight_map"] = {k: (new_name if v == old else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    return d / old
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "nested_dotdot", "link_out", "not_a_string"])
+def test_index_shard_names_cannot_leave_the_checkpoint(tmp_path, how):
+    from weights.checkpoint import CheckpointError
+
+    d = _sharded(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shard = d / sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()))[-1]
+    (outside / shard.name).write_bytes(shard.read_bytes())  # a loadable file outside the directory
+    name = {"dotdot": f"../outside/{shard.name}", "absolute": str(outside / shard.name),
+            "nested_dotdot": f"sub/../../outside/{shard.name}", "link_out": "linked.safetensors",
+            "not_a_string": 7}[how]
+    if how == "link_out":
+        (d / "linked.safetensors").symlink_to(outside / shard.name)
+    _retarget_shard(d, name)
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory|not a file name"):
+        load_checkpoint(d, "cpu", "float32")
+
+
+def test_links_out_of_a_single_file_checkpoint_are_refused_and_links_inside_load(tmp_path):
+    from ckpt_factory import make_checkpoint
+    from weights.checkpoint import CheckpointError
+
+    d = make_checkpoint(tmp_path / "one", shards=1, seed=1)
+    (tmp_path / "real.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to(tmp_path / "real.safetensors")
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        load_checkpoint(d, "cpu", "float32")
+    (d / "sub").mkdir()
+    (tmp_path / "real.safetensors").rename(d / "sub" / "w.bin")
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to(d / "sub" / "w.bin")
+    assert load_checkpoint(d, "cpu", "float32").config.n_layers == 2
+    cfg = (d / "config.json").read_text()
+    (tmp_path / "config.json").write_text(cfg)
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="config.json.*outside the checkpoint directory"):
+        load_checkpoint(d, "cpu", "float32")
+
+
+def test_a_hub_cache_snapshot_loads_through_its_blob_links(tmp_path):
+    """The Hugging Face cache layout: snapshots/<rev>/<file> are links into the repository's blobs."""
+    import shutil
+
+    from ckpt_factory import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src", shards=2, seed=1)
+    repo = tmp_path / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(src.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    a, b = load_checkpoint(src, "cpu", "float32"), load_checkpoint(snap, "cpu", "float32")
+    for (n1, p1), (n2, p2) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert n1 == n2 and bool((p1 == p2).all())

@@ -102,20 +102,49 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
+def _roots(path: Path) -> list[Path]:
+    """Where the files of the checkpoint directory `path` may lie: the directory itself and, for a
+    Hugging Face hub cache snapshot (`<repo>/snapshots/<revision>`, its files links into
+    `<repo>/blobs`), that repository's blobs."""
+    root = path.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append((root.parent.parent / "blobs").resolve())
+    return roots
+
+
+def checkpoint_file(path: Path, name, what: str = "file") -> Path:
+    """`path / name`, for a file the loader opens, kept inside the checkpoint directory: `name` is a
+    plain relative name (no absolute path, no '..'), and the file, links followed, lies in the
+    directory (or, for a hub cache snapshot, in its repository's blobs). CheckpointError otherwise."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{path}: {what} name {name!r} is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or rel.drive or ".." in rel.parts or "\\" in name:
+        raise CheckpointError(f"{path}: {what} {name!r} is outside the checkpoint directory (names must be "
+                              "relative to it, without '..')")
+    full = path / rel
+    real = full.resolve()
+    if not any(real == r or r in real.parents for r in _roots(path)):
+        raise CheckpointError(f"{path}: {what} {name!r} is a link to {real}, outside the checkpoint directory")
+    return full
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Tensor name (with prefix) -> the safetensors file holding it."""
-    index = path / "model.safetensors.index.json"
+    index = checkpoint_file(path, "model.safetensors.index.json", "index")
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            items = weight_map.items()
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = {name: path / fname for name, fname in weight_map.items()}
+        files = {name: checkpoint_file(path, fname, f"{index.name} shard") for name, fname in items}
         for f in sorted(set(files.values())):
             if not f.exists():
                 raise CheckpointError(f"{index} names shard {f.name}, which is missing from {path}")
         return files
-    singles = sorted(path.glob("*.safetensors"))
+    singles = [checkpoint_file(path, f.name, "weights file") for f in sorted(path.glob("*.safetensors"))]
     if not singles:
         raise CheckpointError(f"{path}: no *.safetensors weights and no model.safetensors.index.json")
     from safetensors import safe_open
@@ -164,7 +193,7 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint in the Hugging Face layout)")
     try:
-        config = read_config(path / "config.json")
+        config = read_config(checkpoint_file(path, "config.json"))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     dev = resolve_device(device)
@@ -217,6 +246,8 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
     if fuse and hasattr(model, "fuse"):
         model.fuse()
 
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        checkpoint_file(path, name)
     tokenizer = Tokenizer.from_dir(path)
     special = special_ids(config, tokenizer, path)
     if tokenizer is not None:
@@ -233,6 +264,10 @@ def released_decoding(config, path: Path) -> str:
     if config.family != "llada2":
         return "llada"
     for f in sorted(path.glob("modeling_*.py")):
+        try:
+            checkpoint_file(path, f.name)
+        except CheckpointError:
+            continue  # a link out of the directory is not read
         try:
             if "editing_threshold" in f.read_text(errors="replace"):
                 return "llada2.1"
