@@ -96,7 +96,7 @@ def main(argv=None) -> None:
             _fail(str(e), 2)
     if not ids:
         _fail("the prompt is empty", 2)
-    vocab = bundle.config.embedding_size
+    vocab = bundle.vocab_size
     if any(not 0 <= t < vocab for t in ids):
         _fail(f"prompt token ids must be in [0, {vocab})", 2)
     blocks = bool(bundle.config.block_diffusion)

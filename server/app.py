@@ -51,6 +51,7 @@ class Service:
         self.decoder = Decoder(bundle.tokenizer)
         self.config = bundle.config
         self.stop_ids = list(bundle.special.stop)
+        self.vocab_size = bundle.vocab_size  # the one bound on client token ids (requests.in_vocabulary)
         self.created = int(time.time())
 
     def model_card(self) -> dict:
@@ -59,7 +60,7 @@ class Service:
                 "max_model_len": self.config.max_sequence_length,
                 "llada": {"family": self.config.family, "decoding": self.bundle.decoding,
                           "tokenizer": tok is not None, "chat_template": bool(tok is not None and tok.chat_template),
-                          "vocab_size": self.config.vocab_size, "mask_token_id": self.bundle.special.mask,
+                          "vocab_size": self.vocab_size, "mask_token_id": self.bundle.special.mask,
                           "stop_token_ids": self.stop_ids}}
 
 

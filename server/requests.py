@@ -100,16 +100,22 @@ def _fits_context(svc, what: str, tokens: int | None = None, chars: int | None =
                        code="context_length_exceeded")
 
 
+def in_vocabulary(svc, ids, what="prompt") -> list[int]:
+    """The one check of client token ids (prompts, scoring pairs): each in [0, vocab_size), the
+    vocabulary /v1/models reports (ModelBundle.vocab_size: the tokenizer's)."""
+    vocab = svc.vocab_size
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise ApiError(400, f"{what}: token id {clip(t)} is outside the vocabulary [0, {vocab})", param=what,
+                           code="invalid_token_id")
+    return list(ids)
+
+
 def check_ids(svc, ids, what="prompt") -> list[int]:
     if not ids:
         raise ApiError(400, f"the {what} is empty", param=what, code="empty_prompt")
     _fits_context(svc, what, tokens=len(ids))
-    vocab = svc.config.embedding_size
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-            raise ApiError(400, f"token id {clip(t)} is outside the vocabulary [0, {vocab})", param=what,
-                           code="invalid_token_id")
-    return list(ids)
+    return in_vocabulary(svc, ids, what)
 
 
 def refuse_mask_ids(svc, ids, what="prompt") -> list[int]:

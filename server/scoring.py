@@ -17,7 +17,7 @@ from sampler.likelihood import MAX_MC_SAMPLES, ScoreJob
 from sampler.params import MAX_SEED
 from sampler.scheduler import EngineError
 from server.errors import ApiError, clip
-from server.requests import _fits_context, need_tokenizer
+from server.requests import _fits_context, in_vocabulary, need_tokenizer
 from server.schemas import LoglikelihoodRequest
 
 DEFAULT_MC_SAMPLES = 32
@@ -27,13 +27,7 @@ DISCONNECT_POLL_S = 0.25
 def _ids(svc, value, what: str, allow_empty: bool) -> list[int]:
     if isinstance(value, str):
         return need_tokenizer(svc, f"a text {what}").encode(value) if value else []
-    ids = list(value)
-    vocab = svc.config.embedding_size
-    for t in ids:
-        if not 0 <= t < vocab:
-            raise ApiError(400, f"{what}: token id {t} is outside the vocabulary [0, {vocab})", param=what,
-                           code="invalid_token_id")
-    return ids
+    return in_vocabulary(svc, value, what)
 
 
 def pair_ids(svc, pair, index: int) -> tuple[list[int], list[int]]:

@@ -225,3 +225,41 @@ def test_a_hub_cache_snapshot_loads_through_its_blob_links(tmp_path):
     a, b = load_checkpoint(src, "cpu", "float32"), load_checkpoint(snap, "cpu", "float32")
     for (n1, p1), (n2, p2) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert n1 == n2 and bool((p1 == p2).all())
+
+
+# ---------------------------------------------------------------- one vocabulary bound
+@pytest.fixture(scope="module")
+def default_server(live_server):
+    from weights import default_model_path
+
+    b = load_checkpoint(default_model_path(), device="cpu", dtype="float32")
+    assert b.config.embedding_size > b.tokenizer.vocab_size  # the padded table this test is about
+    return live_server(create_app(b, EngineConfig(max_batch_tokens=1024), served_model_name="default")), b
+
+
+def test_token_ids_past_the_tokenizer_are_refused_everywhere_with_the_reported_bound(default_server):
+    srv, b = default_server
+    vocab = httpx.get(srv.url + "/v1/models").json()["data"][0]["llada"]["vocab_size"]
+    assert vocab == b.tokenizer.vocab_size == b.vocab_size
+    last, first_out, padded = vocab - 1, vocab, b.config.embedding_size - 1
+    assert post(srv.url, "/v1/completions", {"prompt": [1, last], "max_tokens": 2}).status_code == 200
+    for bad in (first_out, padded, -1):
+        for path, body, param in (
+                ("/v1/completions", {"prompt": [5, bad], "max_tokens": 2}, "prompt"),
+                ("/v1/completions", {"prompt": [[5], [5, bad]], "max_tokens": 2}, "prompt"),
+                ("/v1/completions", {"prompt": [5, b.special.mask, bad], "infill": True}, "prompt"),
+                ("/v1/loglikelihood", {"pairs": [{"context": [5, bad], "continuation": [6]}]},
+                 "pairs.0.context"),
+                ("/v1/loglikelihood", {"pairs": [{"context": "a", "continuation": [bad]}]},
+                 "pairs.0.continuation")):
+            err = assert_error(post(srv.url, path, body), 400, param=param, code="invalid_token_id")
+            assert f"[0, {vocab})" in err["message"], err
+
+
+def test_the_bound_is_the_tokenizers_and_holds_the_special_ids(bundle):
+    from weights import default_model_path
+
+    assert bundle.tokenizer is None and bundle.vocab_size == bundle.config.vocab_size  # no tokenizer: config's
+    b = load_checkpoint(default_model_path(), device="cpu", dtype="float32")
+    assert b.vocab_size == 475 < b.config.embedding_size == 512
+    assert max(b.special.mask, b.special.eos, b.special.eot or 0) < b.vocab_size

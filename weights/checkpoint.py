@@ -62,6 +62,15 @@ class ModelBundle:
     decoding: str = "llada"  # the checkpoint's own generate: "llada", "llada2.0" or "llada2.1"
 
     @property
+    def vocab_size(self) -> int:
+        """The one bound on token ids a client may send, [0, vocab_size): the tokenizer's vocabulary
+        (the embedding table may be padded past it: LLaDA's is), else config.json's vocab_size;
+        never past the embedding table, and always holding the special ids."""
+        vocab = self.tokenizer.vocab_size if self.tokenizer is not None else self.config.vocab_size
+        special = max(i for i in (self.special.mask, self.special.eos, self.special.eot) if i is not None)
+        return min(max(vocab, special + 1), self.config.embedding_size)
+
+    @property
     def device(self) -> torch.device:
         return self.model.device
 

@@ -76,6 +76,7 @@ class Tokenizer:
         self.mask_token: str | None = None  # set by the loader: always encoded as plain text
         self.special_texts = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
         self._max_chars: int | None = None
+        self._vocab_size: int | None = None
 
     @property
     def max_chars_per_token(self) -> int | None:
@@ -96,7 +97,10 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """One past the largest id the tokenizer knows (added tokens included): ids [0, vocab_size)."""
+        if self._vocab_size is None:
+            self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        return self._vocab_size
 
     def token_to_id(self, text: str):
         return self._tok.token_to_id(text)
