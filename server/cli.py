@@ -111,6 +111,14 @@ def main(argv=None) -> None:
         _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
         _fail(f"--port must be in 1..65535, got {args.port}", 2)
+    if args.allowed_hosts:
+        from server.guards import parse_allowed_host
+
+        for entry in args.allowed_hosts.split(","):
+            try:
+                entry.strip() in ("", "*") or parse_allowed_host(entry)
+            except ValueError as e:
+                _fail(str(e), 2)
 
     busy = _port_in_use(args.host, args.port)
     if busy:

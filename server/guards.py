@@ -1,7 +1,9 @@
 """Checks every HTTP request passes before the application sees it (one ASGI middleware).
 
 - Host: with an allow-list (`--allowed-hosts`), any other Host header gets 400 `invalid_host`, which
-  stops DNS-rebinding pages from reaching a server bound to loopback.
+  stops DNS-rebinding pages from reaching a server bound to loopback. The header is parsed as RFC
+  3986 `host[:port]` (IPv6 in brackets); anything else in it is refused; an entry with a port allows
+  that port only.
 - API bodies (POST under /v1/): the API key is checked before anything is read (401);
   `Content-Type: application/json` is required (415 otherwise; a web page
   cannot send that cross-origin without a CORS preflight, which this server never grants); the body is
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 
 from starlette.requests import Request
 
@@ -54,12 +57,57 @@ def default_allowed_hosts(bind_host: str) -> list[str] | None:
     return sorted({bind_host.strip("[]"), "localhost", "127.0.0.1", "::1"})
 
 
-def _host_name(header: str) -> str:
-    """The name part of a Host header ('[::1]:8000' -> '::1', 'a.b:80' -> 'a.b'), lower case."""
-    h = header.strip().lower()
+# RFC 3986 reg-name (unreserved, sub-delims, percent escapes) or IPv4; an IP-literal in brackets.
+_REG_NAME = re.compile(r"[a-z0-9\-._~!$&'()*+,;=%]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def parse_host(value: str) -> tuple[str, int | None] | None:
+    """A Host header (RFC 3986 `host [":" port]`) as (name, port or None): the name in lower case,
+    an IPv6 literal without its brackets in its short form. None when it is not a valid Host:
+    '[::1]evil.com', 'a.b:80@evil.com', 'a.b:', 'a b', ports past 65535."""
+    h = value.strip().lower()
     if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+        end = h.find("]")
+        if end < 0:
+            return None
+        name, rest = h[1:end], h[end + 1:]
+        try:
+            name = ipaddress.IPv6Address(name).compressed
+        except ValueError:
+            return None
+    else:
+        name, sep, port = h.partition(":")
+        rest = sep + port
+        if not _REG_NAME.fullmatch(name):
+            return None
+    if not rest:
+        return name, None
+    if rest[0] != ":" or not _PORT.fullmatch(rest[1:]) or int(rest[1:]) > 65535:
+        return None
+    return name, int(rest[1:])
+
+
+def parse_allowed_host(entry: str) -> tuple[str, int | None]:
+    """An --allowed-hosts entry: a name or address, with an optional port ('api.example.com:8443',
+    '[::1]:8000'); a bare IPv6 address ('::1') has no port. ValueError when it is not one."""
+    e = entry.strip()
+    if e.count(":") > 1 and not e.startswith("["):
+        e = f"[{e}]"
+    parsed = parse_host(e)
+    if parsed is None:
+        raise ValueError(f"--allowed-hosts: {entry!r} is not a host name or address with an optional port")
+    return parsed
+
+
+def host_allowed(header: str, allowed: set, default_port: int) -> bool:
+    """Whether a Host header names an allowed (name, port) pair; an entry without a port allows the
+    name on any port, a Host without a port is on the scheme's default port."""
+    parsed = parse_host(header)
+    if parsed is None:
+        return False
+    name, port = parsed
+    return (name, None) in allowed or (name, default_port if port is None else port) in allowed
 
 
 class _BodyError(Exception):
@@ -81,9 +129,9 @@ class Guards:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout if body_timeout and body_timeout > 0 else None
-        self.allowed = None if allowed_hosts is None else {_host_name(h) for h in allowed_hosts}
-        if self.allowed is not None and "*" in self.allowed:
-            self.allowed = None
+        self.allowed = None
+        if allowed_hosts is not None and "*" not in [h.strip() for h in allowed_hosts]:
+            self.allowed = {parse_allowed_host(h) for h in allowed_hosts}
         self.engine = engine
         self.metrics = metrics
         self.metered = set(metered)
@@ -100,7 +148,7 @@ class Guards:
 
         if self.allowed is not None:
             host = headers.get("host", "")
-            if _host_name(host) not in self.allowed:
+            if not host_allowed(host, self.allowed, 443 if scope.get("scheme") == "https" else 80):
                 why = f"the Host header {clip(host)} is not one this server answers to (see --allowed-hosts)"
                 return await self._refuse(scope, receive, send, 400, why, "invalid_host")
 

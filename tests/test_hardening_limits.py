@@ -263,3 +263,47 @@ def test_the_bound_is_the_tokenizers_and_holds_the_special_ids(bundle):
     b = load_checkpoint(default_model_path(), device="cpu", dtype="float32")
     assert b.vocab_size == 475 < b.config.embedding_size == 512
     assert max(b.special.mask, b.special.eos, b.special.eot or 0) < b.vocab_size
+
+
+# ---------------------------------------------------------------- the Host header
+@pytest.mark.parametrize("header,want", [
+    ("localhost", ("localhost", None)), ("LocalHost:8000", ("localhost", 8000)), ("[::1]", ("::1", None)),
+    ("[::1]:8000", ("::1", 8000)), ("[0:0:0:0:0:0:0:1]:80", ("::1", 80)), ("127.0.0.1:1", ("127.0.0.1", 1)),
+    ("[::1]evil.com", None), ("[::1]:80@evil.com", None), ("api.example.com:80@evil.com", None),
+    ("localhost@evil.com", None), ("evil.com#localhost", None), ("localhost:", None), ("localhost:x", None),
+    ("localhost:99999", None), ("a b", None), ("[evil.com]", None), ("[::1", None), ("", None),
+    ("localhost:80:80", None), ("evil.com/localhost", None),
+])
+def test_host_header_is_parsed_as_rfc3986_host_and_port(header, want):
+    from server.guards import parse_host
+
+    assert parse_host(header) == want
+
+
+def test_allowed_hosts_refuse_smuggled_names_and_honour_ports(bundle, live_server):
+    from server.guards import default_allowed_hosts
+
+    loop = live_server(create_app(bundle, EngineConfig(max_batch_tokens=256), served_model_name="tiny",
+                                  allowed_hosts=default_allowed_hosts("127.0.0.1")))
+    for host in ("[::1]evil.com", "[::1]:80@evil.com", "localhost:80@evil.com", "127.0.0.1:x",
+                 "localhost.evil.com"):
+        assert_error(httpx.get(loop.url + "/v1/models", headers={"Host": host}), 400, code="invalid_host")
+    for host in (f"[::1]:{loop.port}", "[::1]", f"localhost:{loop.port}"):
+        assert httpx.get(loop.url + "/health", headers={"Host": host}).status_code == 200, host
+
+    ported = live_server(create_app(bundle, EngineConfig(max_batch_tokens=256), served_model_name="tiny",
+                                    allowed_hosts=["api.example.com:8443", "plain.example.com", "[::1]:9"]))
+    for host, status in (("api.example.com:8443", 200), ("API.example.com:8443", 200),
+                         ("api.example.com", 400), ("api.example.com:80", 400),
+                         ("api.example.com:8443@evil.com", 400), ("plain.example.com:1234", 200),
+                         ("plain.example.com", 200), ("[::1]:9", 200), ("[::1]:10", 400), ("[::1]", 400)):
+        r = httpx.get(ported.url + "/health", headers={"Host": host})
+        assert r.status_code == status, (host, r.text)
+
+
+def test_a_bad_allowed_hosts_entry_is_refused_at_start():
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--allowed-hosts", "ok.example.com,bad.example.com:80@x", "--port", "1"])
+    assert e.value.code == 2
