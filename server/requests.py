@@ -180,7 +180,14 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
             c = "".join(parts)
         msgs.append({"role": m.role, "content": c or ""})
     _fits_context(svc, "messages", chars=sum(len(m["content"]) for m in msgs))
-    from weights.tokenizer import TemplateError
+    from weights.tokenizer import TemplateError, check_template_kwargs
+
+    kwargs = req.chat_template_kwargs
+    if kwargs:
+        try:  # plain data under names the renderer does not set itself (before the template runs)
+            check_template_kwargs(kwargs, tok.reserved_template_names)
+        except TemplateError as e:
+            raise ApiError(400, str(e), param="chat_template_kwargs", code="invalid_value") from None
 
     cont = bool(req.continue_final_message)
     if cont and msgs[-1]["role"] != "assistant":
@@ -189,8 +196,8 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
     try:
         ids = tok.chat_ids(msgs, add_generation_prompt=req.add_generation_prompt is not False,
                            continue_final=cont, specials_in_content=svc.chat_special_tokens,
-                           template_kwargs=req.chat_template_kwargs)
-    except TemplateError as e:
+                           template_kwargs=kwargs)
+    except TemplateError as e:  # any failure of the template, its bounds included
         raise ApiError(400, str(e), param="messages", code="template_error") from None
     return check_ids(svc, ids, "messages")
 
