@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from sampler.scheduler import Engine, EngineConfig
 from server.answer import Decoder
+from server.connection import collapse_loop_errors
 from server.errors import ApiError, install_handlers
 from server.guards import Guards, default_max_body_bytes
 from server.metrics import Metrics
@@ -96,6 +97,7 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        collapse_loop_errors(asyncio.get_running_loop())  # an error storm (EMFILE on accept) logs a line per 10 s
         engine.start()
         if freeze_gc:
             gc.collect()

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--header-timeout", type=float, default=_env("header_timeout", 10.0),
       help="seconds a client may take to send a request's line and headers; then the connection is closed "
       "(default: %(default)s)")
+    a("--max-connections", type=int, default=_env("max_connections", 1024),
+      help="open connections answered; past them a new connection gets 503 too_many_connections and is "
+      "closed (default: %(default)s; lowered to fit the open-files limit, raised to its hard limit at start)")
     a("--timeout-keep-alive", type=float, default=_env("timeout_keep_alive", 5.0),
       help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
@@ -107,6 +110,8 @@ def main(argv=None) -> None:
             _fail(f"--{name.replace('_', '-')} must be >= 1", 2)
     if args.max_body_bytes is not None and int(args.max_body_bytes) < 1024:
         _fail("--max-body-bytes must be >= 1024", 2)
+    if args.max_connections < 1:
+        _fail("--max-connections must be >= 1", 2)
     if args.header_timeout <= 0:
         _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
@@ -141,7 +146,7 @@ def main(argv=None) -> None:
 
     from sampler.scheduler import EngineConfig
     from server.app import create_app
-    from server.connection import protocol_with_header_timeout
+    from server.connection import FD_RESERVE, protocol_with_header_timeout, raise_fd_limit
     from server.guards import default_allowed_hosts, default_max_body_bytes
     from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
@@ -166,6 +171,12 @@ def main(argv=None) -> None:
     else:
         allowed_hosts = default_allowed_hosts(args.host)
     max_body = int(args.max_body_bytes) if args.max_body_bytes else default_max_body_bytes(cfg.max_sequence_length)
+    max_conn = args.max_connections
+    limits = raise_fd_limit()
+    if limits is not None and limits[0] - FD_RESERVE < max_conn:
+        max_conn = max(1, limits[0] - FD_RESERVE)
+        log.warning("--max-connections %d does not fit the open-files limit (%d, hard %d): using %d",
+                    args.max_connections, limits[0], limits[1], max_conn)
     try:
         app = create_app(bundle, econf, served_model_name=name, api_key=args.api_key or None,
                          shutdown_grace=args.shutdown_grace, max_body_bytes=max_body,
@@ -191,13 +202,15 @@ def main(argv=None) -> None:
     log.info("guards: max body %d bytes, header timeout %gs, body timeout %s, allowed hosts %s", max_body,
              args.header_timeout, f"{args.body_timeout:g}s" if args.body_timeout > 0 else "none",
              ", ".join(allowed_hosts) if allowed_hosts else "any")
+    log.info("connections: at most %d open (open-files limit %s)", max_conn,
+             "unknown" if limits is None else f"{limits[0]}, hard {limits[1]}")
 
     # uvicorn's own graceful-shutdown timeout is only a backstop: the engine fails what is left at the
     # end of the grace (503 shutting_down), so handlers answer and connections close right after it.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_grace + DRAIN_BACKSTOP_S, access_log=False,
                             timeout_keep_alive=args.timeout_keep_alive,
-                            http=protocol_with_header_timeout(args.header_timeout))
+                            http=protocol_with_header_timeout(args.header_timeout, max_conn))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -413,3 +413,166 @@ def test_any_template_failure_is_a_400_naming_the_template(hf_template, mode, wo
     assert time.monotonic() - t0 < 10
     assert httpx.get(srv.url + "/health").status_code == 200
     _no_tracebacks(caplog)
+
+
+# ---------------------------------------------------------------- connections and file descriptors
+def _serve_with_cap(app, cap: int, header_timeout: float = 10.0):
+    import threading
+    import time
+
+    import uvicorn
+
+    from conftest import _free_port
+    from server.connection import protocol_with_header_timeout
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, http=protocol_with_header_timeout(header_timeout, cap)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}", port
+
+
+def test_connections_past_the_cap_get_an_openai_503_and_health_recovers(bundle, caplog):
+    import socket
+    import time
+
+    app = create_app(bundle, EngineConfig(max_batch_tokens=256), served_model_name="tiny")
+    server, thread, url, port = _serve_with_cap(app, cap=4)
+    idle = []
+    try:
+        assert httpx.get(url + "/health").status_code == 200
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        time.sleep(0.3)  # the server has taken them
+        with caplog.at_level(logging.WARNING, logger="llada.server"):
+            for _ in range(20):
+                r = httpx.get(url + "/health")
+                err = assert_error(r, 503, code="too_many_connections")
+                assert "--max-connections" in err["message"] and err["type"] == "server_error"
+                assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+            assert_error(post(url, "/v1/completions", GOOD), 503, code="too_many_connections")
+        refusals = [rec for rec in caplog.records if "--max-connections" in rec.getMessage()]
+        assert 1 <= len(refusals) <= 2, [rec.getMessage() for rec in refusals]  # one line, not one per refusal
+        # a connection over the cap that sends nothing is closed within about a second
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(5)
+        t0 = time.monotonic()
+        assert extra.recv(1) == b""
+        assert time.monotonic() - t0 < 2.5
+        extra.close()
+        for s in idle:
+            s.close()
+        idle = []
+        deadline = time.monotonic() + 5
+        while True:
+            r = httpx.get(url + "/health")
+            if r.status_code == 200:
+                break
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert post(url, "/v1/completions", GOOD).status_code == 200
+    finally:
+        for s in idle:
+            s.close()
+        server.should_exit = True
+        thread.join(15)
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_limit():
+    import subprocess
+    import sys
+
+    code = ("import resource; from server.connection import raise_fd_limit; "
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard)); "
+            "print(raise_fd_limit() == (hard, hard) == resource.getrlimit(resource.RLIMIT_NOFILE))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "True", out.stderr
+
+
+def test_loop_errors_of_one_kind_are_collapsed(caplog):
+    import asyncio
+    import errno
+
+    from server.connection import collapse_loop_errors
+
+    async def storm():
+        loop = asyncio.get_running_loop()
+        collapse_loop_errors(loop)
+        for _ in range(5000):
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(errno.EMFILE, "Too many open files")})
+        loop.call_exception_handler({"message": "something else", "exception": ValueError("x")})
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(storm())
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 2, [r.getMessage() for r in lines]  # the first of each kind, not 5001 tracebacks
+    assert sum(1 for r in lines if r.exc_info) == 2
+
+
+def test_the_cli_caps_connections_and_an_fd_exhaustion_storm_logs_a_few_lines(free_port, tmp_path):
+    import os
+    import resource
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from test_server_cli import ROOT, env, wait_ready
+
+    hard = 160
+
+    def low_limits():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--port", str(free_port), "--device", "cpu",
+                                 "--header-timeout", "2", "--max-batch-tokens", "1024"],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env(),
+                                start_new_session=True, preexec_fn=low_limits)
+    base = f"http://127.0.0.1:{free_port}"
+    socks = []
+    try:
+        wait_ready(proc, base, log_path)
+        text = log_path.read_text()
+        assert f"open-files limit {hard}, hard {hard}" in text, text
+        assert f"--max-connections 1024 does not fit the open-files limit ({hard}, hard {hard}): using " \
+               f"{hard - 64}" in text, text
+        for _ in range(400):  # past the cap, then past the descriptors: accept() fails with EMFILE
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", free_port), timeout=2))
+            except OSError:
+                break
+        time.sleep(3)
+        for s in socks:
+            s.close()
+        socks = []
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        assert post(base, "/v1/completions", {"prompt": "a b", "max_tokens": 4}).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert "out of system resource" in text, text[-3000:]  # the storm happened
+    assert text.count("Traceback") <= 3, text[-5000:]  # the first of each kind at most
+    assert len(text) < 20_000, len(text)
