@@ -57,7 +57,7 @@ _refusals = Collapsed()
 def _too_many_connections(limit: int):
     body = json.dumps({"error": {
         "message": f"the server has {limit} connections open, its limit (--max-connections); retry later",
-        "type": "server_error", "param": None, "code": "too_many_connections"}}).encode()
+        "type": "server_error", "param": None, "code": "too_many_connections"}}, separators=(",", ":")).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"retry-after", b"1"), (b"connection", b"close")]
 
