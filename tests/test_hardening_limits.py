@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import httpx
@@ -100,10 +101,10 @@ def test_an_infill_step_stream_the_client_leaves_is_a_499(poisoned, bundle, capl
             for line in r.iter_lines():
                 if '"diffusion.step"' in line:
                     break  # hang up after the first step
-        deadline = __import__("time").monotonic() + 10
+        deadline = time.monotonic() + 10
         while not any("499 (stream)" in rec.getMessage() for rec in caplog.records):
-            assert __import__("time").monotonic() < deadline, [rec.getMessage() for rec in caplog.records]
-            __import__("time").sleep(0.05)
+            assert time.monotonic() < deadline, [rec.getMessage() for rec in caplog.records]
+            time.sleep(0.05)
     _no_tracebacks(caplog)
 
 
@@ -314,7 +315,8 @@ HF_STYLE_TEMPLATE = (
     "{% if message['role'] not in ['user', 'assistant', 'system'] %}{{ raise_exception('bad role') }}{% endif %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
     "{% endfor %}"
-    "{% if note is defined %}{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{ note }}{{ '<|eot_id|>' }}{% endif %}"
+    "{% if note is defined %}{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{ note }}{{ '<|eot_id|>' }}{% endif %}"
     "{% if facts is defined %}{% for f in facts %}[{{ f.name }}={{ f.value }}]{% endfor %}{% endif %}"
     "{% if date is defined %}{{ strftime_now(date) }}{% endif %}"
     "{% if mode == 'div' %}{{ 1 / 0 }}"
@@ -322,7 +324,8 @@ HF_STYLE_TEMPLATE = (
     "{% elif mode == 'big' %}{{ 'x' * 10 ** 9 }}"
     "{% elif mode == 'range' %}{% for i in range(10 ** 7) %}{% endfor %}"
     "{% elif mode == 'width' %}{{ 'x' | center(10 ** 9) }}"
-    "{% elif mode == 'output' %}{% for i in range(100000) %}{% for j in range(100) %}{{ 'abcdefgh' }}{% endfor %}{% endfor %}"
+    "{% elif mode == 'output' %}{% for i in range(100000) %}{% for j in range(100) %}{{ 'abcdefgh' }}"
+    "{% endfor %}{% endfor %}"
     "{% elif mode == 'recurse' %}{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}"
     "{% elif mode == 'type' %}{{ raise_exception(1, 2) }}"
     "{% elif mode == 'refuse' %}{{ raise_exception('the template refuses this') }}{% endif %}"
@@ -402,8 +405,6 @@ def test_kwargs_text_never_becomes_control_tokens(hf_template):
     ("output", "output passed"), ("loop", "longer than"), ("refuse", "the template refuses this"),
 ])
 def test_any_template_failure_is_a_400_naming_the_template(hf_template, mode, words, caplog):
-    import time
-
     srv, _ = hf_template
     t0 = time.monotonic()
     err = assert_error(_chat(srv, {"mode": mode}), 400, param="messages", code="template_error")
@@ -417,7 +418,6 @@ def test_any_template_failure_is_a_400_naming_the_template(hf_template, mode, wo
 # ---------------------------------------------------------------- connections and file descriptors
 def _serve_with_cap(app, cap: int, header_timeout: float = 10.0):
     import threading
-    import time
 
     import uvicorn
 
@@ -438,7 +438,6 @@ def _serve_with_cap(app, cap: int, header_timeout: float = 10.0):
 
 def test_connections_past_the_cap_get_an_openai_503_and_health_recovers(bundle, caplog):
     import socket
-    import time
 
     app = create_app(bundle, EngineConfig(max_batch_tokens=256), served_model_name="tiny")
     server, thread, url, port = _serve_with_cap(app, cap=4)
@@ -521,7 +520,6 @@ def test_the_cli_caps_connections_and_an_fd_exhaustion_storm_logs_a_few_lines(fr
     import socket
     import subprocess
     import sys
-    import time
 
     from test_server_cli import ROOT, env, wait_ready
 
