@@ -1,7 +1,7 @@
 """Bounded soak: mixed load, disconnects and bad input against one llada-serve on this machine.
 
     python bench/soak.py --minutes 10                      # starts its own server (embedded model)
-    python bench/soak.py --minutes 2 --model ../shared/golden/tiny-llada --clients 8
+    python bench/soak.py --minutes 2 --model tests/golden/tiny-llada --clients 8
     python bench/soak.py --url http://127.0.0.1:8000 --pid 1234 --minutes 5   # a running server
 
 For N minutes (at most 60), C clients (at most 64) each pick a request kind at random (seeded): good

@@ -1,7 +1,7 @@
 """Does one large request stall the server? /health latency while large requests are answered.
 
     python bench/stall.py                      # starts its own server (embedded model) on loopback
-    python bench/stall.py --model ../shared/golden/tiny-llada
+    python bench/stall.py --model tests/golden/tiny-llada
 
 For each large request (sent alone, one after the other) a prober GETs /health every 10 ms; the
 table gives the request's status and time, the slowest /health answer while it was in flight, and the

@@ -6,7 +6,7 @@ matplotlib from Prometheus range queries of the same PromQL, laid out like the d
 By default it starts llada-serve and Prometheus on loopback (deploy/local_stack.py), drives a
 varying load for --seconds, then renders:
 
-    python deploy/render_dashboard.py --model ../shared/golden/tiny-llada --seconds 90 --out docs/dashboard.png
+    python deploy/render_dashboard.py --model tests/golden/tiny-llada --seconds 90 --out docs/dashboard.png
 
 With --prometheus URL it renders the last --seconds from an existing Prometheus instead (for
 example the compose stack's http://localhost:9090) and starts nothing.

@@ -1,7 +1,7 @@
 """`llada-generate`: denoise one prompt from the command line and print the answer.
 
     llada-generate --model DIR --prompt "What is 2 + 3?" --chat --show-steps
-    llada-generate --model ../shared/golden/tiny-llada --prompt-ids 5,17,42 --gen-length 16
+    llada-generate --model tests/golden/tiny-llada --prompt-ids 5,17,42 --gen-length 16
 
 --show-steps prints the canvas after every step, masked positions drawn as '░'.
 """

@@ -19,7 +19,7 @@ if str(TESTS) not in sys.path:
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-GOLDEN = (ROOT / ".." / "shared" / "golden" / "tiny-llada").resolve()
+from golden_sets import TINY_LLADA as GOLDEN  # noqa: E402
 
 # Every model in the tests is tiny: one intra-op thread, as the entry points choose for small models
 # (weights.checkpoint.pick_cpu_threads), keeps the suite fast when other processes hold a core.

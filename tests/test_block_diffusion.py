@@ -15,7 +15,7 @@ from sampler.reference import reference_generate
 from sampler.reference_llada2 import llada2_generate
 from weights.checkpoint import load_checkpoint
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from golden_sets import GOLDEN_ROOT as SHARED
 LLADA2, LLADA_MOE = SHARED / "tiny-llada2", SHARED / "tiny-llada-moe"
 
 

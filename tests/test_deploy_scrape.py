@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
 import local_stack as ls  # noqa: E402
 
-GOLDEN = (ROOT / ".." / "shared" / "golden" / "tiny-llada").resolve()
+from golden_sets import TINY_LLADA as GOLDEN
 K8S = ROOT / "deploy" / "k8s"
 SHUTDOWN_GRACE = 5
 N_OK = 6

@@ -13,7 +13,7 @@ from sampler.params import ParamError, SamplingParams
 from sampler.reference import reference_generate, schedule
 from weights.checkpoint import load_checkpoint
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-llada"
+from golden_sets import TINY_LLADA as GOLDEN
 
 
 @pytest.fixture(scope="module")

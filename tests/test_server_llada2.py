@@ -17,7 +17,7 @@ from server.app import create_app
 from test_server_helpers import post, sse_events
 from weights.checkpoint import load_checkpoint
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from golden_sets import GOLDEN_ROOT as SHARED
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 31, 8, 64, 12]
 # The LLaDA2 prompt format, as the released tokenizers' chat template renders it.
 TEMPLATE = ("{% for m in messages %}<role>{{ m['role'] | upper | replace('USER', 'HUMAN') }}</role>"

@@ -12,7 +12,7 @@ from ckpt_factory import add_tokenizer, make_checkpoint
 from weights.checkpoint import CheckpointError, load_checkpoint
 from weights.config import ConfigError, LLaDAConfig
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-llada"
+from golden_sets import TINY_LLADA as GOLDEN
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -16,7 +16,7 @@ from weights.config_moe import DEFAULT_EOS_ID, DEFAULT_MASK_ID, LLaDA2Config, LL
 from weights.layers import rms_norm
 from weights.moe import route_sigmoid_grouped, route_softmax
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from golden_sets import GOLDEN_ROOT as SHARED
 LLADA2, LLADA_MOE = SHARED / "tiny-llada2", SHARED / "tiny-llada-moe"
 
 
