@@ -78,8 +78,11 @@ class LLaDAConfig:
             f.off(name)
         f.one_of("model_type", ("llada",), "expected 'llada'")
         d_model, n_layers, n_heads = f.int("d_model"), f.int("n_layers"), f.int("n_heads")
-        n_kv_heads = f.int("n_kv_heads", 1 if f.bool("multi_query_attention", False) else n_heads)
-        mlp_hidden_size = f.int("mlp_hidden_size", f.int("mlp_ratio", 4) * d_model)
+        n_kv_heads, mlp_hidden_size = f.int("n_kv_heads", None), f.int("mlp_hidden_size", None)
+        if n_kv_heads is None:  # the fallbacks are read only when needed, as the reference does
+            n_kv_heads = 1 if f.bool("multi_query_attention", False) else n_heads
+        if mlp_hidden_size is None:
+            mlp_hidden_size = f.int("mlp_ratio", 4) * d_model
         vocab = f.int("vocab_size")
         embedding_size = f.int("embedding_size", vocab)
         max_sequence_length = f.int("max_sequence_length", 4096)
