@@ -50,11 +50,18 @@ def _all_fields(family):
     return dict(raw, **EXTRA_OPTIONAL[family]), required
 
 
+GOLDEN_SETS = {"llada": "tiny-llada", "llada-moe": "tiny-llada-moe", "llada2": "tiny-llada2"}
+
+
+@pytest.mark.parametrize("base", ["factory", "golden"])
 @pytest.mark.parametrize("family", sorted(FAMILY_CASES))
-def test_every_optional_field_may_be_null(family):
+def test_every_optional_field_may_be_null(family, base):
     """null is the same as absent for every optional field (the same config, or the same refusal when
     the default does not fit the other fields); a required field set to null is named."""
     raw, required = _all_fields(family)
+    if base == "golden":
+        raw = dict(json.loads((SHARED / GOLDEN_SETS[family] / "config.json").read_text()),
+                   **EXTRA_OPTIONAL[family])
     assert config_from_dict(raw).family == family
     for name in raw:
         nulled = dict(raw, **{name: None})

@@ -84,12 +84,17 @@ class Family:
 # In the order config.json is matched: LLaDA-MoE shares model_type "llada" with LLaDA-8B and is told
 # apart by its class or its `num_experts`, so it comes first.
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family(LLaDA2Config, LLaDA2Model, "LLaDA2MoeModelLM", "llada2_moe", (), "<|mask|>", "<|role_end|>",
-           RELEASED_MOE_MASK_ID, RELEASED_MOE_EOS_ID, _llada2_decoding),
-    Family(LLaDAMoEConfig, LLaDAMoEModel, "LLaDAMoEModelLM", "llada", ("num_experts",), "<|mask|>",
-           "<|role_end|>", RELEASED_MOE_MASK_ID, RELEASED_MOE_EOS_ID, _plain_decoding),
-    Family(LLaDAConfig, LLaDAModel, "LLaDAModelLM", "llada", (), "<|mdm_mask|>", "<|eot_id|>",
-           None, None, _plain_decoding),
+    Family(config=LLaDA2Config, network=LLaDA2Model, architecture="LLaDA2MoeModelLM",
+           model_type="llada2_moe", marker_fields=(), mask_text="<|mask|>", eot_text="<|role_end|>",
+           default_mask_id=RELEASED_MOE_MASK_ID, default_eos_id=RELEASED_MOE_EOS_ID,
+           decoding=_llada2_decoding),
+    Family(config=LLaDAMoEConfig, network=LLaDAMoEModel, architecture="LLaDAMoEModelLM",
+           model_type="llada", marker_fields=("num_experts",), mask_text="<|mask|>",
+           eot_text="<|role_end|>", default_mask_id=RELEASED_MOE_MASK_ID,
+           default_eos_id=RELEASED_MOE_EOS_ID, decoding=_plain_decoding),
+    Family(config=LLaDAConfig, network=LLaDAModel, architecture="LLaDAModelLM", model_type="llada",
+           marker_fields=(), mask_text="<|mdm_mask|>", eot_text="<|eot_id|>", default_mask_id=None,
+           default_eos_id=None, decoding=_plain_decoding),
 )}
 
 
