@@ -26,7 +26,8 @@ def test_save_model_writes_the_checkpoint_it_was_loaded_from(tmp_path):
     bundle = load_checkpoint(MODEL, "cpu", "float32")
     config = json.loads((MODEL / "config.json").read_text())
     train.save_model(bundle.model, config, Tokenizer.from_file(str(MODEL / "tokenizer.json")), tmp_path)
-    original, saved = load_file(str(MODEL / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
+    original = load_file(str(MODEL / "model.safetensors"))
+    saved = load_file(str(tmp_path / "model.safetensors"))
     assert set(saved) == set(original)
     assert all(torch.equal(saved[name], original[name]) for name in original)
     again = load_checkpoint(tmp_path, "cpu", "float32")
@@ -49,7 +50,8 @@ def test_init_weights_by_checkpoint_name():
         assert abs(t[name].std().item() / want - 1) < 0.1, name
     # The views wrote the fused parameters: no row of q/k/v or gate/up was left uninitialised.
     layer = model.layers[1]
-    assert abs(layer.attn.qkv.std().item() / 0.02 - 1) < 0.1 and abs(layer.mlp.gate_up.std().item() / 0.02 - 1) < 0.1
+    for fused in (layer.attn.qkv, layer.mlp.gate_up):
+        assert abs(fused.std().item() / 0.02 - 1) < 0.1
 
 
 def test_a_training_step_reaches_every_parameter():
