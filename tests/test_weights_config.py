@@ -149,3 +149,34 @@ def test_the_field_reader():
             call()
     f.one_of("d", ("y",), "null is absent")  # a null is never refused as a value
     f.off("z")
+
+
+def test_weights_imports_run_one_way():
+    """No import circle inside weights/, and no import of a weights module hidden in a function (the
+    way circles used to be broken)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "weights"
+    graph = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = set(tree.body)
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("weights"):
+                assert node in top, f"{path.name}: lazy import of {node.module}"
+                deps.add(node.module.split(".")[1] if "." in node.module else "__init__")
+        graph[path.stem] = deps - {path.stem}
+    done: set = set()
+
+    def visit(name, stack):
+        assert name not in stack, f"import circle: {' -> '.join(stack + [name])}"
+        if name not in done:
+            for dep in graph.get(name, ()):
+                visit(dep, stack + [name])
+            done.add(name)
+
+    for name in graph:
+        visit(name, [])
+    assert graph["family"] >= {"config_llada", "config_moe", "model_llada", "model_llada_moe", "model_llada2"}
+    assert graph["config_llada"] == graph["config_moe"] == {"fields"}
