@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from weights.fields import ConfigError, Fields
+from weights.fields import ConfigError, Fields, check_special_ids
 
 # Fields whose value, when present, must be exactly this for the released LLaDA architecture.
 _REQUIRED_VALUES = {
@@ -110,8 +110,4 @@ class LLaDAConfig:
         if self.embedding_size < self.vocab_size:
             raise ConfigError(
                 f"config.json: embedding_size={self.embedding_size} < vocab_size={self.vocab_size}")
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
-            v = getattr(self, name)
-            if v >= self.embedding_size:
-                raise ConfigError(f"config.json: {name}={v} is outside the embedding table "
-                                  f"(embedding_size={self.embedding_size})")
+        check_special_ids(self, self.embedding_size, f"embedding table (embedding_size={self.embedding_size})")

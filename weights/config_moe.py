@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from weights.fields import ConfigError, Fields
+from weights.fields import ConfigError, Fields, check_special_ids
 
 
 def _common(f: Fields) -> dict:
@@ -41,11 +41,7 @@ def _check_common(cfg) -> None:
     if cfg.num_experts_per_tok > cfg.num_experts:
         raise ConfigError(f"config.json: num_experts_per_tok={cfg.num_experts_per_tok} exceeds "
                           f"num_experts={cfg.num_experts}")
-    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
-        v = getattr(cfg, name)
-        if v is not None and v >= cfg.vocab_size:
-            raise ConfigError(f"config.json: {name}={v} is outside the vocabulary "
-                              f"(vocab_size={cfg.vocab_size})")
+    check_special_ids(cfg, cfg.vocab_size, f"vocabulary (vocab_size={cfg.vocab_size})")
 
 
 class _MoEShape:

@@ -87,3 +87,12 @@ class Fields:
         v = self.raw.get(name)
         if v:
             raise ConfigError(f"config.json: unsupported {name}={v!r}; it must be off")
+
+
+def check_special_ids(cfg, rows: int, table: str) -> None:
+    """The config's mask / EOS / pad ids (those it has) index a table of `rows` rows; `table` names it
+    in the message (e.g. "vocabulary (vocab_size=300)")."""
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(cfg, name)
+        if v is not None and v >= rows:
+            raise ConfigError(f"config.json: {name}={v} is outside the {table}")
