@@ -123,6 +123,8 @@ def test_each_family_record_is_whole(family):
     net = fam.network.__name__
     assert net == {"llada": "LLaDAModel", "llada-moe": "LLaDAMoEModel", "llada2": "LLaDA2Model"}[family]
     assert fam.mask_text in ("<|mdm_mask|>", "<|mask|>") and fam.eot_text in ("<|eot_id|>", "<|role_end|>")
+    assert (fam.decoding, fam.editing_decoding) == {"llada": ("llada", None), "llada-moe": ("llada", None),
+                                                    "llada2": ("llada2.0", "llada2.1")}[family]
     # Every family's checkpoint layout comes from its network.
     assert checkpoint_shapes(cfg)
 

@@ -213,7 +213,23 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
     log.info("loaded %s (%s): %.1fM parameters (%.1fM active) on %s in %s", path, config.family,
              config.num_parameters / 1e6, config.active_parameters / 1e6, dev, str(dt).replace("torch.", ""))
     return ModelBundle(model=model, config=config, tokenizer=tokenizer, special=special, path=path,
-                       name=path.name, decoding=family_of(config).decoding(path))
+                       name=path.name, decoding=released_decoding(config, path))
+
+
+def released_decoding(config, path: Path) -> str:
+    """Which `generate` the checkpoint ships: its family's, or the family's token-editing one when the
+    checkpoint's remote code (modeling_*.py) has token editing (`editing_threshold`): LLaDA2.0 and 2.1
+    share the network and the config."""
+    fam = family_of(config)
+    if fam.editing_decoding is None:
+        return fam.decoding
+    for f in sorted(path.glob("modeling_*.py")):
+        try:
+            if "editing_threshold" in f.read_text(errors="replace"):
+                return fam.editing_decoding
+        except OSError:
+            continue
+    return fam.decoding
 
 
 def special_ids(config, tokenizer: Tokenizer | None, path: Path) -> SpecialIds:

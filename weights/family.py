@@ -3,7 +3,7 @@
 A `Family` names its typed config (which parses config.json), its network (built on the shared
 decoder of `weights.layers`), how its config.json is recognised, the tokenizer texts of its mask and
 end-of-turn tokens, the released mask / EOS ids used when neither config.json nor the tokenizer
-gives them, its batch strategy and the released `generate` a checkpoint ships. `config_from_dict` /
+gives them, its batch strategy and the released `generate` its checkpoints ship. `config_from_dict` /
 `read_config` pick the family of a config.json; `family_of(config)` finds a config's record.
 
 Adding a family: a config class (fields read with `weights.fields.Fields`, the serving interface
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from weights.config_llada import LLaDAConfig
 from weights.config_moe import LLaDA2Config, LLaDAMoEConfig
@@ -35,22 +34,6 @@ RELEASED_MOE_EOS_ID = 156892
 RELEASED_MOE_MASK_ID = 156895
 
 
-def _plain_decoding(path: Path) -> str:
-    return "llada"
-
-
-def _llada2_decoding(path: Path) -> str:
-    """LLaDA2.0 and 2.1 share the network and the config; the 2.1 release's remote code
-    (modeling_*.py) is the one with token editing (`editing_threshold`)."""
-    for f in sorted(path.glob("modeling_*.py")):
-        try:
-            if "editing_threshold" in f.read_text(errors="replace"):
-                return "llada2.1"
-        except OSError:
-            continue
-    return "llada2.0"
-
-
 @dataclass(frozen=True)
 class Family:
     config: type                 # the typed config; its `from_dict(raw)` parses config.json
@@ -62,7 +45,8 @@ class Family:
     eot_text: str                # tokenizer text of the end-of-turn token
     default_mask_id: int | None  # when neither config.json nor the tokenizer says (None: required)
     default_eos_id: int | None
-    decoding: Callable[[Path], str]  # the checkpoint's released generate: "llada", "llada2.0", "llada2.1"
+    decoding: str                # the released `generate` of its checkpoints: "llada" or "llada2.0"
+    editing_decoding: str | None  # the one of a checkpoint whose remote code has token editing ("llada2.1")
 
     @property
     def name(self) -> str:
@@ -87,14 +71,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(config=LLaDA2Config, network=LLaDA2Model, architecture="LLaDA2MoeModelLM",
            model_type="llada2_moe", marker_fields=(), mask_text="<|mask|>", eot_text="<|role_end|>",
            default_mask_id=RELEASED_MOE_MASK_ID, default_eos_id=RELEASED_MOE_EOS_ID,
-           decoding=_llada2_decoding),
+           decoding="llada2.0", editing_decoding="llada2.1"),
     Family(config=LLaDAMoEConfig, network=LLaDAMoEModel, architecture="LLaDAMoEModelLM",
            model_type="llada", marker_fields=("num_experts",), mask_text="<|mask|>",
            eot_text="<|role_end|>", default_mask_id=RELEASED_MOE_MASK_ID,
-           default_eos_id=RELEASED_MOE_EOS_ID, decoding=_plain_decoding),
+           default_eos_id=RELEASED_MOE_EOS_ID, decoding="llada", editing_decoding=None),
     Family(config=LLaDAConfig, network=LLaDAModel, architecture="LLaDAModelLM", model_type="llada",
            marker_fields=(), mask_text="<|mdm_mask|>", eot_text="<|eot_id|>", default_mask_id=None,
-           default_eos_id=None, decoding=_plain_decoding),
+           default_eos_id=None, decoding="llada", editing_decoding=None),
 )}
 
 
