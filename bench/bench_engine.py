@@ -36,9 +36,9 @@ from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
 from sampler.reference import reference_generate
 from sampler.reference_llada2 import llada2_generate
-from weights.checkpoint import NETWORKS, SpecialIds, load_checkpoint, pick_cpu_threads
-from weights.config import LLaDAConfig, config_from_dict
-from weights.model import LLaDAModel
+from weights.checkpoint import SpecialIds, build_network, load_checkpoint, pick_cpu_threads
+from weights.config_llada import LLaDAConfig
+from weights.family import config_from_dict
 
 SHAPES = {
     "8b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288,
@@ -86,14 +86,8 @@ class Bundle:
 
 
 def build_random(shape: str, device: torch.device, dtype: torch.dtype) -> Bundle:
-    if shape in MOE_SHAPES:
-        cfg = config_from_dict(MOE_SHAPES[shape])
-        net = NETWORKS[cfg.family]
-    else:
-        cfg, net = LLaDAConfig(**SHAPES[shape]), LLaDAModel
-    with torch.device("meta"):
-        model = net(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    cfg = config_from_dict(MOE_SHAPES[shape]) if shape in MOE_SHAPES else LLaDAConfig(**SHAPES[shape])
+    model = build_network(cfg, device, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -34,8 +34,8 @@ from bench.bench_engine import Bundle
 from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
 from weights.checkpoint import SpecialIds
-from weights.config import LLaDAConfig
-from weights.model import LLaDAModel
+from weights.config_llada import LLaDAConfig
+from weights.model_llada import LLaDAModel
 
 
 def build(vocab: int, d_model: int, device: str = "cpu", dtype=torch.float32) -> Bundle:

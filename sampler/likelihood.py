@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weights.model import AttnLayout
+from weights.layers import AttnLayout
 
 MAX_MC_SAMPLES = 1024
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from weights.checkpoint import PREFIX, expected_shapes
-from weights.config import LLaDAConfig
+from weights.checkpoint import checkpoint_shapes
+from weights.config_llada import LLaDAConfig
 
 BASE_CONFIG = {
     "architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu",
@@ -34,12 +34,12 @@ def make_checkpoint(path, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, mlp_h
     cfg = LLaDAConfig.from_dict(raw)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in expected_shapes(cfg).items():
-        if name.endswith("norm.weight") or name == "ln_f.weight":
+    for name, shape in checkpoint_shapes(cfg).items():
+        if name.endswith(("norm.weight", "ln_f.weight")):
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
             t = std * torch.randn(shape, generator=gen) / (shape[-1] ** 0.5) * 4
-        tensors[PREFIX + name] = t.contiguous()
+        tensors[name] = t.contiguous()
     if shards == 1:
         save_file(tensors, str(path / "model.safetensors"))
         return path
@@ -105,8 +105,7 @@ LLADA_MOE_CONFIG = {
 def make_moe_checkpoint(path, family: str = "llada2", seed: int = 0, shards: int = 2, **overrides) -> Path:
     """A random-weight LLaDA2.x (`family="llada2"`) or LLaDA-MoE checkpoint with the released
     tensor names, scaled like the golden sets (varied outputs, [MASK] never the argmax)."""
-    from weights.checkpoint import checkpoint_shapes
-    from weights.config import config_from_dict
+    from weights.family import config_from_dict
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

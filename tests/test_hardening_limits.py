@@ -19,7 +19,8 @@ from server.app import create_app
 from test_server_errors import POISON, SlowModel, assert_error
 from test_server_helpers import metric, metrics, post
 from weights.checkpoint import load_checkpoint
-from weights.config import ConfigError, config_from_dict
+from weights.family import config_from_dict
+from weights.fields import ConfigError
 
 GOOD = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8}
 GOLDEN_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-llada" / "config.json"

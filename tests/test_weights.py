@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_factory import add_tokenizer, make_checkpoint
 from weights.checkpoint import CheckpointError, load_checkpoint
-from weights.config import ConfigError, LLaDAConfig
+from weights.config_llada import LLaDAConfig
+from weights.fields import ConfigError
 
 from golden_sets import TINY_LLADA as GOLDEN
 
@@ -32,29 +33,66 @@ def test_ragged_full_logits_match_single():
 
 
 def test_grouped_query_attention_equals_repeated_heads(tmp_path):
-    gqa = load_checkpoint(make_checkpoint(tmp_path / "gqa", n_heads=4, n_kv_heads=2), "cpu", "float64",
-                          fuse=False)
-    full = load_checkpoint(make_checkpoint(tmp_path / "mha", n_heads=4, n_kv_heads=4), "cpu", "float64",
-                           fuse=False)
+    gqa = load_checkpoint(make_checkpoint(tmp_path / "gqa", n_heads=4, n_kv_heads=2), "cpu", "float64")
+    full = load_checkpoint(make_checkpoint(tmp_path / "mha", n_heads=4, n_kv_heads=4), "cpu", "float64")
     hd = gqa.config.head_dim
-    with torch.no_grad():
-        for name, p in full.model.named_parameters():
-            src = dict(gqa.model.named_parameters())[name]
+    src = gqa.model.checkpoint_tensors()
+    with torch.no_grad():  # written through the checkpoint names: views of the fused parameters
+        for name, p in full.model.checkpoint_tensors().items():
             if name.endswith(("k_proj.weight", "v_proj.weight")):
-                p.copy_(src.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(p.shape))
+                p.copy_(src[name].view(2, hd, -1).repeat_interleave(2, dim=0).reshape(p.shape))
             else:
-                p.copy_(src)
+                p.copy_(src[name])
     ids = torch.randint(0, 180, (2, 19))
     assert torch.allclose(gqa.model.full_logits(ids), full.model.full_logits(ids), atol=1e-10)
 
 
-def test_fused_projections_give_the_same_logits(tmp_path):
-    d = make_checkpoint(tmp_path / "m", n_heads=4, n_kv_heads=2)
-    fused = load_checkpoint(d, "cpu", "float64")
-    plain = load_checkpoint(d, "cpu", "float64", fuse=False)
-    assert fused.model.blocks[0].qkv is not None and plain.model.blocks[0].qkv is None
-    ids = torch.randint(0, 180, (3, 17))
-    assert torch.allclose(fused.model.full_logits(ids), plain.model.full_logits(ids), atol=1e-12)
+def _released_llada_forward(t: dict, cfg, ids: torch.Tensor) -> torch.Tensor:
+    """LLaDA-8B written out from its released layout (separate projections, one head at a time)."""
+    def norm(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))
+
+    def rope(x, pos):  # x [L, d]
+        d = x.shape[-1]
+        ang = pos[:, None].double() * cfg.rope_theta ** (-torch.arange(0, d, 2).double() / d)
+        cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+        return x * cos + torch.cat((-x[:, d // 2:], x[:, :d // 2]), -1) * sin
+
+    p, hd, group = "model.transformer.", cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+    pos = torch.arange(len(ids))
+    x = t[p + "wte.weight"][ids]
+    for i in range(cfg.n_layers):
+        b = f"{p}blocks.{i}."
+        n = norm(x, t[b + "attn_norm.weight"])
+        q, k, v = (n @ t[b + f"{w}_proj.weight"].T for w in "qkv")
+        heads = []
+        for h in range(cfg.n_heads):
+            kh = slice((h // group) * hd, (h // group + 1) * hd)
+            qh, kk = rope(q[:, h * hd:(h + 1) * hd], pos), rope(k[:, kh], pos)
+            heads.append(torch.softmax(qh @ kk.T / hd ** 0.5, -1) @ v[:, kh])
+        x = x + torch.cat(heads, -1) @ t[b + "attn_out.weight"].T
+        m = norm(x, t[b + "ff_norm.weight"])
+        gate, up = m @ t[b + "ff_proj.weight"].T, m @ t[b + "up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ t[b + "ff_out.weight"].T
+    return norm(x, t[p + "ln_f.weight"]) @ t[p + "ff_out.weight"].T
+
+
+def test_the_shared_decoder_computes_the_released_network(tmp_path):
+    """LLaDA-8B on the shared decoder (fused q/k/v and gate/up) gives the logits of the released
+    layout computed directly, and its views read back exactly the checkpoint's tensors."""
+    d = make_checkpoint(tmp_path / "m", n_heads=4, n_kv_heads=2, shards=2)
+    bundle = load_checkpoint(d, "cpu", "float64")
+    stored = {}
+    for f in d.glob("*.safetensors"):
+        stored.update({k: v.double() for k, v in load_file(str(f)).items()})
+    views = bundle.model.checkpoint_tensors()
+    assert set(views) == set(stored)
+    assert all(torch.equal(views[name], stored[name]) for name in stored)
+    layer = bundle.model.layers[0]
+    assert layer.attn.qkv.shape == (48 + 2 * 24, 48) and layer.mlp.gate_up.shape == (160, 48)
+    ids = torch.randint(0, 180, (17,))
+    want = _released_llada_forward(stored, bundle.config, ids)
+    assert torch.allclose(bundle.model.full_logits(ids[None])[0], want, atol=1e-10)
 
 
 def test_sharded_and_single_file_load_the_same(tmp_path):
@@ -67,7 +105,7 @@ def test_sharded_and_single_file_load_the_same(tmp_path):
 @pytest.mark.parametrize("dtype,want", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
                                         ("float32", torch.float32), ("auto", torch.float32)])
 def test_dtype_choice(dtype, want):
-    assert load_checkpoint(GOLDEN, device="cpu", dtype=dtype).model.wte.weight.dtype == want
+    assert load_checkpoint(GOLDEN, device="cpu", dtype=dtype).model.embedding.dtype == want
 
 
 def test_unknown_dtype_is_refused():

@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from ckpt_factory import LLADA2_CONFIG, LLADA_MOE_CONFIG, make_moe_checkpoint
 from sampler import conformance
 from weights.checkpoint import CheckpointError, load_checkpoint
-from weights.config import ConfigError, config_from_dict
-from weights.config_moe import DEFAULT_EOS_ID, DEFAULT_MASK_ID, LLaDA2Config, LLaDAMoEConfig
+from weights.config_moe import LLaDA2Config, LLaDAMoEConfig
+from weights.family import RELEASED_MOE_EOS_ID, RELEASED_MOE_MASK_ID, config_from_dict
+from weights.fields import ConfigError
 from weights.layers import rms_norm
 from weights.moe import route_sigmoid_grouped, route_softmax
 
@@ -114,7 +115,7 @@ def test_special_ids_from_the_tokenizer_then_the_released_defaults(tmp_path):
                               vocab_size=157184, hidden_size=16, head_dim=8, intermediate_size=16,
                               moe_intermediate_size=8, num_hidden_layers=2, pad_token_id=156892)
     special = load_checkpoint(big, "cpu").special
-    assert (special.mask, special.eos) == (DEFAULT_MASK_ID, DEFAULT_EOS_ID)
+    assert (special.mask, special.eos) == (RELEASED_MOE_MASK_ID, RELEASED_MOE_EOS_ID)
     # A tokenizer names them: its ids win over the defaults; <|role_end|> ends a turn.
     vocab = {f"t{i}": i for i in range(280)}
     vocab.update({"<|endoftext|>": 281, "<|mask|>": 282, "<|role_end|>": 283})

@@ -1,9 +1,9 @@
 """Load a checkpoint of the LLaDA family in the Hugging Face layout onto a device, tensor by tensor.
 
-The config picks the family (weights.config.read_config) and the family's network names the
-checkpoint tensors it expects (`checkpoint_tensors()`: name -> the parameter, or the slice of a
-fused/stacked parameter, it is copied into). Mask and EOS ids come from config.json, else the
-tokenizer, else (MoE families) the released defaults.
+The config picks the family (`weights.family`) and the family's network names the checkpoint
+tensors it expects (`checkpoint_tensors()`: name -> the parameter, or the view of a fused/stacked
+parameter, it is copied into). Mask and EOS ids come from config.json, else the tokenizer, else the
+family's released ids.
 """
 
 from __future__ import annotations
@@ -16,20 +16,13 @@ from pathlib import Path
 
 import torch
 
-from weights.config import ConfigError, LLaDAConfig, read_config
-from weights.config_moe import DEFAULT_EOS_ID, DEFAULT_MASK_ID
-from weights.layers import PackedLM
-from weights.model import PREFIX, LLaDAModel
-from weights.model_llada2 import LLaDA2Model
-from weights.model_llada_moe import LLaDAMoEModel
+from weights.family import family_of, read_config
+from weights.fields import ConfigError
+from weights.layers import DecoderLM
 from weights.tokenizer import Tokenizer
 
 log = logging.getLogger("llada.weights")
 
-NETWORKS = {"llada": LLaDAModel, "llada-moe": LLaDAMoEModel, "llada2": LLaDA2Model}
-# Tokenizer strings of the special tokens, per family: (mask, end of turn).
-SPECIAL_TOKENS = {"llada": ("<|mdm_mask|>", "<|eot_id|>"), "llada-moe": ("<|mask|>", "<|role_end|>"),
-                  "llada2": ("<|mask|>", "<|role_end|>")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 
@@ -53,8 +46,8 @@ class SpecialIds:
 
 @dataclass
 class ModelBundle:
-    model: PackedLM
-    config: object  # LLaDAConfig, LLaDAMoEConfig or LLaDA2Config
+    model: DecoderLM
+    config: object  # the family's config (weights.family)
     tokenizer: Tokenizer | None
     special: SpecialIds
     path: Path
@@ -79,16 +72,19 @@ class ModelBundle:
         return self.model.dtype
 
 
-def checkpoint_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name -> shape, for any family's config."""
+def build_network(config, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> DecoderLM:
+    """The family's network for `config`, its parameters uninitialised (on the meta device unless
+    `device` is given)."""
     with torch.device("meta"):
-        model = NETWORKS[cfg.family](cfg)
-    return {name: tuple(t.shape) for name, t in model.checkpoint_tensors().items()}
+        model = family_of(config).network(config)
+    if str(device) != "meta":
+        model = model.to_empty(device=device)
+    return model if dtype is None else model.to(dtype)
 
 
-def expected_shapes(cfg: LLaDAConfig) -> dict[str, tuple[int, ...]]:
-    """LLaDA-8B parameter name (checkpoint name without PREFIX) -> shape."""
-    return {name[len(PREFIX):]: shape for name, shape in checkpoint_shapes(cfg).items()}
+def checkpoint_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, for any family's config, in the network's order."""
+    return {name: tuple(t.shape) for name, t in build_network(cfg).checkpoint_tensors().items()}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -190,12 +186,9 @@ def pick_cpu_threads(config, device: torch.device) -> int:
     return n
 
 
-def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None,
-                    fuse: bool = True) -> ModelBundle:
-    """Config, weights (tensor by tensor, straight to `device` in `dtype`) and tokenizer of a
-    checkpoint directory. `fuse` merges LLaDA-8B's q/k/v and gate/up per block for serving; pass
-    False to keep the checkpoint's own parameters (training, export). The MoE families load
-    straight into their fused and stacked parameters."""
+def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None) -> ModelBundle:
+    """Config, weights (tensor by tensor, straight to `device` in `dtype`, each into its parameter or
+    its view of a fused or stacked one) and tokenizer of a checkpoint directory."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -209,9 +202,7 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
     dt = resolve_dtype(dtype, dev)
     files = _weight_files(path)
 
-    with torch.device("meta"):
-        model = NETWORKS[config.family](config)
-    model = model.to_empty(device=dev).to(dt)
+    model = build_network(config, dev, dt)
     targets = model.checkpoint_tensors()
 
     by_file: dict[Path, list[str]] = {}
@@ -252,8 +243,6 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
         bar.close()
     model.eval()
     model.requires_grad_(False)
-    if fuse and hasattr(model, "fuse"):
-        model.fuse()
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         checkpoint_file(path, name)
@@ -268,10 +257,12 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
 
 
 def released_decoding(config, path: Path) -> str:
-    """Which `generate` the checkpoint ships: LLaDA2.0 and 2.1 share the network and the config; the
-    2.1 release's remote code (modeling_*.py) is the one with token editing (`editing_threshold`)."""
-    if config.family != "llada2":
-        return "llada"
+    """Which `generate` the checkpoint ships: its family's, or the family's token-editing one when the
+    checkpoint's remote code (modeling_*.py) has token editing (`editing_threshold`): LLaDA2.0 and 2.1
+    share the network and the config."""
+    fam = family_of(config)
+    if fam.editing_decoding is None:
+        return fam.decoding
     for f in sorted(path.glob("modeling_*.py")):
         try:
             checkpoint_file(path, f.name)
@@ -279,16 +270,17 @@ def released_decoding(config, path: Path) -> str:
             continue  # a link out of the directory is not read
         try:
             if "editing_threshold" in f.read_text(errors="replace"):
-                return "llada2.1"
+                return fam.editing_decoding
         except OSError:
             continue
-    return "llada2.0"
+    return fam.decoding
 
 
 def special_ids(config, tokenizer: Tokenizer | None, path: Path) -> SpecialIds:
     """Mask / EOS ids from config.json, else the tokenizer, else the family's released defaults;
     end-of-turn and BOS from the tokenizer."""
-    mask_text, eot_text = SPECIAL_TOKENS[config.family]
+    fam = family_of(config)
+    mask_text, eot_text = fam.mask_text, fam.eot_text
     mask, eos = config.mask_token_id, config.eos_token_id
     eot = bos = None
     if tokenizer is not None:
@@ -299,9 +291,8 @@ def special_ids(config, tokenizer: Tokenizer | None, path: Path) -> SpecialIds:
         eot = tokenizer.token_to_id(eot_text)
         bos_text = tokenizer.special_tokens.get("bos_token", "<|startoftext|>")
         bos = tokenizer.token_to_id(bos_text)
-    if config.family != "llada":
-        mask = DEFAULT_MASK_ID if mask is None else mask
-        eos = DEFAULT_EOS_ID if eos is None else eos
+    mask = fam.default_mask_id if mask is None else mask
+    eos = fam.default_eos_id if eos is None else eos
     for name, v in (("mask_token_id", mask), ("eos_token_id", eos)):
         if v is None:
             raise CheckpointError(f"{path}: no {name} in config.json and none in the tokenizer")

@@ -2,66 +2,21 @@
 
 Field names are the released config.json's. Fields the reference network reads are typed and
 checked; values it cannot run are refused by name; fields it ignores at inference are ignored here
-too (listed in each class's docstring). `mask_token_id` / `eos_token_id` are optional: the released
-files do not carry them, and the loader then reads them from the tokenizer.
+too (listed in each class's docstring); all through the shared reader `weights.fields.Fields`.
+`mask_token_id` / `eos_token_id` are optional: the released files do not carry them, and the loader
+then reads them from the tokenizer, else takes the family's released ids (`weights.family`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from weights.config import ConfigError, without_nulls
-
-# The released LLaDA2.x and LLaDA-MoE special ids (generate defaults; the tokenizer's ids).
-DEFAULT_EOS_ID = 156892
-DEFAULT_MASK_ID = 156895
+from weights.fields import ConfigError, Fields, check_special_ids
 
 
-class _Fields:
-    """Typed access to a raw config dict; every error names the field."""
-
-    def __init__(self, raw: dict):
-        self.raw = without_nulls(raw)  # null is absent: the field's default, or "missing" when required
-
-    def int(self, name, default=None, low=1, required=True):
-        v = self.raw.get(name, default)
-        if v is None:
-            if required:
-                raise ConfigError(f"config.json: missing required field {name!r}")
-            return None
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ConfigError(f"config.json: field {name!r} must be an integer, got {v!r}")
-        if low is not None and v < low:
-            raise ConfigError(f"config.json: field {name!r} must be >= {low}, got {v}")
-        return v
-
-    def float(self, name, default=None, positive=True):
-        v = self.raw.get(name, default)
-        if v is None:
-            raise ConfigError(f"config.json: missing required field {name!r}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"config.json: field {name!r} must be a number, got {v!r}")
-        if positive and not v > 0:
-            raise ConfigError(f"config.json: field {name!r} must be positive, got {v}")
-        return float(v)
-
-    def bool(self, name, default):
-        v = self.raw.get(name, default)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise ConfigError(f"config.json: field {name!r} must be true or false, got {v!r}")
-        return v
-
-    def refuse_unless(self, name, allowed, why):
-        v = self.raw.get(name)
-        if v is not None and v not in allowed:
-            raise ConfigError(f"config.json: unsupported {name}={v!r}; {why}")
-
-
-def _common(f: _Fields) -> dict:
-    f.refuse_unless("rope_scaling", (), "only plain RoPE (rope_scaling null) is supported")
-    f.refuse_unless("hidden_act", ("silu",), "the network is SwiGLU (hidden_act 'silu')")
+def _common(f: Fields) -> dict:
+    f.one_of("rope_scaling", (), "only plain RoPE (rope_scaling null) is supported")
+    f.one_of("hidden_act", ("silu",), "the network is SwiGLU (hidden_act 'silu')")
     vocab = f.int("vocab_size")
     return dict(
         hidden_size=f.int("hidden_size"), n_layers=f.int("num_hidden_layers"),
@@ -69,9 +24,9 @@ def _common(f: _Fields) -> dict:
         max_sequence_length=f.int("max_position_embeddings", 4096),
         rope_theta=f.float("rope_theta", 10000.0), rms_norm_eps=f.float("rms_norm_eps", 1e-6),
         tie_word_embeddings=f.bool("tie_word_embeddings", False),
-        mask_token_id=f.int("mask_token_id", low=0, required=False),
-        eos_token_id=f.int("eos_token_id", low=0, required=False),
-        pad_token_id=f.int("pad_token_id", low=0, required=False),
+        mask_token_id=f.int("mask_token_id", None, low=0),
+        eos_token_id=f.int("eos_token_id", None, low=0),
+        pad_token_id=f.int("pad_token_id", None, low=0),
     )
 
 
@@ -86,11 +41,7 @@ def _check_common(cfg) -> None:
     if cfg.num_experts_per_tok > cfg.num_experts:
         raise ConfigError(f"config.json: num_experts_per_tok={cfg.num_experts_per_tok} exceeds "
                           f"num_experts={cfg.num_experts}")
-    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
-        v = getattr(cfg, name)
-        if v is not None and v >= cfg.vocab_size:
-            raise ConfigError(f"config.json: {name}={v} is outside the vocabulary "
-                              f"(vocab_size={cfg.vocab_size})")
+    check_special_ids(cfg, cfg.vocab_size, f"vocabulary (vocab_size={cfg.vocab_size})")
 
 
 class _MoEShape:
@@ -181,17 +132,17 @@ class LLaDA2Config(_MoEShape):
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LLaDA2Config":
-        f = _Fields(raw)
-        f.refuse_unless("score_function", ("sigmoid",), "LLaDA2 routing is sigmoid")
-        f.refuse_unless("norm_topk_prob", (True,), "LLaDA2 routing renormalises the chosen weights")
-        f.refuse_unless("moe_router_enable_expert_bias", (True,), "LLaDA2 routing uses an expert bias")
+        f = Fields(raw)
+        f.one_of("score_function", ("sigmoid",), "LLaDA2 routing is sigmoid")
+        f.one_of("norm_topk_prob", (True,), "LLaDA2 routing renormalises the chosen weights")
+        f.one_of("moe_router_enable_expert_bias", (True,), "LLaDA2 routing uses an expert bias")
         common = _common(f)
         heads = common["n_heads"]
         values = dict(
             common,
             n_kv_heads=f.int("num_key_value_heads", heads),
             head_dim=f.int("head_dim", common["hidden_size"] // heads),
-            partial_rotary_factor=f.float("partial_rotary_factor", 1.0),
+            partial_rotary_factor=f.float("partial_rotary_factor", 1.0, high=1),
             use_qk_norm=f.bool("use_qk_norm", True),
             dense_width=f.int("intermediate_size"),
             first_k_dense_replace=f.int("first_k_dense_replace", 0, low=0),
@@ -207,8 +158,6 @@ class LLaDA2Config(_MoEShape):
         )
         cfg = cls(**values)
         _check_common(cfg)
-        if cfg.partial_rotary_factor > 1:
-            raise ConfigError(f"config.json: partial_rotary_factor={cfg.partial_rotary_factor} exceeds 1")
         if cfg.first_k_dense_replace > cfg.n_layers:
             raise ConfigError(f"config.json: first_k_dense_replace={cfg.first_k_dense_replace} exceeds "
                               f"num_hidden_layers={cfg.n_layers}")
@@ -269,41 +218,30 @@ class LLaDAMoEConfig(_MoEShape):
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LLaDAMoEConfig":
-        f = _Fields(raw)
-        raw = f.raw
+        f = Fields(raw)
         common = _common(f)
-        n_layers = common["n_layers"]
-        freq = raw.get("moe_layer_freq")
-        if not isinstance(freq, list) or len(freq) != n_layers or \
-                not all(isinstance(x, int) and not isinstance(x, bool) for x in freq):
-            raise ConfigError(f"config.json: moe_layer_freq must be a list of {n_layers} integers "
-                              f"(0 = dense layer, otherwise MoE), got {freq!r}")
-        if raw.get("partial_rotary_factor") is None or raw["partial_rotary_factor"] == -1:
+        freq = f.int_list("moe_layer_freq", common["n_layers"], "0 = dense layer, otherwise MoE")
+        if f.value("partial_rotary_factor", -1) == -1:
             raise ConfigError("config.json: partial_rotary_factor must be set (the reference's "
                               "default -1 cannot run)")
-        clip = raw.get("clip_qkv")
-        if clip is not None:
-            clip = f.float("clip_qkv")
         values = dict(
             common,
             n_kv_heads=f.int("num_key_value_heads", common["n_heads"]),
-            partial_rotary_factor=f.float("partial_rotary_factor"),
+            partial_rotary_factor=f.float("partial_rotary_factor", high=1),
             qk_layernorm=f.bool("qk_layernorm", False),
             dense_width=f.int("dense_intermediate_size"),
             expert_width=f.int("expert_intermediate_size"),
             shared_width=f.int("shared_expert_intermediate_size", 0, low=0),
             num_experts=f.int("num_experts"),
             num_experts_per_tok=f.int("num_experts_per_tok"),
-            moe_layer_freq=tuple(freq),
+            moe_layer_freq=freq,
             attention_bias=f.bool("attention_bias", False),
-            clip_qkv=clip,
+            clip_qkv=f.float("clip_qkv", None),
             expert_bias=f.bool("moe_router_enable_expert_bias", False),
         )
         cfg = cls(**values)
         if cfg.hidden_size % cfg.n_heads:
             raise ConfigError(f"config.json: hidden_size={cfg.hidden_size} is not divisible by "
                               f"num_attention_heads={cfg.n_heads}")
-        if cfg.partial_rotary_factor > 1:
-            raise ConfigError(f"config.json: partial_rotary_factor={cfg.partial_rotary_factor} exceeds 1")
         _check_common(cfg)
         return cfg

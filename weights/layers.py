@@ -1,5 +1,6 @@
-"""What the three networks share: the packed layout and KV buffers, RMSNorm, rotary embeddings,
-grouped-query attention over the packed layout, the SwiGLU feed-forward and the packed-LM skeleton.
+"""The decoder every family is built on: the packed layout and KV buffers, RMSNorm, rotary
+embeddings, grouped-query attention over the packed layout, the SwiGLU feed-forward, the one
+transformer layer (`DecoderLayer`) and the network skeleton (`DecoderLM`).
 
 Every network maps packed token ids to logits. A forward writes its tokens' keys/values into
 `KVBuffers` at `layout.kv_index` and segment b attends to buffer rows
@@ -149,6 +150,10 @@ class Attention(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
 
+    def q_k_v(self, fused: torch.Tensor):
+        """The q, k and v rows of a fused weight or bias (views: writing them writes `fused`)."""
+        return fused.split([self.h * self.d, self.kh * self.d, self.kh * self.d], dim=0)
+
     def forward(self, x, cos, sin, layout: AttnLayout, k_buf, v_buf):
         t = x.shape[0]
         h, kh, d = self.h, self.kh, self.d
@@ -171,40 +176,68 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(2 * width, hidden))
         self.down = nn.Parameter(torch.empty(hidden, width))
 
+    def gate_up_down(self):
+        """The gate, up and down weights (gate and up as views of `gate_up`)."""
+        width = self.down.shape[1]
+        return self.gate_up[:width], self.gate_up[width:], self.down
+
     def forward(self, x):
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down)
 
 
-class PackedLM(nn.Module):
-    """The skeleton the networks share: embed, layers over the packed layout, final norm, LM head.
+class DecoderLayer(nn.Module):
+    """The one transformer layer of every family, pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
+    `mlp` is a `SwiGLU` or a `weights.moe.MoE`."""
 
-    Subclasses set `config`, `rotary`, and implement `embed(ids)`, `layer_list()` (modules called
-    as layer(x, cos, sin, layout, k_buf, v_buf)) and `head(x)` (final norm and LM head)."""
+    def __init__(self, hidden: int, eps: float, attn: Attention, mlp: nn.Module):
+        super().__init__()
+        self.eps = eps
+        self.attn_norm = nn.Parameter(torch.ones(hidden))
+        self.mlp_norm = nn.Parameter(torch.ones(hidden))
+        self.attn = attn
+        self.mlp = mlp
 
-    def embed(self, ids):
-        raise NotImplementedError
+    def forward(self, x, cos, sin, layout: AttnLayout, k_buf, v_buf):
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, layout, k_buf, v_buf)
+        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
 
-    def layer_list(self):
-        raise NotImplementedError
 
-    def head(self, x):
-        raise NotImplementedError
+class DecoderLM(nn.Module):
+    """Embedding ([embedding_size, hidden]), `DecoderLayer`s, final RMSNorm and LM head (tied to the
+    embedding when the config says so). Each family's network builds the layers and names its
+    checkpoint tensors (`checkpoint_tensors()`: name -> the parameter, or the view of a fused or
+    stacked one, that the tensor is loaded into)."""
+
+    def __init__(self, config, layers):
+        super().__init__()
+        self.config = config
+        d, rows = config.hidden_size, config.embedding_size
+        self.embedding = nn.Parameter(torch.empty(rows, d))
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.Parameter(torch.ones(d))
+        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(torch.empty(rows, d))
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rotary_dim)
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.embedding.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.embedding.dtype
+
+    def head(self, x):
+        """Final norm and LM head: hidden states [N, D] -> logits [N, embedding_size]."""
+        w = self.embedding if self.lm_head is None else self.lm_head
+        return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), w)
 
     def forward(self, ids, positions, layout: AttnLayout, kv: KVBuffers | None = None,
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [rows, embedding_size] for `logits_rows` of the packed tokens (all if None)."""
-        x = self.embed(ids)
+        x = F.embedding(ids, self.embedding)
         cos, sin = self.rotary.tables(positions, x.dtype)
-        for i, layer in enumerate(self.layer_list()):
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, layout,
                       kv.k[i] if kv is not None else None, kv.v[i] if kv is not None else None)
         if logits_rows is not None:
@@ -231,56 +264,15 @@ class PackedLM(nn.Module):
             return logits.view(b, n, -1)
         return list(torch.split(logits, lens))
 
-
-class DecoderLayer(nn.Module):
-    """Pre-norm layer of the MoE families: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, hidden: int, eps: float, attn: Attention, mlp: nn.Module):
-        super().__init__()
-        self.eps = eps
-        self.attn_norm = nn.Parameter(torch.ones(hidden))
-        self.mlp_norm = nn.Parameter(torch.ones(hidden))
-        self.attn = attn
-        self.mlp = mlp
-
-    def forward(self, x, cos, sin, layout: AttnLayout, k_buf, v_buf):
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, layout, k_buf, v_buf)
-        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
-
-
-class DecoderLM(PackedLM):
-    """Embedding, `DecoderLayer`s, final RMSNorm and LM head (tied to the embedding when the
-    config says so). Subclasses build the layers and name their checkpoint tensors."""
-
-    def __init__(self, config, layers):
-        super().__init__()
-        self.config = config
-        d = config.hidden_size
-        self.embedding = nn.Parameter(torch.empty(config.vocab_size, d))
-        self.layers = nn.ModuleList(layers)
-        self.norm = nn.Parameter(torch.ones(d))
-        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(torch.empty(config.vocab_size, d))
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rotary_dim)
-
-    def embed(self, ids):
-        return F.embedding(ids, self.embedding)
-
-    def layer_list(self):
-        return self.layers
-
-    def head(self, x):
-        w = self.embedding if self.lm_head is None else self.lm_head
-        return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), w)
-
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Checkpoint tensor name -> the parameter (or the slice of one) it is loaded into."""
+        """Checkpoint tensor name -> the parameter (or the view of one) it is loaded into."""
         raise NotImplementedError
 
     @staticmethod
     def swiglu_tensors(prefix: str, mlp: SwiGLU) -> dict[str, torch.Tensor]:
-        width = mlp.down.shape[1]
-        return {prefix + "gate_proj.weight": mlp.gate_up[:width], prefix + "up_proj.weight": mlp.gate_up[width:],
-                prefix + "down_proj.weight": mlp.down}
+        gate, up, down = mlp.gate_up_down()
+        return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up,
+                prefix + "down_proj.weight": down}
 
     def common_tensors(self, embedding: str) -> dict[str, torch.Tensor]:
         out = {embedding: self.embedding, "model.norm.weight": self.norm}

@@ -36,18 +36,17 @@ class LLaDAMoEModel(DecoderLM):
         super().__init__(config, [layer(i) for i in range(c.n_layers)])
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        c = self.config
-        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         out = self.common_tensors("model.embed_tokens.weight")
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             a = layer.attn
             out[p + "input_layernorm.weight"] = layer.attn_norm
             out[p + "post_attention_layernorm.weight"] = layer.mlp_norm
-            for kind, lo, hi in (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)):
-                out[p + f"self_attn.{kind}_proj.weight"] = a.qkv[lo:hi]
-                if a.qkv_bias is not None:
-                    out[p + f"self_attn.{kind}_proj.bias"] = a.qkv_bias[lo:hi]
+            biases = (None,) * 3 if a.qkv_bias is None else a.q_k_v(a.qkv_bias)
+            for kind, w, b in zip("qkv", a.q_k_v(a.qkv), biases):
+                out[p + f"self_attn.{kind}_proj.weight"] = w
+                if b is not None:
+                    out[p + f"self_attn.{kind}_proj.bias"] = b
             out[p + "self_attn.o_proj.weight"] = a.out
             if a.out_bias is not None:
                 out[p + "self_attn.o_proj.bias"] = a.out_bias
