@@ -8,11 +8,11 @@ import pytest
 
 from ckpt_factory import make_checkpoint, make_moe_checkpoint
 from sampler import conformance
-from sampler.batch import DiffusionBatch
 from sampler.generate import generate
 from sampler.params import ParamError, SamplingParams
 from sampler.reference import reference_generate
 from sampler.reference_llada2 import llada2_generate
+from sampler.strategies import make_batch, rows_needed
 from weights.checkpoint import load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
@@ -79,7 +79,7 @@ def test_batch_invariance_mixed_settings_joining_mid_schedule(other2):
     rnd = random.Random(1)
     reqs = [(_prompt(rnd, plen), SamplingParams(**kw)) for plen, kw in CASES]
     alone = [generate(other2, [p], sp)[0] for p, sp in reqs]
-    batch = DiffusionBatch(other2.model, other2.special, capacity_tokens=1024, max_requests=8)
+    batch = make_batch(other2.model, other2.special, capacity_tokens=1024, max_requests=8)
     joins = {0: [0, 1], 2: [2, 3], 5: [4], 9: [5, 6]}
     done, step = {}, 0
     while len(done) < len(reqs):
@@ -182,16 +182,16 @@ def test_block_diffusion_validation(kwargs, field):
                                          ("eos_early_stop", True), ("max_post_steps", 3)])
 def test_llada2_options_are_refused_on_other_models(tmp_path, field, value):
     bundle = load_checkpoint(make_checkpoint(tmp_path / "dense"), "cpu", "float32")
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=256, max_requests=2)
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=256, max_requests=2)
     with pytest.raises(ParamError) as e:
         batch.add(0, [1, 2, 3], SamplingParams(gen_length=8, **{field: value}))
     assert e.value.field == field
 
 
 def test_gen_length_need_not_be_a_multiple_of_the_block(other2):
-    batch = DiffusionBatch(other2.model, other2.special, capacity_tokens=64, max_requests=2)
+    batch = make_batch(other2.model, other2.special, capacity_tokens=64, max_requests=2)
     sp = SamplingParams(gen_length=13, block_length=8, steps=4)
-    assert DiffusionBatch.rows_needed(6, sp, block_diffusion=True) == 24  # 6 + 13 rounded up to 3 blocks
+    assert rows_needed(6, sp, block_diffusion=True) == 24  # 6 + 13 rounded up to 3 blocks
     batch.add("a", [1] * 6, sp)
     assert batch.rows_in_use == 24
 

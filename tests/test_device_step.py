@@ -13,8 +13,8 @@ import torch
 import kernel_testing  # noqa: F401  (Triton's interpreter when there is no GPU)
 from ckpt_factory import make_checkpoint
 from sampler import device_step as ds
-from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
+from sampler.strategies import make_batch, rows_needed
 from weights.checkpoint import load_checkpoint
 
 MODES = [
@@ -48,9 +48,9 @@ def model(tmp_path_factory):
 
 def _run(bundle, reqs, arrivals=None, pad=False, late=False, max_requests=None):
     """Drive one batch to completion: {index: (gen_ids, nfe, steps)}; arrivals[i] = step it joins."""
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows + 7,
-                           max_requests=max_requests or len(reqs), pad_to_buckets=pad)
+    rows = sum(rows_needed(len(p), sp) for p, sp in reqs)
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 7,
+                       max_requests=max_requests or len(reqs), pad_to_buckets=pad)
     arrivals = arrivals or [0] * len(reqs)
     order = sorted(range(len(reqs)), key=lambda i: arrivals[i])
     out, step_no = {}, 0
@@ -195,9 +195,9 @@ def test_the_cuda_step_reads_nothing_back(model, monkeypatch):
 
 
 def _events(bundle, reqs, pad):
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows + 7, max_requests=len(reqs),
-                           pad_to_buckets=pad)
+    rows = sum(rows_needed(len(p), sp) for p, sp in reqs)
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 7, max_requests=len(reqs),
+                       pad_to_buckets=pad)
     for i, r in enumerate(reqs):
         batch.add(i, *r)
     out = []
@@ -242,11 +242,11 @@ def test_cuda_graph_replay_matches_eager(model):
     reqs = []
     for extra in MODES:
         reqs += _requests(rnd, extra)
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
+    rows = sum(rows_needed(len(p), sp) for p, sp in reqs)
     outs = []
     for graphs in (False, True):
-        batch = DiffusionBatch(gpu.model, gpu.special, capacity_tokens=rows, max_requests=len(reqs),
-                               cuda_graphs=graphs)
+        batch = make_batch(gpu.model, gpu.special, capacity_tokens=rows, max_requests=len(reqs),
+                           cuda_graphs=graphs)
         for i, r in enumerate(reqs):
             batch.add(i, *r)
         res = {}

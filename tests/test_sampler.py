@@ -4,13 +4,15 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckpt_factory import make_checkpoint
 from sampler import conformance
-from sampler.batch import DiffusionBatch
 from sampler.generate import cut_answer, generate
 from sampler.params import ParamError, SamplingParams
-from sampler.reference import reference_generate, schedule
+from sampler.reference import reference_generate
+from sampler.rules import quota, quota_at
+from sampler.strategies import make_batch
 from weights.checkpoint import load_checkpoint
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-llada"
@@ -53,9 +55,20 @@ def test_conformance_reports_a_mismatch(tmp_path, capsys):
 
 
 def test_schedule_is_linear():
-    assert schedule(10, 4) == [3, 3, 2, 2]
-    assert schedule(8, 8) == [1] * 8
-    assert sum(schedule(37, 5)) == 37
+    assert quota(10, 4) == [3, 3, 2, 2]
+    assert quota(8, 8) == [1] * 8
+    assert sum(quota(37, 5)) == 37
+
+
+def test_the_device_applies_the_same_quota_rule():
+    """The device step evaluates `quota_at` on tensors, one request per element: the same counts
+    as the host's (and the oracles') schedule."""
+    masked = torch.tensor([10, 10, 10, 10, 37, 0, 7])
+    steps = torch.tensor([4, 4, 4, 4, 5, 3, 7])
+    step = torch.tensor([0, 1, 2, 3, 4, 2, 6])
+    want = [quota(int(m), int(s))[int(i)] for m, s, i in zip(masked, steps, step)]
+    got = quota_at(masked, steps, step)
+    assert got.dtype == torch.int64 and got.tolist() == want
 
 
 MODES = [
@@ -117,7 +130,7 @@ def test_continuous_admission_does_not_change_results(golden):
     rnd = random.Random(7)
     reqs = _mixed_requests(rnd, 290)
     alone = [generate(golden, [p], sp)[0].gen_ids for p, sp in reqs]
-    batch = DiffusionBatch(golden.model, golden.special, capacity_tokens=2048, max_requests=4)
+    batch = make_batch(golden.model, golden.special, capacity_tokens=2048, max_requests=4)
     pending = list(enumerate(reqs))
     done = {}
     while pending or len(batch):
@@ -202,7 +215,7 @@ def test_canvas_over_max_sequence_length_names_the_numbers(golden):
     with pytest.raises(ParamError) as e:
         SamplingParams(gen_length=500, steps=500).validate(prompt_len=20, max_sequence_length=512)
     assert "520" in str(e.value) and "512" in str(e.value)
-    batch = DiffusionBatch(golden.model, golden.special, capacity_tokens=4096, max_requests=2)
+    batch = make_batch(golden.model, golden.special, capacity_tokens=4096, max_requests=2)
     with pytest.raises(ParamError):
         batch.add("x", [1] * 20, SamplingParams(gen_length=500, steps=500))
     with pytest.raises(ParamError, match="outside the vocabulary"):
@@ -211,7 +224,7 @@ def test_canvas_over_max_sequence_length_names_the_numbers(golden):
 
 
 def test_capacity_is_respected_and_freed(golden):
-    batch = DiffusionBatch(golden.model, golden.special, capacity_tokens=64, max_requests=4)
+    batch = make_batch(golden.model, golden.special, capacity_tokens=64, max_requests=4)
     sp = SamplingParams(gen_length=16)
     assert batch.can_admit(10, sp)
     batch.add("a", [1] * 10, sp)
