@@ -25,8 +25,8 @@ conf = its softmax probability; comparisons with the thresholds are strict):
   forwards, ending early at the first forward that edits nothing. `eos_early_stop`: after a block,
   an EOS in the generated span ends the request.
 
-Candidates are drawn as in the LLaDA step (temperature, seed, EOS ban, mask-id re-draw, deferred
-stops). The result is the generated span cut after its first EOS (EOS included),
+Candidates are drawn as in the LLaDA step (`sampler.candidates`: temperature, seed, EOS ban, mask-id
+re-draw, deferred stops). The result is the generated span cut after its first EOS (EOS included),
 as the reference returns it (`rules.cut_after_eos`). NFE counts forwards (one per step). Positions
 decoded past gen_length (the last block's overhang) influence the others but are not reported.
 The step is planned on the host and synchronous: the next step depends on this one's edits.
@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.selection import sample_candidates, transfer_mask
+from kernels.selection import transfer_mask
+from sampler import candidates as cd
 from sampler.batch import Batch
 from sampler.events import StepEvent
 from sampler.params import ParamError, SamplingParams
@@ -196,7 +197,13 @@ class BlockDiffusionBatch(Batch):
         params = [r.params for r in reqs]
         tok = self.tokens.index_select(0, rows.canvas_idx)
         is_mask = tok == self.mask_id
-        x0, conf = self._draw(reqs, logits, per_row, rows.position.to(dev))
+        d = cd.draw(logits, per_row([float(p.temperature) for p in params], torch.float32),
+                    per_row([p.seed or 0 for p in params], torch.int64),
+                    per_row([r.steps for r in reqs], torch.int64), rows.position.to(dev),
+                    per_row([bool(p.ban_eos) for p in params], torch.bool), self.eos_id, self.mask_id)
+        x0 = d.x0
+        conf = cd.defer_stops(d.conf, x0, per_row([bool(p.defer_eos) for p in params], torch.bool),
+                              self.stop_ids_d)
         row_req_d = rows.row_req.to(dev)
         above = is_mask & (conf > per_row([p.threshold for p in params], torch.float32))
         n_above = torch.zeros(len(reqs), dtype=torch.int64, device=dev).index_add_(0, row_req_d, above.long())
@@ -209,35 +216,6 @@ class BlockDiffusionBatch(Batch):
         prompt = per_row([r.prompt_len for r in reqs], torch.int64) > rows.position.to(dev)
         edited = ~is_mask & ~prompt & (x0 != tok) & (conf > ethr)
         return x0, conf, chosen, edited, is_mask
-
-    def _draw(self, reqs, logits, per_row, pos_d):
-        """(x0, conf) per logits row with the request's temperature, seed, step nonce and EOS ban; a
-        mask-id candidate drawn again with the mask id banned; deferred stops ranked last."""
-        params = [r.params for r in reqs]
-        ban = per_row([bool(p.ban_eos) for p in params], torch.bool)
-        seed = per_row([p.seed or 0 for p in params], torch.int64)
-        nonce = per_row([r.steps for r in reqs], torch.int64)
-        temp = per_row([float(p.temperature) for p in params], torch.float32)
-        ban_rows = ban if bool(ban.any()) else None
-
-        def draw(lg, rows=None):
-            sel = (lambda t: t) if rows is None else (lambda t: t[rows])
-            extra = dict(ban_ids=[self.eos_id], ban_rows=sel(ban_rows)) if ban_rows is not None else {}
-            return sample_candidates(lg, sel(temp), sel(seed), sel(nonce), sel(pos_d), **extra)
-
-        x0, conf = draw(logits)
-        rows = (x0 == self.mask_id).nonzero().squeeze(1)
-        if len(rows):
-            sub = logits.index_select(0, rows)
-            sub[:, self.mask_id] = float("-inf")
-            x0b, confb = draw(sub, rows)
-            x0 = x0.index_copy(0, rows, x0b)
-            conf = conf.index_copy(0, rows, confb.to(conf.dtype))
-        defer = per_row([bool(p.defer_eos) for p in params], torch.bool)
-        if bool(defer.any()) and self.stop_ids:
-            stop = torch.isin(x0, self.stop_ids_d)
-            conf = torch.where(defer & stop, torch.full_like(conf, -1.0), conf)
-        return x0, conf
 
     def _events(self, reqs, rows: _Rows, x0, conf, chosen, edited, is_mask) -> list[StepEvent]:
         chosen_h, edited_h, mask_h = chosen.cpu(), edited.cpu(), is_mask.cpu()

@@ -1,7 +1,7 @@
 """The LLaDA step for a batch of requests, each at its own point in its own schedule.
 
-Per-request state lives on the device, one int64 and one float64 row per slot (columns named in
-`sampler.device_step`), beside the token buffer that holds every canvas; `sampler.device_step` runs
+Per-request state lives on the device, one int64 and one float64 row per slot (fields named in
+`sampler.step_state`), beside the token buffer that holds every canvas; `sampler.device_step` runs
 the step from them with shapes fixed per bucket and no read back to the host. The host keeps only
 what it needs to choose the next step's shapes: each request's static fields and the (block index,
 step in block) it expects next. With the s/t schedule that expectation is exact; with threshold
@@ -23,7 +23,6 @@ Fresh keys/values are always written to the buffers first, so the three modes ar
 from __future__ import annotations
 
 import time
-from collections import namedtuple
 from dataclasses import dataclass, field
 
 import torch
@@ -33,9 +32,7 @@ from sampler.batch import Batch
 from sampler.cuda_graphs import StepGraphs
 from sampler.events import StepEvent
 from sampler.params import SamplingParams
-
-MODE = {"none": ds.MODE_NONE, "prefix": ds.MODE_PREFIX, "dual": ds.MODE_DUAL}
-_RequestOut = namedtuple("_RequestOut", "active steps_done nfe unmasked block_done finished")
+from sampler.step_state import CACHE_MODE, INT, N_FLT, N_INT, ReadBack, RequestOut, pack_slot
 
 
 @dataclass
@@ -82,10 +79,9 @@ class _Launched:
 
     rows: list            # (request, planned block index, planned step, predicted next) per request row
     row_start: list       # first logit row of each request row
-    n_rows: int           # logit rows of the bucket
-    results: torch.Tensor  # the step's results on the host (pinned on CUDA), see device_step
+    layout: ReadBack      # the sections of `results`
+    results: torch.Tensor  # the step's results on the host (pinned on CUDA)
     done: object          # CUDA event recorded after the copy (None on the CPU)
-    logprobs: bool = False  # the results carry log-probabilities (see device_step.unpack_outputs)
 
 
 class LLaDABatch(Batch):
@@ -95,12 +91,12 @@ class LLaDABatch(Batch):
                  cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None):
         super().__init__(model, special, capacity_tokens, max_requests)
         dev = self.device
-        # Per-slot state on the device (columns in sampler.device_step); the last slot is the dummy
-        # padding rows point at: its region is the scratch row.
+        # Per-slot state on the device (sampler.step_state); the last slot is the dummy padding
+        # rows point at: its region is the scratch row.
         self.dummy_slot = max_requests
-        self.state = torch.zeros((max_requests + 1, ds.N_INT), dtype=torch.int64, device=dev)
-        self.state[self.dummy_slot, ds.OFF] = capacity_tokens
-        self.fstate = torch.zeros((max_requests + 1, ds.N_FLT), dtype=torch.float64, device=dev)
+        self.state = torch.zeros((max_requests + 1, N_INT), dtype=torch.int64, device=dev)
+        self.state[self.dummy_slot, INT.offset] = capacity_tokens
+        self.fstate = torch.zeros((max_requests + 1, N_FLT), dtype=torch.float64, device=dev)
         self.pinned = dev.type == "cuda"
         # Padded bucket shapes let CUDA graphs be reused; on the CPU they would only cost.
         self.pad_to_buckets = dev.type == "cuda" if pad_to_buckets is None else pad_to_buckets
@@ -117,24 +113,9 @@ class LLaDABatch(Batch):
 
     def _start(self, rid, slot, off, rows, prompt_ids, span, suffix_ids, params, masks) -> _Request:
         p = len(prompt_ids)
-        req = _Request(rid, slot, off, rows, params, p, MODE[params.cache], canvas=list(span),
+        req = _Request(rid, slot, off, rows, params, p, CACHE_MODE[params.cache], canvas=list(span),
                        suffix_len=len(suffix_ids), masks=masks)
-        ints = [0] * ds.N_INT
-        ints[ds.OFF], ints[ds.PLEN], ints[ds.LEN], ints[ds.GEN] = off, p, req.length, params.gen_length
-        ints[ds.BLEN], ints[ds.NBLK] = params.block, params.blocks
-        ints[ds.SPB] = 0 if params.threshold is not None else params.steps_per_block
-        ints[ds.MODE] = req.mode
-        ints[ds.SEED] = params.seed if params.seed is not None else 0
-        ints[ds.CFG] = int(params.cfg_scale > 0)
-        ints[ds.RND] = int(params.remasking == "random")
-        ints[ds.BAN], ints[ds.DEFER] = int(bool(params.ban_eos)), int(bool(params.defer_eos))
-        ints[ds.TOPK] = params.top_k
-        ints[ds.NLP] = -1 if params.logprobs is None else params.logprobs
-        floats = [0.0] * ds.N_FLT
-        floats[ds.TOPP], floats[ds.MINP] = float(params.top_p), float(params.min_p)
-        floats[ds.TEMP] = float(params.temperature)
-        floats[ds.THR] = float(params.threshold) if params.threshold is not None else 0.0
-        floats[ds.CFGS] = float(params.cfg_scale)
+        ints, floats = pack_slot(params, off, p, req.length)
         # One staged copy each for the canvas and the state rows, queued behind any step in flight.
         canvas = torch.tensor(prompt_ids + span + suffix_ids, dtype=torch.int64)
         srow = torch.tensor(ints, dtype=torch.int64)
@@ -226,7 +207,7 @@ class LLaDABatch(Batch):
         else:
             host = out.clone()
         self.host_seconds += time.perf_counter() - t0
-        return _Launched(rows, row_start, bucket.rows, host, done, bucket.logprobs)
+        return _Launched(rows, row_start, ReadBack.of(bucket), host, done)
 
     def collect(self, launched: _Launched | None) -> list[StepEvent]:
         """Wait for a launched step's results and turn them into events (requests removed since
@@ -236,13 +217,10 @@ class LLaDABatch(Batch):
         if launched.done is not None:
             launched.done.synchronize()
         t0 = time.perf_counter()
-        ints, conf, reqs, lp = ds.unpack_outputs(launched.results, launched.n_rows, launched.logprobs)
-        out = dict(rows=ints, conf=conf)
-        if lp is not None:
-            out.update(token_logprob=lp[0], top_ids=lp[1], top_logprobs=lp[2])
+        out = launched.layout.unpack(launched.results)
         events = []
         for j, (req, block_index, step_in_block, predicted) in enumerate(launched.rows):
-            rq = _RequestOut(*(int(v) for v in reqs[j]))
+            rq = RequestOut(*(int(v) for v in out["requests"][j]))
             if not rq.active or self.requests.get(req.rid) is not req:
                 continue
             actual = req.advance(block_index, step_in_block, bool(rq.block_done))
@@ -252,7 +230,7 @@ class LLaDABatch(Batch):
         self.host_seconds += time.perf_counter() - t0
         return events
 
-    def _event(self, req: _Request, block_index: int, rq, out: dict, r0: int) -> StepEvent:
+    def _event(self, req: _Request, block_index: int, rq: RequestOut, out: dict, r0: int) -> StepEvent:
         seg = out["rows"][r0:r0 + req.params.block]
         picked = seg[:, 0].nonzero()[0]
         positions = seg[picked, 2].tolist()
