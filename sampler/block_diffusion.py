@@ -197,10 +197,11 @@ class BlockDiffusionBatch(Batch):
         params = [r.params for r in reqs]
         tok = self.tokens.index_select(0, rows.canvas_idx)
         is_mask = tok == self.mask_id
+        ban = per_row([bool(p.ban_eos) for p in params], torch.bool) if any(p.ban_eos for p in params) else None
         d = cd.draw(logits, per_row([float(p.temperature) for p in params], torch.float32),
                     per_row([p.seed or 0 for p in params], torch.int64),
-                    per_row([r.steps for r in reqs], torch.int64), rows.position.to(dev),
-                    per_row([bool(p.ban_eos) for p in params], torch.bool), self.eos_id, self.mask_id)
+                    per_row([r.steps for r in reqs], torch.int64), rows.position.to(dev), ban,
+                    self.eos_id, self.mask_id)
         x0 = d.x0
         conf = cd.defer_stops(d.conf, x0, per_row([bool(p.defer_eos) for p in params], torch.bool),
                               self.stop_ids_d)

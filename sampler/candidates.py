@@ -32,22 +32,23 @@ class Draw:
 def draw(logits, temp, seed, nonce, position, ban, eos_id: int, mask_id: int, filters=None,
          dynamic: bool = True, keep_dist: bool = False) -> Draw:
     """Candidates of `logits` [N, V] (modified in place when the re-draw runs). `ban`: bool [N],
-    the rows whose EOS is banned; `filters`: RowFilters or None. `keep_dist`: also return the
+    the rows whose EOS is banned, or None (no row); `filters`: RowFilters or None (needs `ban`). `keep_dist`: also return the
     distribution each row drew from (EOS ban aside), for its log-probabilities."""
-    eos_col = torch.arange(logits.shape[1], device=logits.device) == eos_id
+    ban_ids = None if ban is None else [eos_id]
     if filters is not None:  # the filtered rows' logits restricted, the EOS ban decided first
+        eos_col = torch.arange(logits.shape[1], device=logits.device) == eos_id
         dist = apply_filters(logits, temp, filters, (ban, eos_col))
     else:
         dist = logits
         if keep_dist:
             mask_logit = logits[:, mask_id].clone()  # the re-draw below bans it in place
-    x0, conf = sample_candidates(dist, temp, seed, nonce, position, ban_ids=[eos_id], ban_rows=ban)
+    x0, conf = sample_candidates(dist, temp, seed, nonce, position, ban_ids=ban_ids, ban_rows=ban)
     redo = x0 == mask_id
     redrawn = not dynamic or bool(redo.any())
     if redrawn:
         logits[:, mask_id] = float("-inf")
         dist_b = apply_filters(logits, temp, filters, (ban, eos_col)) if filters is not None else logits
-        x0b, confb = sample_candidates(dist_b, temp, seed, nonce, position, ban_ids=[eos_id],
+        x0b, confb = sample_candidates(dist_b, temp, seed, nonce, position, ban_ids=ban_ids,
                                        ban_rows=ban)
         x0 = torch.where(redo, x0b, x0)
         conf = torch.where(redo, confb.to(conf.dtype), conf)
