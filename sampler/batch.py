@@ -20,6 +20,8 @@ Every request owns one slot (< max_requests) and one contiguous region of the `C
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from sampler.events import StepEvent
@@ -31,7 +33,7 @@ class CapacityError(RuntimeError):
     """The request can never fit this batch's buffers."""
 
 
-class Batch:
+class Batch(ABC):
     """Running requests of one model and their canvases; subclasses implement one strategy."""
 
     block_diffusion = False  # the strategy's parameter meanings (SamplingParams.validate)
@@ -63,8 +65,9 @@ class Batch:
 
     # ---------------------------------------------------------------- admission
     @staticmethod
+    @abstractmethod
     def rows_needed(prompt_len: int, params: SamplingParams) -> int:
-        raise NotImplementedError
+        """Canvas rows a request with this context length (prompt and suffix) would hold."""
 
     def can_admit(self, prompt_len: int, params: SamplingParams) -> bool:
         return bool(self.free_slots) and self.store.regions.fits(self.rows_needed(prompt_len, params))
@@ -105,10 +108,10 @@ class Batch:
         slot = self.free_slots.pop()
         self.requests[rid] = self._start(rid, slot, off, rows, prompt_ids, span, suffix_ids, params, masks)
 
+    @abstractmethod
     def _start(self, rid, slot, off, rows, prompt_ids, span, suffix_ids, params, masks):
         """The strategy's record of a request just given `slot` and rows [off, off + rows), its
         canvas written to the token buffer."""
-        raise NotImplementedError
 
     def remove(self, rid) -> None:
         req = self.requests.pop(rid, None)
@@ -125,17 +128,17 @@ class Batch:
         return self.store.regions.used
 
     # ---------------------------------------------------------------- the step
+    @abstractmethod
     def canvas(self, rid) -> list[int]:
         """The request's generated span as the host has seen it (mask ids where still masked)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def planned_query_tokens(self) -> int:
         """Query tokens the next step's forward processes, padding excluded (benchmarks)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self) -> list[StepEvent]:
         """One step for every running request, its events read at once."""
-        raise NotImplementedError
 
     def step_async(self) -> list[StepEvent]:
         """Launch the next step and return the events of the one launched before it (a strategy

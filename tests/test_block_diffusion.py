@@ -196,6 +196,30 @@ def test_gen_length_need_not_be_a_multiple_of_the_block(other2):
     assert batch.rows_in_use == 24
 
 
+def test_the_strategy_follows_the_config(other2, tmp_path):
+    """make_batch picks the class from config.block_diffusion; both honour the same interface."""
+    from sampler.batch import Batch
+    from sampler.block_diffusion import BlockDiffusionBatch
+    from sampler.llada_batch import LLaDABatch
+    dense = load_checkpoint(make_checkpoint(tmp_path / "dense"), "cpu", "float32")
+    sp = SamplingParams(gen_length=8, block_length=8, steps=8)
+    for bundle, cls in ((other2, BlockDiffusionBatch), (dense, LLaDABatch)):
+        batch = make_batch(bundle.model, bundle.special, capacity_tokens=64, max_requests=2)
+        assert type(batch) is cls and isinstance(batch, Batch)
+        assert batch.rows_needed(5, sp) == rows_needed(5, sp, cls is BlockDiffusionBatch)
+        batch.add("r", [1, 2, 3, 4, 5], sp)
+        first = batch.step_async()  # LLaDA: launched, read with the next call; LLaDA2.x: at once
+        assert batch.in_flight == (not first) == (cls is LLaDABatch)
+        batch.discard()  # a failed step's results are forgotten
+        assert not batch.in_flight
+        events = list(first)
+        while not (events and events[-1].finished):
+            events += batch.step()
+        assert events[-1].gen_ids == batch.canvas("r")[:len(events[-1].gen_ids)]
+        batch.remove("r")
+        assert len(batch) == 0 and batch.rows_in_use == 0
+
+
 def test_engine_serves_block_diffusion_and_early_completion_keeps_the_answer(other2):
     """Through the engine thread: staggered LLaDA2.0/2.1 requests give what generate() gives;
     leaving early once the answer is final (finished blocks only, under editing) changes nothing."""
