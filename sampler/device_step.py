@@ -19,7 +19,7 @@ The stages (`device_step` calls them in this order):
   gather     the plan's slots' state rows, named (`Requests`)
   layout     packed queries and the attention layout; the logit rows (`Layout`)
   forward    the network over the packed tokens, classifier-free guidance on the CFG rows
-  candidates per logit row its candidate and confidence (`sampler.candidates`: EOS ban, filters,
+  candidates per logit row its candidate and confidence (EOS bias; `sampler.candidates`: EOS ban, filters,
              mask-id re-draw, deferred stops), random remasking, log-probabilities when asked
   transfer   per request the schedule's quota or the threshold rule (`transfer_mask`)
   commit     chosen tokens written, state advanced, the read-back buffer packed (`ReadBack`)
@@ -236,6 +236,8 @@ def candidates(logits, lay: Layout, rq: Requests, bucket: Bucket, tokens, mask_i
     ri, rf = lay.ri, lay.rf
     cand = (tokens.index_select(0, lay.canvas_idx) == mask_id) & lay.row_real & rq.active[lay.row_req]
     ban, seed, nonce = ri.ban_eos.bool(), ri.seed, ri.steps_done
+    if not dynamic or bool((rf.eos_bias != 0).any()):  # in place: the logits are this step's own
+        logits[:, eos_id] += rf.eos_bias.to(logits.dtype)
     filters = RowFilters(ri.top_k, rf.top_p, rf.min_p) if bucket.filters else None
     d = cd.draw(logits, rf.temperature.to(torch.float32), seed, nonce, lay.position, ban, eos_id,
                 mask_id, filters, dynamic, keep_dist=bucket.logprobs)

@@ -110,7 +110,8 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
 
 def guided_logits(model, x, params: SamplingParams, p: int, g: int, mask_id: int):
     """float64 logits of the canvas `x` (prompt p, span g): with CFG u + (s + 1) * (c - u), the
-    unconditional canvas with prompt and suffix masked; EOS at -inf with ban_eos."""
+    unconditional canvas with prompt and suffix masked; eos_bias added to EOS; EOS at -inf with
+    ban_eos."""
     logits = model.full_logits(x.unsqueeze(0))[0].to(torch.float64)
     if params.cfg_scale > 0:
         un = x.clone()
@@ -119,6 +120,7 @@ def guided_logits(model, x, params: SamplingParams, p: int, g: int, mask_id: int
         u = model.full_logits(un.unsqueeze(0))[0].to(torch.float64)
         c = logits
         logits = u + (params.cfg_scale + 1) * (c - u)
+    logits[:, model.config.eos_token_id] += params.eos_bias
     if params.ban_eos:
         logits[:, model.config.eos_token_id] = float("-inf")
     return logits

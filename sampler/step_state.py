@@ -56,6 +56,7 @@ class SlotFloats(NamedTuple):
     cfg_scale: Any
     top_p: Any
     min_p: Any
+    eos_bias: Any         # added to the EOS logit
 
 
 N_INT, N_FLT = len(SlotInts._fields), len(SlotFloats._fields)
@@ -77,7 +78,8 @@ def pack_slot(params, offset: int, prompt_len: int, length: int) -> tuple[SlotIn
     floats = SlotFloats(
         temperature=float(params.temperature),
         threshold=float(params.threshold) if params.threshold is not None else 0.0,
-        cfg_scale=float(params.cfg_scale), top_p=float(params.top_p), min_p=float(params.min_p))
+        cfg_scale=float(params.cfg_scale), top_p=float(params.top_p), min_p=float(params.min_p),
+        eos_bias=float(params.eos_bias))
     return ints, floats
 
 

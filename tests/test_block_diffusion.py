@@ -170,6 +170,7 @@ def test_finished_blocks_are_computed_once(other2):
     (dict(editing_threshold=1.5), "editing_threshold"), (dict(threshold=-0.1), "threshold"),
     (dict(max_post_steps=-1), "max_post_steps"), (dict(num_to_transfer=0), "num_to_transfer"),
     (dict(eos_early_stop="yes"), "eos_early_stop"), (dict(block_length=0), "block_length"),
+    (dict(eos_bias=-1.0), "eos_bias"),
 ])
 def test_block_diffusion_validation(kwargs, field):
     sp = SamplingParams(gen_length=32, **kwargs).for_block_diffusion()

@@ -32,6 +32,7 @@ MODES = [
     dict(temperature=0.5, seed=9, threshold=0.2, cache="dual"),
     dict(ban_eos=True, cache="dual"),
     dict(defer_eos=True),
+    dict(eos_bias=-1.5, cache="dual"),
 ]
 
 

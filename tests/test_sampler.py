@@ -1,6 +1,7 @@
 """The diffusion samplers: golden conformance, the reference oracle, batch invariance, seeds."""
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,8 @@ MODES = [
     dict(temperature=0.5, seed=9, threshold=0.2),
     dict(ban_eos=True),
     dict(defer_eos=True),
+    dict(eos_bias=-2.5),
+    dict(eos_bias=4.0, cfg_scale=1.0, temperature=0.6, seed=2),
 ]
 
 
@@ -182,6 +185,17 @@ def test_ban_eos_never_emits_eos(golden):
         assert 301 not in generate(golden, [p], sp)[0].gen_ids
 
 
+def test_eos_bias_moves_eos_both_ways(golden):
+    """A bias far below every logit gap keeps EOS out like ban_eos; far above, every position
+    takes EOS; at 0 the ids are those of the plain request."""
+    sp = SamplingParams(gen_length=16, block_length=8, steps=16)
+    for p in ([1], [250, 251, 252]):
+        plain = generate(golden, [p], sp)[0].gen_ids
+        assert generate(golden, [p], replace(sp, eos_bias=0.0))[0].gen_ids == plain
+        assert 301 not in generate(golden, [p], replace(sp, eos_bias=-100.0))[0].gen_ids
+        assert generate(golden, [p], replace(sp, eos_bias=100.0))[0].gen_ids == [301] * 16
+
+
 def test_cut_answer():
     assert cut_answer([5, 6, 301, 7], [301, 302]) == [5, 6]
     assert cut_answer([5, 6], [301]) == [5, 6]
@@ -202,6 +216,9 @@ def test_cut_answer():
     (dict(gen_length=16, remasking="sometimes"), "remasking"),
     (dict(gen_length=16, cache="paged"), "cache"),
     (dict(gen_length=16, seed=-1), "seed"),
+    (dict(gen_length=16, eos_bias=float("nan")), "eos_bias"),
+    (dict(gen_length=16, eos_bias=-101), "eos_bias"),
+    (dict(gen_length=16, eos_bias="1"), "eos_bias"),
     (dict(gen_length=16, block_length=True), "block_length"),
 ])
 def test_validation_errors(kwargs, field):
