@@ -6,7 +6,7 @@
     python -m bench.bench_engine --shape llada2-mini  # CUDA: LLaDA2-mini's shape (16B MoE), block diffusion
     python -m bench.bench_engine --shape llada-moe    # CUDA: LLaDA-MoE-7B-A1B's shape, the LLaDA sampler
 
-Every configuration runs through DiffusionBatch, the step the server's engine calls (no HTTP),
+Every configuration runs through `make_batch`'s batch, the step the server's engine calls (no HTTP),
 and the baseline (sampler.reference: full recompute every step, eager, float64 softmax, per-row
 top-k loop, one request at a time) runs in the same process. The table gives tokens/s, ms per
 forward, forwards per token, peak GPU memory, the ratio to the baseline and to the roofline
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
 from sampler.reference import reference_generate
 from sampler.reference_llada2 import llada2_generate
+from sampler.strategies import make_batch, rows_needed
 from weights.checkpoint import SpecialIds, build_network, load_checkpoint, pick_cpu_threads
 from weights.config_llada import LLaDAConfig
 from weights.family import config_from_dict
@@ -146,15 +146,15 @@ class Result:
 
 
 def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pipelined=None) -> Result:
-    """Run (prompt, params) pairs through one DiffusionBatch; arrivals[i] = step at which i joins.
+    """Run (prompt, params) pairs through one batch; arrivals[i] = step at which i joins.
 
     On CUDA the run goes twice through the same batch and the second is timed: the first captures
     the CUDA graphs of the buckets it meets (capture is a start-up cost, not a per-step one)."""
     dev = bundle.model.device
     blocks = bool(bundle.config.block_diffusion)
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp, blocks) for p, sp in reqs)
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows,
-                           max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs)
+    rows = sum(rows_needed(len(p), sp, blocks) for p, sp in reqs)
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows,
+                       max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs)
     pipelined = dev.type == "cuda" if pipelined is None else pipelined
     if dev.type == "cuda":
         _drive(batch, reqs, arrivals, pipelined)

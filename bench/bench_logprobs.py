@@ -6,7 +6,7 @@ for neither pay nothing for them.
     python -m bench.bench_logprobs --device cuda   # GPU: bf16, the 8B vocabulary (126,464), d_model 1024
 
 One process, one random model, the same 16 requests (prompt 32, one block of 32, 32 steps) through
-DiffusionBatch.step, the median over steps of the same step index, in these configurations:
+the batch's step (`LLaDABatch.launch` + `collect`), the median over steps of the same step index, in these configurations:
 
 - baseline: no request asks for logprobs or filters (the step's bucket has neither);
 - the same requests with `logprobs=None` spelled out and filters at their neutral values (top_k 0,
@@ -31,8 +31,8 @@ import time
 import torch
 
 from bench.bench_engine import Bundle
-from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
+from sampler.strategies import make_batch
 from weights.checkpoint import SpecialIds
 from weights.config_llada import LLaDAConfig
 from weights.model_llada import LLaDAModel
@@ -57,8 +57,8 @@ def build(vocab: int, d_model: int, device: str = "cpu", dtype=torch.float32) ->
 def run(bundle, params: list[SamplingParams], prompt_len: int, steps: int) -> tuple[float, int]:
     """(median ms per step, bytes read back per step) for one batch of requests."""
     gen = torch.Generator().manual_seed(1)
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=len(params) * 128,
-                           max_requests=len(params))
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=len(params) * 128,
+                       max_requests=len(params))
     vocab = bundle.config.vocab_size - 10
     for i, sp in enumerate(params):
         batch.add(i, torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), sp)

@@ -23,20 +23,20 @@ import time
 import torch
 
 from bench.bench_engine import SHAPES, build_random, sync
-from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
+from sampler.strategies import make_batch, rows_needed
 
 
 def _batch_for(bundle, n, mode, P, G, B, rnd, graphs=None):
     vocab = min(bundle.config.vocab_size, bundle.config.mask_token_id)
     reqs = [([rnd.randrange(0, vocab) for _ in range(P)],
              SamplingParams(gen_length=G, block_length=B, cache=mode)) for _ in range(n)]
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
+    rows = sum(rows_needed(len(p), sp) for p, sp in reqs)
     try:
-        batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows,
-                               max_requests=max(n, 1), cuda_graphs=graphs)
+        batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows,
+                           max_requests=max(n, 1), cuda_graphs=graphs)
     except TypeError:  # an older engine (the "before" run): no graphs to choose
-        batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows, max_requests=max(n, 1))
+        batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows, max_requests=max(n, 1))
     for i, (p, sp) in enumerate(reqs):
         batch.add(i, p, sp)
     return batch

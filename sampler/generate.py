@@ -1,11 +1,12 @@
-"""Run requests through a DiffusionBatch to completion (CLI, conformance, evaluation, tests)."""
+"""Run requests through a batch of the model's strategy to completion (CLI, conformance, evaluation, tests)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sampler.batch import DiffusionBatch, StepEvent
+from sampler.events import StepEvent
 from sampler.params import SamplingParams
+from sampler.strategies import is_block_diffusion, make_batch, rows_needed
 
 
 @dataclass
@@ -29,11 +30,11 @@ def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, 
         params = [params] * len(prompts)
     if len(params) != len(prompts):
         raise ValueError("one SamplingParams per prompt, or a single one for all")
-    blocks = bool(getattr(bundle.model.config, "block_diffusion", False))
-    rows = sum(DiffusionBatch.rows_needed(len(p) + len(x), sp, blocks)
+    blocks = is_block_diffusion(bundle.model.config)
+    rows = sum(rows_needed(len(p) + len(x), sp, blocks)
                for p, sp, x in zip(prompts, params, suffixes))
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=max(rows, 1),
-                           max_requests=max(len(prompts), 1))
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=max(rows, 1),
+                       max_requests=max(len(prompts), 1))
     for i, (p, sp) in enumerate(zip(prompts, params)):
         batch.add(i, p, sp, suffix_ids=suffixes[i], span_ids=spans[i])
     results: dict[int, Generation] = {}

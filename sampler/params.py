@@ -22,6 +22,7 @@ MIN_THRESHOLD = 2.0**-126   # float32's smallest normal number (GPUs may flush s
 MAX_TEMPERATURE = 100.0     # Gumbel noise scaled by it stays finite in float32; at 100 the draw is
                             # already near uniform over the vocabulary
 MAX_CFG_SCALE = 100.0       # (scale + 1) * (cond - uncond) stays finite even in float16 logits
+MAX_EOS_BIAS = 100.0        # |eos_bias|: far beyond any logit gap, finite in float16
 
 
 def as_float32(x: float) -> float:
@@ -46,7 +47,9 @@ class SamplingParams:
 
     block_length None means one block (pure diffusion); steps None means one token per step.
     threshold set means confidence-threshold parallel decoding (the step count no longer matters).
-    ban_eos sets the EOS logit to -inf; defer_eos ranks EOS/EoT candidates below every other one.
+    ban_eos sets the EOS logit to -inf; defer_eos ranks EOS/EoT candidates below every other one;
+    eos_bias is added to the EOS logit (after guidance, before filters and the draw): negative
+    values make EOS less likely without banning it, positive more likely.
     top_k / top_p / min_p restrict the candidate distribution of sampled rows (temperature > 0;
     neutral values 0 / 1 / 0; see kernels.selection.restrict_logits). logprobs set (0..20) asks for
     each committed token's log-probability in its committing step and that many alternatives.
@@ -72,6 +75,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     logprobs: int | None = None
+    eos_bias: float = 0.0
 
     # LLaDA2.x block diffusion only.
     minimal_topk: int = 1
@@ -186,6 +190,10 @@ class SamplingParams:
             if self.logprobs > MAX_TOP_LOGPROBS:
                 raise ParamError("logprobs", f"at most {MAX_TOP_LOGPROBS} alternatives per token, "
                                  f"got {self.logprobs}")
+        v = self.eos_bias
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -MAX_EOS_BIAS <= v <= MAX_EOS_BIAS:
+            raise ParamError("eos_bias", f"eos_bias must be a number in [-{MAX_EOS_BIAS:g}, {MAX_EOS_BIAS:g}], "
+                             f"got {v!r}")
         if self.seed is not None:
             if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
                 raise ParamError("seed", f"seed must be an integer in [0, 2**63), got {self.seed!r}")
@@ -221,7 +229,8 @@ class SamplingParams:
         if self.remasking != "low_confidence":
             raise ParamError("remasking", "block diffusion (LLaDA2.x) unmasks by confidence only; "
                              f"remasking={self.remasking!r} is not available")
-        for name, neutral in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("logprobs", None)):
+        for name, neutral in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("logprobs", None),
+                              ("eos_bias", 0.0)):
             if getattr(self, name) != neutral:
                 raise ParamError(name, f"{name} is not available for block-diffusion (LLaDA2.x) "
                                  "checkpoints yet")

@@ -12,12 +12,7 @@ import torch
 from kernels import rng
 from kernels.selection import RowFilters, restrict_logits
 from sampler.params import SamplingParams
-
-
-def schedule(masked: int, steps: int) -> list[int]:
-    """Tokens to unmask at each of `steps` steps: the first masked % steps get one more."""
-    base, extra = divmod(masked, steps)
-    return [base + (1 if i < extra else 0) for i in range(steps)]
+from sampler.rules import quota
 
 
 def candidates(logits, temperature, seed, step_no, lo, hi):
@@ -61,23 +56,14 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
     step_no = 0
     for blk in range(params.blocks):
         lo, hi = p + blk * bl, p + (blk + 1) * bl
-        counts = schedule(int((x[lo:hi] == mask_id).sum()), params.steps_per_block) \
+        counts = quota(int((x[lo:hi] == mask_id).sum()), params.steps_per_block) \
             if params.threshold is None else None
         i = 0
         while bool((x[lo:hi] == mask_id).any()):
             if counts is not None and i >= len(counts):
                 break
-            logits = model.full_logits(x.unsqueeze(0))[0].to(torch.float64)
+            logits = guided_logits(model, x, params, p, g, mask_id)
             forwards += 1
-            if params.cfg_scale > 0:
-                un = x.clone()
-                un[:p] = mask_id
-                un[p + g:] = mask_id
-                u = model.full_logits(un.unsqueeze(0))[0].to(torch.float64)
-                c = logits
-                logits = u + (params.cfg_scale + 1) * (c - u)
-            if params.ban_eos:
-                logits[:, model.config.eos_token_id] = float("-inf")
             positions = torch.arange(x.numel(), device=dev)
             dist = restricted(logits, params, lo, hi)
             x0 = candidates(dist, params.temperature, seed, step_no, lo, hi)
@@ -120,6 +106,24 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
             i += 1
             step_no += 1
     return x[p:p + g].tolist(), forwards
+
+
+def guided_logits(model, x, params: SamplingParams, p: int, g: int, mask_id: int):
+    """float64 logits of the canvas `x` (prompt p, span g): with CFG u + (s + 1) * (c - u), the
+    unconditional canvas with prompt and suffix masked; eos_bias added to EOS; EOS at -inf with
+    ban_eos."""
+    logits = model.full_logits(x.unsqueeze(0))[0].to(torch.float64)
+    if params.cfg_scale > 0:
+        un = x.clone()
+        un[:p] = mask_id
+        un[p + g:] = mask_id
+        u = model.full_logits(un.unsqueeze(0))[0].to(torch.float64)
+        c = logits
+        logits = u + (params.cfg_scale + 1) * (c - u)
+    logits[:, model.config.eos_token_id] += params.eos_bias
+    if params.ban_eos:
+        logits[:, model.config.eos_token_id] = float("-inf")
+    return logits
 
 
 def restricted(logits, params: SamplingParams, lo: int, hi: int):

@@ -11,17 +11,7 @@ from __future__ import annotations
 import torch
 
 from sampler.params import SamplingParams
-
-
-def quota(block_length: int, steps: int) -> list[int]:
-    """LLaDA2.0's tokens per step within a block: B // steps, the first B % steps get one more."""
-    base, extra = divmod(block_length, steps)
-    return [base + (1 if i < extra else 0) for i in range(steps)]
-
-
-def cut_after_eos(ids: list[int], eos_id: int) -> list[int]:
-    """The ids up to and including the first EOS (all of them when there is none)."""
-    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
+from sampler.rules import cut_after_eos, quota
 
 
 @torch.no_grad()

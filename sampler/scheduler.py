@@ -1,10 +1,10 @@
-"""The engine: one thread owns the model and a DiffusionBatch and runs continuous batching.
+"""The engine: one thread owns the model and a batch and runs continuous batching.
 
 Requests wait in a fair queue (sampler/fair_queue.py: the sub-requests of one HTTP request wait as a
 group; the group with the fewest running, then the one served least recently, goes next) and join the
 running batch at step boundaries while the batch has a free slot and room for their canvas
 (`max_batch_size`, `max_batch_tokens`).
-Every loop iteration is one `DiffusionBatch.step()`: one forward for all running requests, each at
+Every loop iteration is one `Batch.step()`: one forward for all running requests, each at
 its own point in its own schedule. A request leaves the batch the moment it is finished, cancelled,
 timed out, or (optionally) as soon as its answer can no longer change.
 
@@ -35,10 +35,12 @@ from typing import Callable
 
 import torch
 
-from sampler.batch import CapacityError, DiffusionBatch, StepEvent
+from sampler.batch import CapacityError
+from sampler.events import StepEvent
 from sampler.fair_queue import FairQueue
 from sampler.likelihood import ScoreBatch, ScoreJob
 from sampler.params import ParamError, SamplingParams
+from sampler.strategies import make_batch
 
 log = logging.getLogger("llada.engine")
 
@@ -136,7 +138,7 @@ class Handle:
 
 
 class Engine:
-    """Continuous-batching loop over one DiffusionBatch, in its own thread."""
+    """Continuous-batching loop over one batch (`sampler.batch.Batch`), in its own thread."""
 
     def __init__(self, model, special, config: EngineConfig | None = None, metrics=None):
         self.model = model
@@ -145,9 +147,9 @@ class Engine:
         self.metrics = metrics
         self.stop_ids = set(special.stop)
         self.mask_id = special.mask
-        self.batch = DiffusionBatch(model, special, capacity_tokens=self.config.max_batch_tokens,
-                                    max_requests=self.config.max_batch_size,
-                                    cuda_graphs=self.config.cuda_graphs)
+        self.batch = make_batch(model, special, capacity_tokens=self.config.max_batch_tokens,
+                                max_requests=self.config.max_batch_size,
+                                cuda_graphs=self.config.cuda_graphs)
         pipe = self.config.pipelined
         self.pipelined = self.batch.device.type == "cuda" if pipe is None else bool(pipe)
         self.scorer = ScoreBatch(model, special.mask)
@@ -219,7 +221,7 @@ class Engine:
 
     # ------------------------------------------------------------------ submission
     def rows_needed(self, prompt_len: int, params: SamplingParams) -> int:
-        return DiffusionBatch.rows_needed(prompt_len, params, self.batch.block_diffusion)
+        return self.batch.rows_needed(prompt_len, params)
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         rows = self.rows_needed(prompt_len, params)
@@ -441,7 +443,7 @@ class Engine:
     def _step_failed(self, e: Exception) -> None:
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
         self.step_failures += 1
-        self.batch.discard_pending()
+        self.batch.discard()
         log.error("a step failed (%s: %s); failing the %d requests in it", type(e).__name__, e,
                   len(self.running), exc_info=not oom)
         if oom and torch.cuda.is_available():

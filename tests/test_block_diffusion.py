@@ -8,11 +8,11 @@ import pytest
 
 from ckpt_factory import make_checkpoint, make_moe_checkpoint
 from sampler import conformance
-from sampler.batch import DiffusionBatch
 from sampler.generate import generate
 from sampler.params import ParamError, SamplingParams
 from sampler.reference import reference_generate
 from sampler.reference_llada2 import llada2_generate
+from sampler.strategies import make_batch, rows_needed
 from weights.checkpoint import load_checkpoint
 
 from golden_sets import GOLDEN_ROOT as SHARED
@@ -79,7 +79,7 @@ def test_batch_invariance_mixed_settings_joining_mid_schedule(other2):
     rnd = random.Random(1)
     reqs = [(_prompt(rnd, plen), SamplingParams(**kw)) for plen, kw in CASES]
     alone = [generate(other2, [p], sp)[0] for p, sp in reqs]
-    batch = DiffusionBatch(other2.model, other2.special, capacity_tokens=1024, max_requests=8)
+    batch = make_batch(other2.model, other2.special, capacity_tokens=1024, max_requests=8)
     joins = {0: [0, 1], 2: [2, 3], 5: [4], 9: [5, 6]}
     done, step = {}, 0
     while len(done) < len(reqs):
@@ -170,6 +170,7 @@ def test_finished_blocks_are_computed_once(other2):
     (dict(editing_threshold=1.5), "editing_threshold"), (dict(threshold=-0.1), "threshold"),
     (dict(max_post_steps=-1), "max_post_steps"), (dict(num_to_transfer=0), "num_to_transfer"),
     (dict(eos_early_stop="yes"), "eos_early_stop"), (dict(block_length=0), "block_length"),
+    (dict(eos_bias=-1.0), "eos_bias"),
 ])
 def test_block_diffusion_validation(kwargs, field):
     sp = SamplingParams(gen_length=32, **kwargs).for_block_diffusion()
@@ -182,18 +183,42 @@ def test_block_diffusion_validation(kwargs, field):
                                          ("eos_early_stop", True), ("max_post_steps", 3)])
 def test_llada2_options_are_refused_on_other_models(tmp_path, field, value):
     bundle = load_checkpoint(make_checkpoint(tmp_path / "dense"), "cpu", "float32")
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=256, max_requests=2)
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=256, max_requests=2)
     with pytest.raises(ParamError) as e:
         batch.add(0, [1, 2, 3], SamplingParams(gen_length=8, **{field: value}))
     assert e.value.field == field
 
 
 def test_gen_length_need_not_be_a_multiple_of_the_block(other2):
-    batch = DiffusionBatch(other2.model, other2.special, capacity_tokens=64, max_requests=2)
+    batch = make_batch(other2.model, other2.special, capacity_tokens=64, max_requests=2)
     sp = SamplingParams(gen_length=13, block_length=8, steps=4)
-    assert DiffusionBatch.rows_needed(6, sp, block_diffusion=True) == 24  # 6 + 13 rounded up to 3 blocks
+    assert rows_needed(6, sp, block_diffusion=True) == 24  # 6 + 13 rounded up to 3 blocks
     batch.add("a", [1] * 6, sp)
     assert batch.rows_in_use == 24
+
+
+def test_the_strategy_follows_the_config(other2, tmp_path):
+    """make_batch picks the class from config.block_diffusion; both honour the same interface."""
+    from sampler.batch import Batch
+    from sampler.block_diffusion import BlockDiffusionBatch
+    from sampler.llada_batch import LLaDABatch
+    dense = load_checkpoint(make_checkpoint(tmp_path / "dense"), "cpu", "float32")
+    sp = SamplingParams(gen_length=8, block_length=8, steps=8)
+    for bundle, cls in ((other2, BlockDiffusionBatch), (dense, LLaDABatch)):
+        batch = make_batch(bundle.model, bundle.special, capacity_tokens=64, max_requests=2)
+        assert type(batch) is cls and isinstance(batch, Batch)
+        assert batch.rows_needed(5, sp) == rows_needed(5, sp, cls is BlockDiffusionBatch)
+        batch.add("r", [1, 2, 3, 4, 5], sp)
+        first = batch.step_async()  # LLaDA: launched, read with the next call; LLaDA2.x: at once
+        assert batch.in_flight == (not first) == (cls is LLaDABatch)
+        batch.discard()  # a failed step's results are forgotten
+        assert not batch.in_flight
+        events = list(first)
+        while not (events and events[-1].finished):
+            events += batch.step()
+        assert events[-1].gen_ids == batch.canvas("r")[:len(events[-1].gen_ids)]
+        batch.remove("r")
+        assert len(batch) == 0 and batch.rows_in_use == 0
 
 
 def test_engine_serves_block_diffusion_and_early_completion_keeps_the_answer(other2):

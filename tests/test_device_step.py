@@ -12,9 +12,10 @@ import torch
 
 import kernel_testing  # noqa: F401  (Triton's interpreter when there is no GPU)
 from ckpt_factory import make_checkpoint
+from sampler import candidates as cd
 from sampler import device_step as ds
-from sampler.batch import DiffusionBatch
 from sampler.params import SamplingParams
+from sampler.strategies import make_batch, rows_needed
 from weights.checkpoint import load_checkpoint
 
 MODES = [
@@ -31,6 +32,7 @@ MODES = [
     dict(temperature=0.5, seed=9, threshold=0.2, cache="dual"),
     dict(ban_eos=True, cache="dual"),
     dict(defer_eos=True),
+    dict(eos_bias=-1.5, cache="dual"),
 ]
 
 
@@ -48,9 +50,9 @@ def model(tmp_path_factory):
 
 def _run(bundle, reqs, arrivals=None, pad=False, late=False, max_requests=None):
     """Drive one batch to completion: {index: (gen_ids, nfe, steps)}; arrivals[i] = step it joins."""
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows + 7,
-                           max_requests=max_requests or len(reqs), pad_to_buckets=pad)
+    rows = sum(rows_needed(len(p), sp) for p, sp in reqs)
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 7,
+                       max_requests=max_requests or len(reqs), pad_to_buckets=pad)
     arrivals = arrivals or [0] * len(reqs)
     order = sorted(range(len(reqs)), key=lambda i: arrivals[i])
     out, step_no = {}, 0
@@ -171,7 +173,7 @@ def test_the_cuda_step_reads_nothing_back(model, monkeypatch):
         return at.attention_triton(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale)
 
     monkeypatch.setattr("weights.layers.attention", attn)
-    monkeypatch.setattr(ds, "sample_candidates", st.sample_candidates_triton)
+    monkeypatch.setattr(cd, "sample_candidates", st.sample_candidates_triton)
     monkeypatch.setattr(ds, "transfer_mask", st.transfer_mask_triton)
     real_step = ds.device_step
     counts = []
@@ -195,9 +197,9 @@ def test_the_cuda_step_reads_nothing_back(model, monkeypatch):
 
 
 def _events(bundle, reqs, pad):
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
-    batch = DiffusionBatch(bundle.model, bundle.special, capacity_tokens=rows + 7, max_requests=len(reqs),
-                           pad_to_buckets=pad)
+    rows = sum(rows_needed(len(p), sp) for p, sp in reqs)
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 7, max_requests=len(reqs),
+                       pad_to_buckets=pad)
     for i, r in enumerate(reqs):
         batch.add(i, *r)
     out = []
@@ -242,11 +244,11 @@ def test_cuda_graph_replay_matches_eager(model):
     reqs = []
     for extra in MODES:
         reqs += _requests(rnd, extra)
-    rows = sum(DiffusionBatch.rows_needed(len(p), sp) for p, sp in reqs)
+    rows = sum(rows_needed(len(p), sp) for p, sp in reqs)
     outs = []
     for graphs in (False, True):
-        batch = DiffusionBatch(gpu.model, gpu.special, capacity_tokens=rows, max_requests=len(reqs),
-                               cuda_graphs=graphs)
+        batch = make_batch(gpu.model, gpu.special, capacity_tokens=rows, max_requests=len(reqs),
+                           cuda_graphs=graphs)
         for i, r in enumerate(reqs):
             batch.add(i, *r)
         res = {}
@@ -259,3 +261,36 @@ def test_cuda_graph_replay_matches_eager(model):
         if graphs:
             assert batch.graphs.replays > 0
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_read_back_buffer_packs_and_unpacks_by_one_layout(logprobs):
+    """The step packs its results and the host unpacks them from the same section list: every
+    section comes back whole, float32 values bit for bit."""
+    from sampler.step_state import ReadBack
+    layout = ReadBack(rows=7, requests=3, logprobs=logprobs)
+    g = torch.Generator().manual_seed(0)
+    parts = {}
+    for name, n, width, is_float in layout.sections():
+        shape = (n,) if width == 1 else (n, width)
+        parts[name] = (torch.randn(shape, generator=g, dtype=torch.float32) if is_float
+                       else torch.randint(-5, 1000, shape, generator=g))
+    out = layout.unpack(layout.pack(parts))
+    assert set(out) == set(parts) == ({"rows", "conf", "requests"} |
+                                      ({"token_logprob", "top_ids", "top_logprobs"} if logprobs else set()))
+    for name, t in parts.items():
+        assert out[name].tolist() == t.tolist(), name
+
+
+def test_pack_slot_fills_every_named_field():
+    from sampler.step_state import FLT, INT, N_FLT, N_INT, pack_slot
+    sp = SamplingParams(gen_length=24, block_length=8, threshold=0.5, cache="dual", seed=7, cfg_scale=1.5,
+                        temperature=0.3, top_k=5, logprobs=2, defer_eos=True)
+    ints, floats = pack_slot(sp, offset=40, prompt_len=6, length=30)
+    assert len(ints) == N_INT == len(set(INT)) and len(floats) == N_FLT == len(set(FLT))
+    assert (ints.offset, ints.prompt_len, ints.length, ints.block_len, ints.n_blocks) == (40, 6, 30, 8, 3)
+    assert ints.steps_per_block == 0  # threshold decoding
+    assert (ints.cache_mode, ints.seed, ints.cfg, ints.defer_eos, ints.top_k, ints.n_logprobs) == (2, 7, 1, 1, 5, 2)
+    assert (floats.threshold, floats.cfg_scale, floats.temperature) == (0.5, 1.5, pytest.approx(0.3))
+    assert list(ints)[INT.gen_length] == 24 and list(floats)[FLT.top_p] == 1.0
+    assert pack_slot(SamplingParams(gen_length=8, steps=4), 0, 1, 9)[0].n_logprobs == -1

@@ -1,16 +1,19 @@
 """The diffusion samplers: golden conformance, the reference oracle, batch invariance, seeds."""
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckpt_factory import make_checkpoint
 from sampler import conformance
-from sampler.batch import DiffusionBatch
 from sampler.generate import cut_answer, generate
 from sampler.params import ParamError, SamplingParams
-from sampler.reference import reference_generate, schedule
+from sampler.reference import reference_generate
+from sampler.rules import quota, quota_at
+from sampler.strategies import make_batch
 from weights.checkpoint import load_checkpoint
 
 from golden_sets import TINY_LLADA as GOLDEN
@@ -53,9 +56,20 @@ def test_conformance_reports_a_mismatch(tmp_path, capsys):
 
 
 def test_schedule_is_linear():
-    assert schedule(10, 4) == [3, 3, 2, 2]
-    assert schedule(8, 8) == [1] * 8
-    assert sum(schedule(37, 5)) == 37
+    assert quota(10, 4) == [3, 3, 2, 2]
+    assert quota(8, 8) == [1] * 8
+    assert sum(quota(37, 5)) == 37
+
+
+def test_the_device_applies_the_same_quota_rule():
+    """The device step evaluates `quota_at` on tensors, one request per element: the same counts
+    as the host's (and the oracles') schedule."""
+    masked = torch.tensor([10, 10, 10, 10, 37, 0, 7])
+    steps = torch.tensor([4, 4, 4, 4, 5, 3, 7])
+    step = torch.tensor([0, 1, 2, 3, 4, 2, 6])
+    want = [quota(int(m), int(s))[int(i)] for m, s, i in zip(masked, steps, step)]
+    got = quota_at(masked, steps, step)
+    assert got.dtype == torch.int64 and got.tolist() == want
 
 
 MODES = [
@@ -67,6 +81,8 @@ MODES = [
     dict(temperature=0.5, seed=9, threshold=0.2),
     dict(ban_eos=True),
     dict(defer_eos=True),
+    dict(eos_bias=-2.5),
+    dict(eos_bias=4.0, cfg_scale=1.0, temperature=0.6, seed=2),
 ]
 
 
@@ -117,7 +133,7 @@ def test_continuous_admission_does_not_change_results(golden):
     rnd = random.Random(7)
     reqs = _mixed_requests(rnd, 290)
     alone = [generate(golden, [p], sp)[0].gen_ids for p, sp in reqs]
-    batch = DiffusionBatch(golden.model, golden.special, capacity_tokens=2048, max_requests=4)
+    batch = make_batch(golden.model, golden.special, capacity_tokens=2048, max_requests=4)
     pending = list(enumerate(reqs))
     done = {}
     while pending or len(batch):
@@ -169,6 +185,17 @@ def test_ban_eos_never_emits_eos(golden):
         assert 301 not in generate(golden, [p], sp)[0].gen_ids
 
 
+def test_eos_bias_moves_eos_both_ways(golden):
+    """A bias far below every logit gap keeps EOS out like ban_eos; far above, every position
+    takes EOS; at 0 the ids are those of the plain request."""
+    sp = SamplingParams(gen_length=16, block_length=8, steps=16)
+    for p in ([1], [250, 251, 252]):
+        plain = generate(golden, [p], sp)[0].gen_ids
+        assert generate(golden, [p], replace(sp, eos_bias=0.0))[0].gen_ids == plain
+        assert 301 not in generate(golden, [p], replace(sp, eos_bias=-100.0))[0].gen_ids
+        assert generate(golden, [p], replace(sp, eos_bias=100.0))[0].gen_ids == [301] * 16
+
+
 def test_cut_answer():
     assert cut_answer([5, 6, 301, 7], [301, 302]) == [5, 6]
     assert cut_answer([5, 6], [301]) == [5, 6]
@@ -189,6 +216,9 @@ def test_cut_answer():
     (dict(gen_length=16, remasking="sometimes"), "remasking"),
     (dict(gen_length=16, cache="paged"), "cache"),
     (dict(gen_length=16, seed=-1), "seed"),
+    (dict(gen_length=16, eos_bias=float("nan")), "eos_bias"),
+    (dict(gen_length=16, eos_bias=-101), "eos_bias"),
+    (dict(gen_length=16, eos_bias="1"), "eos_bias"),
     (dict(gen_length=16, block_length=True), "block_length"),
 ])
 def test_validation_errors(kwargs, field):
@@ -202,7 +232,7 @@ def test_canvas_over_max_sequence_length_names_the_numbers(golden):
     with pytest.raises(ParamError) as e:
         SamplingParams(gen_length=500, steps=500).validate(prompt_len=20, max_sequence_length=512)
     assert "520" in str(e.value) and "512" in str(e.value)
-    batch = DiffusionBatch(golden.model, golden.special, capacity_tokens=4096, max_requests=2)
+    batch = make_batch(golden.model, golden.special, capacity_tokens=4096, max_requests=2)
     with pytest.raises(ParamError):
         batch.add("x", [1] * 20, SamplingParams(gen_length=500, steps=500))
     with pytest.raises(ParamError, match="outside the vocabulary"):
@@ -211,7 +241,7 @@ def test_canvas_over_max_sequence_length_names_the_numbers(golden):
 
 
 def test_capacity_is_respected_and_freed(golden):
-    batch = DiffusionBatch(golden.model, golden.special, capacity_tokens=64, max_requests=4)
+    batch = make_batch(golden.model, golden.special, capacity_tokens=64, max_requests=4)
     sp = SamplingParams(gen_length=16)
     assert batch.can_admit(10, sp)
     batch.add("a", [1] * 10, sp)

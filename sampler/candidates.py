@@ -1,0 +1,72 @@
+"""The candidates of a step, shared by both decoding strategies: per logit row the token it would
+take and its confidence.
+
+`draw`: the candidate (argmax at temperature 0, a seeded Gumbel-max sample otherwise; EOS banned on
+the rows that ask; sampling filters in front when given) and its probability. A candidate equal to
+the mask id would leave its position masked for ever: such rows take the draw again with the mask
+logit at -inf (same noise, same EOS ban, filters decided again without it). With `dynamic` the
+re-draw runs only when some row needs it; otherwise (CUDA graphs) it is computed for every row and
+used by those rows only.
+
+`defer_stops`: with `defer_eos`, stop-token candidates rank below every other candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.selection import apply_filters, sample_candidates
+
+DEFERRED = -1.0  # confidence given to deferred EOS/EoT candidates: below every probability
+
+
+@dataclass
+class Draw:
+    x0: torch.Tensor     # int64 [N]
+    conf: torch.Tensor   # float32 [N]
+    dist: torch.Tensor | None = None  # with keep_dist: the logits each row's candidate came from
+
+
+def draw(logits, temp, seed, nonce, position, ban, eos_id: int, mask_id: int, filters=None,
+         dynamic: bool = True, keep_dist: bool = False) -> Draw:
+    """Candidates of `logits` [N, V] (modified in place when the re-draw runs). `ban`: bool [N],
+    the rows whose EOS is banned, or None (no row); `filters`: RowFilters or None (needs `ban`). `keep_dist`: also return the
+    distribution each row drew from (EOS ban aside), for its log-probabilities."""
+    ban_ids = None if ban is None else [eos_id]
+    if filters is not None:  # the filtered rows' logits restricted, the EOS ban decided first
+        eos_col = torch.arange(logits.shape[1], device=logits.device) == eos_id
+        dist = apply_filters(logits, temp, filters, (ban, eos_col))
+    else:
+        dist = logits
+        if keep_dist:
+            mask_logit = logits[:, mask_id].clone()  # the re-draw below bans it in place
+    x0, conf = sample_candidates(dist, temp, seed, nonce, position, ban_ids=ban_ids, ban_rows=ban)
+    redo = x0 == mask_id
+    redrawn = not dynamic or bool(redo.any())
+    if redrawn:
+        logits[:, mask_id] = float("-inf")
+        dist_b = apply_filters(logits, temp, filters, (ban, eos_col)) if filters is not None else logits
+        x0b, confb = sample_candidates(dist_b, temp, seed, nonce, position, ban_ids=ban_ids,
+                                       ban_rows=ban)
+        x0 = torch.where(redo, x0b, x0)
+        conf = torch.where(redo, confb.to(conf.dtype), conf)
+    out = Draw(x0, conf)
+    if keep_dist:
+        if filters is None:
+            out.dist = logits
+            if redrawn:
+                logits[:, mask_id] = torch.where(redo, torch.full_like(mask_logit, float("-inf")),
+                                                 mask_logit)
+        else:
+            out.dist = torch.where(redo.unsqueeze(1), dist_b, dist) if redrawn else dist
+    return out
+
+
+def defer_stops(conf, x0, defer, stop_ids: torch.Tensor, dynamic: bool = True):
+    """`conf` with the candidates in `stop_ids` of the rows flagged by `defer` set to DEFERRED."""
+    if not dynamic or bool(defer.any()):
+        defer = defer & torch.isin(x0, stop_ids)
+        conf = torch.where(defer, torch.full_like(conf, DEFERRED), conf)
+    return conf

@@ -1,0 +1,285 @@
+"""The LLaDA step for a batch of requests, each at its own point in its own schedule.
+
+Per-request state lives on the device, one int64 and one float64 row per slot (fields named in
+`sampler.step_state`), beside the token buffer that holds every canvas; `sampler.device_step` runs
+the step from them with shapes fixed per bucket and no read back to the host. The host keeps only
+what it needs to choose the next step's shapes: each request's static fields and the (block index,
+step in block) it expects next. With the s/t schedule that expectation is exact; with threshold
+decoding a block may finish earlier than the host knows, and the planned step then does nothing for
+that request (see device_step). What the events need comes back in one copy to pinned memory, which
+`step()` reads at once and `step_async()` reads after launching the next step, so the host prepares
+step n+1 while the device runs step n. Each request owns a contiguous region of the token buffer and
+of the per-layer key/value buffers: rows [off, off+L) hold its canvas (L = prompt + span + suffix),
+and with classifier-free guidance rows [off+L, off+2L) hold the unconditional canvas's keys/values.
+
+What a step runs for request r (bs/be: its current block's bounds):
+  cache none                    queries [0, L)   keys [0, L)
+  prefix / dual, block start    queries [0, L)   keys [0, L)  (fills the cache)
+  prefix, later steps           queries [bs, L)  keys [0, L)  (prefix rows cached, the rest fresh)
+  dual, later steps             queries [bs, be) keys [0, L)  (prefix and suffix rows cached)
+Fresh keys/values are always written to the buffers first, so the three modes are one code path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sampler import device_step as ds
+from sampler.batch import Batch
+from sampler.cuda_graphs import StepGraphs
+from sampler.events import StepEvent
+from sampler.params import SamplingParams
+from sampler.step_state import CACHE_MODE, INT, N_FLT, N_INT, ReadBack, RequestOut, pack_slot
+
+
+@dataclass
+class _Request:
+    rid: object
+    slot: int
+    offset: int
+    rows: int
+    params: SamplingParams
+    prompt_len: int
+    mode: int
+    canvas: list = field(default_factory=list)  # the generated span as the host has seen it
+    block_index: int = 0    # the (block index, step in block) the next planned step expects
+    step_in_block: int = 0
+    staging: object = None  # pinned source of the canvas copy, kept until the copy has run
+    suffix_len: int = 0     # fixed context after the generated span (infilling)
+    masks: int = 0          # masked positions of the span at the start
+
+    @property
+    def length(self) -> int:
+        return self.prompt_len + self.params.gen_length + self.suffix_len
+
+    @property
+    def finished(self) -> bool:
+        return self.block_index >= self.params.blocks
+
+    @staticmethod
+    def advance(block_index: int, step_in_block: int, done: bool) -> tuple[int, int]:
+        """(block index, step in block) after a step there that finished the block or not."""
+        return (block_index + 1, 0) if done else (block_index, step_in_block + 1)
+
+    def predict_done(self, step_in_block: int) -> bool:
+        """Whether a step at `step_in_block` is expected to finish the block: exact for the s/t
+        schedule; threshold decoding is assumed to go on (a wrong guess costs one step that does
+        nothing)."""
+        if self.params.threshold is not None:
+            return False
+        return step_in_block + 1 >= self.params.steps_per_block
+
+
+@dataclass
+class _Launched:
+    """A step on its way: who was in it, what each expected, and where its results will land."""
+
+    rows: list            # (request, planned block index, planned step, predicted next) per request row
+    row_start: list       # first logit row of each request row
+    layout: ReadBack      # the sections of `results`
+    results: torch.Tensor  # the step's results on the host (pinned on CUDA)
+    done: object          # CUDA event recorded after the copy (None on the CPU)
+
+
+class LLaDABatch(Batch):
+    """Running LLaDA requests and their device state; `step()` advances all of them with one forward."""
+
+    def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64,
+                 cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None):
+        super().__init__(model, special, capacity_tokens, max_requests)
+        dev = self.device
+        # Per-slot state on the device (sampler.step_state); the last slot is the dummy padding
+        # rows point at: its region is the scratch row.
+        self.dummy_slot = max_requests
+        self.state = torch.zeros((max_requests + 1, N_INT), dtype=torch.int64, device=dev)
+        self.state[self.dummy_slot, INT.offset] = capacity_tokens
+        self.fstate = torch.zeros((max_requests + 1, N_FLT), dtype=torch.float64, device=dev)
+        self.pinned = dev.type == "cuda"
+        # Padded bucket shapes let CUDA graphs be reused; on the CPU they would only cost.
+        self.pad_to_buckets = dev.type == "cuda" if pad_to_buckets is None else pad_to_buckets
+        self._pending: _Launched | None = None
+        if dev.type == "cuda" and (cuda_graphs is None or cuda_graphs):
+            self.graphs = StepGraphs(self._device_step, self.dummy_slot, dev)
+
+    # ---------------------------------------------------------------- admission
+    @staticmethod
+    def rows_needed(prompt_len: int, params: SamplingParams) -> int:
+        """Canvas rows a request holds: prompt (and suffix) + gen_length, twice with CFG."""
+        n = prompt_len + params.gen_length
+        return 2 * n if params.cfg_scale > 0 else n
+
+    def _start(self, rid, slot, off, rows, prompt_ids, span, suffix_ids, params, masks) -> _Request:
+        p = len(prompt_ids)
+        req = _Request(rid, slot, off, rows, params, p, CACHE_MODE[params.cache], canvas=list(span),
+                       suffix_len=len(suffix_ids), masks=masks)
+        ints, floats = pack_slot(params, off, p, req.length)
+        # One staged copy each for the canvas and the state rows, queued behind any step in flight.
+        canvas = torch.tensor(prompt_ids + span + suffix_ids, dtype=torch.int64)
+        srow = torch.tensor(ints, dtype=torch.int64)
+        frow = torch.tensor(floats, dtype=torch.float64)
+        if self.pinned:
+            canvas, srow, frow = canvas.pin_memory(), srow.pin_memory(), frow.pin_memory()
+        req.staging = (canvas, srow, frow)
+        nb = self.pinned
+        self.tokens[off:off + req.length].copy_(canvas, non_blocking=nb)
+        self.state[slot].copy_(srow, non_blocking=nb)
+        self.fstate[slot].copy_(frow, non_blocking=nb)
+        return req
+
+    def canvas(self, rid) -> list[int]:
+        return list(self.requests[rid].canvas)
+
+    # ---------------------------------------------------------------- planning
+    def _plan(self):
+        """(request rows, bucket) for the next step from the host's expectations."""
+        rows, tokens, logit_rows, max_q, cfg, filters, logprobs = [], 0, 0, 0, False, False, False
+        for req in self.requests.values():
+            if req.finished:
+                continue
+            lo, hi = ds.query_range(req.mode, req.prompt_len, req.length, req.params.block,
+                                    req.block_index, req.step_in_block)
+            n = hi - lo
+            tokens += n
+            max_q = max(max_q, n)
+            if req.params.cfg_scale > 0:
+                cfg = True
+                tokens += req.length
+                max_q = max(max_q, req.length)
+            logit_rows += req.params.block
+            filters |= req.params.filtered
+            logprobs |= req.params.logprobs is not None
+            rows.append(req)
+        if not rows:
+            return [], None
+        return rows, ds.Bucket.fit(len(rows), tokens, logit_rows, max_q, cfg, self.pad_to_buckets,
+                                   filters, logprobs)
+
+    def planned_query_tokens(self) -> int:
+        total = 0
+        for req in self.requests.values():
+            if req.finished:
+                continue
+            lo, hi = ds.query_range(req.mode, req.prompt_len, req.length, req.params.block,
+                                    req.block_index, req.step_in_block)
+            total += (hi - lo) + (req.length if req.params.cfg_scale > 0 else 0)
+        return total
+
+    def _device_step(self, plan, bucket):
+        return ds.device_step(self.model, self.kv, self.tokens, self.state, self.fstate, plan, bucket,
+                              self.mask_id, self.eos_id, self.stop_ids_d, self.capacity)
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def launch(self) -> _Launched | None:
+        """Queue one step for every running request; returns where its results will land."""
+        t0 = time.perf_counter()
+        reqs, bucket = self._plan()
+        if bucket is None:
+            return None
+        plan = torch.empty((bucket.requests + 1, 3), dtype=torch.int64, pin_memory=self.pinned)
+        plan[:, 0] = self.dummy_slot
+        plan[:, 1] = -1
+        plan[:, 2] = 0
+        rows, row_start, r0 = [], [], 0
+        for j, req in enumerate(reqs):
+            here = (req.block_index, req.step_in_block)
+            plan[j, 0], plan[j, 1], plan[j, 2] = req.slot, here[0], here[1]
+            nxt = req.advance(*here, req.predict_done(here[1]))
+            rows.append((req, here[0], here[1], nxt))
+            row_start.append(r0)
+            r0 += req.params.block
+            req.block_index, req.step_in_block = nxt
+        plan_d = plan.to(self.device, non_blocking=self.pinned)
+        if self.graphs is not None:
+            out = self.graphs.run(bucket, plan_d)
+        else:
+            out = self._device_step(plan_d, bucket)
+        self.forwards += 1
+        done = None
+        if self.pinned:  # one copy of the step's results into pinned memory, read after the event
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = out.clone()
+        self.host_seconds += time.perf_counter() - t0
+        return _Launched(rows, row_start, ReadBack.of(bucket), host, done)
+
+    def collect(self, launched: _Launched | None) -> list[StepEvent]:
+        """Wait for a launched step's results and turn them into events (requests removed since
+        the launch are skipped; a request whose planned step did nothing gets no event)."""
+        if launched is None:
+            return []
+        if launched.done is not None:
+            launched.done.synchronize()
+        t0 = time.perf_counter()
+        out = launched.layout.unpack(launched.results)
+        events = []
+        for j, (req, block_index, step_in_block, predicted) in enumerate(launched.rows):
+            rq = RequestOut(*(int(v) for v in out["requests"][j]))
+            if not rq.active or self.requests.get(req.rid) is not req:
+                continue
+            actual = req.advance(block_index, step_in_block, bool(rq.block_done))
+            if actual != predicted:  # a threshold block finished early: plan from the truth
+                req.block_index, req.step_in_block = actual
+            events.append(self._event(req, block_index, rq, out, launched.row_start[j]))
+        self.host_seconds += time.perf_counter() - t0
+        return events
+
+    def _event(self, req: _Request, block_index: int, rq: RequestOut, out: dict, r0: int) -> StepEvent:
+        seg = out["rows"][r0:r0 + req.params.block]
+        picked = seg[:, 0].nonzero()[0]
+        positions = seg[picked, 2].tolist()
+        token_ids = seg[picked, 1].tolist()
+        for p, t in zip(positions, token_ids):
+            req.canvas[p] = t
+        ev = StepEvent(
+            request_id=req.rid, step=rq.steps_done, block=block_index, positions=positions,
+            token_ids=token_ids, confidences=out["conf"][r0 + picked].tolist(),
+            masks_remaining=req.masks - rq.unmasked, nfe=rq.nfe, finished=bool(rq.finished))
+        if "top_ids" in out and req.params.logprobs is not None:
+            rows_ = r0 + picked
+            n = req.params.logprobs
+            ev.logprobs = out["token_logprob"][rows_].tolist()
+            ev.top_logprobs = [[(t, v) for t, v in zip(ids[:n].tolist(), vals[:n].tolist())
+                                if v != float("-inf")]
+                               for ids, vals in zip(out["top_ids"][rows_], out["top_logprobs"][rows_])]
+        if ev.finished:
+            req.block_index, req.step_in_block = req.params.blocks, 0
+            ev.gen_ids = list(req.canvas)
+        return ev
+
+    def step(self) -> list[StepEvent]:
+        if self._pending is not None:  # results of an asynchronous step still to read
+            events = self.collect(self._pending)
+            self._pending = None
+            return events
+        return self.collect(self.launch())
+
+    def step_async(self) -> list[StepEvent]:
+        """Launch the next step, then return the events of the one launched before it: the host
+        reads step n's results while the device runs step n+1 (an empty list the first time)."""
+        launched = self.launch()
+        previous, self._pending = self._pending, launched
+        return self.collect(previous)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def discard(self) -> None:
+        self._pending = None
+
+    def hot_buckets(self, block_length: int = 32) -> list:
+        """Buckets of the steady state worth capturing at start: 1, 2, 4, ... requests each in a
+        dual-cache block step of `block_length` queries (the most common cached step)."""
+        out, n = [], 1
+        while n <= self.max_requests:
+            if n * block_length <= self.capacity:
+                out.append(ds.Bucket.fit(n, n * block_length, n * block_length, block_length, False))
+            n *= 2
+        return out
