@@ -87,10 +87,11 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     so far (torch, the model, modules) moves to the garbage collector's permanent generation, so a
     request that allocates many objects (a large JSON body) does not make full collections walk
     them all (a 1 MiB body of 174k lists: 0.35 s of collections without it, 0.04 s with it)."""
-    metrics = metrics or Metrics()
-    metrics.device = bundle.model.device
+    name = served_model_name or bundle.name or "llada"
+    metrics = metrics or Metrics(model_name=name)
+    metrics.describe(bundle)
     engine = engine or Engine(bundle.model, bundle.special, engine_config or EngineConfig(), metrics=metrics)
-    svc = Service(bundle, engine, metrics, served_model_name or bundle.name or "llada", api_key,
+    svc = Service(bundle, engine, metrics, name, api_key,
                   limits or ServerLimits(), shutdown_grace, strict_fields, chat_special_tokens)
 
     @contextlib.asynccontextmanager
@@ -111,7 +112,7 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     install_handlers(app, check_auth)
     app.add_middleware(Guards, max_body_bytes=max_body_bytes or default_max_body_bytes(svc.config.max_sequence_length),
                        body_timeout=body_timeout, allowed_hosts=allowed_hosts, engine=engine, metrics=metrics,
-                       metered=("/v1/completions", "/v1/chat/completions"), authenticate=check_auth)
+                       authenticate=check_auth)
     app.include_router(ops)
     app.include_router(api)
     app.openapi = _openapi_without_422(app)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
@@ -23,7 +22,8 @@ from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionRe
 from server.schemas import ChatCompletionRequest, CompletionRequest, LoglikelihoodRequest
 from server.infill import check_infill, infill_prompts, suffix_ids
 from server.scoring import serve_loglikelihood
-from server.streaming import log_done, metered, openai_stream, steps_stream
+from server.guards import outcome_of
+from server.streaming import metered, openai_stream, steps_stream
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -163,19 +163,15 @@ async def loglikelihood(request: Request, body: LoglikelihoodRequest):
 async def _serve(request: Request, req, kind: str, prompts: list[list[int]], max_tokens: int | None,
                  suffix_ids: list[int] | None = None, infills=None):
     svc = request.app.state.service
-    endpoint = request.url.path
-    t0 = time.monotonic()
+    rec = outcome_of(request)  # the guard counts and logs the response from it
     job = Job(svc, kind, req, prompts, max_tokens, suffix_ids=suffix_ids, infills=infills)
     job.submit()
+    rec.job = job
     if req.stream or req.stream_steps:
         gen = steps_stream(job, request) if req.stream_steps else openai_stream(job, request)
-        return StreamingResponse(metered(gen, job, endpoint, t0), media_type="text/event-stream",
+        return StreamingResponse(metered(gen, job, rec), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     body = await job.collect(request)
     if body is None:  # the client went away
-        svc.metrics.request_done(endpoint, 499)
         return Response(status_code=499)
-    svc.metrics.request_done(endpoint, 200, time.monotonic() - t0)
-    svc.metrics.usage(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
-    log_done(endpoint, 200, job, t0)
     return body
