@@ -21,7 +21,7 @@ from server.errors import ApiError, install_handlers
 from server.guards import Guards, default_max_body_bytes
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
-from server.routes import api, check_auth, ops
+from server.routes import HEAD_PATHS, api, check_auth, ops
 
 __all__ = ["ApiError", "Service", "ServerLimits", "create_app", "derive_seed"]
 
@@ -105,10 +105,11 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
         finally:
             await asyncio.to_thread(engine.shutdown, min(5.0, svc.shutdown_grace))
 
-    app = FastAPI(title="llada-serve", description=DESCRIPTION, lifespan=lifespan, redoc_url=None)
+    app = FastAPI(title="llada-serve", description=DESCRIPTION, lifespan=lifespan, redoc_url=None, docs_url=None)
     app.state.service = svc
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.head_paths = frozenset(HEAD_PATHS)  # a 405 there says Allow: GET, HEAD
     install_handlers(app, check_auth)
     app.add_middleware(Guards, max_body_bytes=max_body_bytes or default_max_body_bytes(svc.config.max_sequence_length),
                        body_timeout=body_timeout, allowed_hosts=allowed_hosts, engine=engine, metrics=metrics,

@@ -128,18 +128,6 @@ def _counted(request: Request, err: ApiError) -> JSONResponse:
     return err.response()
 
 
-def _allowed_methods(request: Request) -> list[str]:
-    from starlette.routing import Match
-
-    methods = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "\x00"})
-        if match != Match.NONE and getattr(route, "methods", None):
-            methods |= set(route.methods)
-    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
-
-
 def install_handlers(app: FastAPI, check_auth) -> None:
     """Register the handlers that turn every exception into the OpenAI error body."""
 
@@ -170,8 +158,12 @@ def install_handlers(app: FastAPI, check_auth) -> None:
 
         t = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         headers = getattr(exc, "headers", None)
-        if exc.status_code == 405:  # every method some route answers on this path (GET and HEAD)
-            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        if exc.status_code == 405 and headers and "Allow" in headers:
+            # The router names the first route's methods; the operator routes answer HEAD too.
+            allow = [m.strip() for m in headers["Allow"].split(",") if m.strip()]
+            if request.url.path in getattr(request.app.state, "head_paths", ()) and "HEAD" not in allow:
+                allow.append("HEAD")
+            headers = {**headers, "Allow": ", ".join(allow)}
         outcome_of(request).message = str(exc.detail)
         return error_response(exc.status_code, str(exc.detail), t, headers=headers)
 

@@ -23,6 +23,7 @@ def env(**extra) -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith("LLADA_")}
     e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e["PYTHONUNBUFFERED"] = "1"
+    e["LLADA_DRAIN_DELAY"] = "0"  # SIGTERM closes the listener at once (tests of the delay set it)
     e.update({k: str(v) for k, v in extra.items()})
     return e
 
