@@ -5,9 +5,10 @@
   out as escapes, so a value cannot forge a log line) and cut to `ECHO_CHARS` characters.
 - `LogGuard`: a logging filter for the process's handlers. Whatever a call site forgot, it escapes
   control characters in every message (tracebacks, which are the server's own text, keep their lines),
-  clips a message to `MAX_LINE_CHARS`, and lets at most `burst` records of one kind (logger, level,
-  message template and exception type) through per `window` seconds; the first record of a kind
-  after a quiet window says how many were suppressed.
+  clips a message to `MAX_LINE_CHARS`, and lets at most `burst` warnings or errors of one kind
+  (logger, level, message template and exception type) through per `window` seconds; the first
+  record of a kind in the next window says how many were suppressed. Info records (one line per
+  response) are not rate-limited: they are bounded by the requests served, like an access log.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class LogGuard(logging.Filter):
         if getattr(record, "_llada_guarded", False):  # one record through several handlers
             return record._llada_pass
         exc = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+        if record.levelno < logging.WARNING and exc is None:
+            record._llada_guarded, record._llada_pass = True, True
+            self._escape(record, 0)
+            return True
         kind = (record.name, record.levelno, str(record.msg)[:200], exc)
         now = self.clock()
         with self._lock:
@@ -68,6 +73,10 @@ class LogGuard(logging.Filter):
         record._llada_guarded, record._llada_pass = True, ok
         if not ok:
             return False
+        self._escape(record, suppressed)
+        return True
+
+    def _escape(self, record: logging.LogRecord, suppressed: int) -> None:
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad format string must not lose the record
@@ -76,7 +85,6 @@ class LogGuard(logging.Filter):
         if suppressed:
             message += f" [{suppressed} similar message(s) suppressed in the last {self.window:g} s]"
         record.msg, record.args = message, None
-        return True
 
 
 def install(guard: LogGuard | None = None, loggers=("", "uvicorn", "uvicorn.error", "uvicorn.access")) -> LogGuard:

@@ -193,6 +193,8 @@ def test_log_guard_escapes_and_rate_limits():
         except OSError:
             log.error("accept failed (%d)", 1000, exc_info=True)
         log.info("x" * 100_000)
+        for i in range(100):  # one info line per response: never rate-limited
+            log.info("POST /v1/completions 200: request %d", i)
     finally:
         log.removeHandler(handler)
     text = out.getvalue()
@@ -203,6 +205,7 @@ def test_log_guard_escapes_and_rate_limits():
     assert "[995 similar message(s) suppressed in the last 60 s]" in text
     assert text.count("Traceback") == 6
     assert max(len(line) for line in text.splitlines()) <= logsafe.MAX_LINE_CHARS + 40
+    assert text.count("POST /v1/completions 200: request") == 100
 
 
 # ---------------------------------------------------------------- metrics
@@ -405,11 +408,65 @@ def test_sigterm_fails_ready_then_closes_the_listener_after_the_drain_delay(gold
 def test_a_missing_system_binary_skips_with_the_install_line_or_fails_under_ci(monkeypatch):
     import system_tools
 
-    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(system_tools.shutil, "which", lambda name: None)  # as on a machine without them
+    monkeypatch.setattr(system_tools.os, "access", lambda path, mode: False)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install -y prometheus"):
         system_tools.require("promtool")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
         system_tools.require("promtool")
-    assert system_tools.require("no-such-tool", "sh").endswith("/sh")  # found (/usr/bin): no skip, no fail
+    monkeypatch.setattr(system_tools.shutil, "which", lambda name: "/opt/bin/" + name if name == "sh" else None)
+    assert system_tools.require("no-such-tool", "sh") == "/opt/bin/sh"  # an alternative found: no skip, no fail
+
+
+# ---------------------------------------------------------------- what the README says about the edges
+def test_protocol_errors_are_uvicorns_plain_text_400_and_not_counted(bundle):
+    import uvicorn
+
+    from conftest import LiveServer
+    from server.connection import protocol_with_header_timeout
+
+    srv = LiveServer(create_app(bundle, EngineConfig(max_batch_tokens=1024), served_model_name="tiny"))
+    srv.server = uvicorn.Server(uvicorn.Config(srv.app, host="127.0.0.1", port=srv.port, log_level="warning",
+                                               access_log=False, http=protocol_with_header_timeout(10)))
+    srv.thread = threading.Thread(target=srv.server.run, daemon=True)
+    srv.start()
+    try:
+        before = metrics(srv.url)
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\n\r\n",
+                    head + b"Content-Length: abc\r\n\r\n{}"):
+            with socket_to(srv.port) as s:
+                s.sendall(raw)
+                data = read_all(s)
+            assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data
+            assert b"content-type: text/plain" in data.lower() and data.endswith(b"Invalid HTTP request received.")
+        after = metrics(srv.url)
+        counted = [k for k in after if k[0] == "llada_requests_total" and after[k] != before.get(k, 0.0)]
+        assert counted == []
+    finally:
+        srv.stop()
+
+
+def test_the_lm_eval_model_name_is_registered_by_importing_the_adapter():
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    import evaluation.lm_eval_adapter as adapter
+
+    assert get_model("llada-serve") is adapter.LLaDAServerLM
+    lm = get_model("llada-serve").create_from_arg_string("base_url=http://127.0.0.1:9")
+    assert isinstance(lm, adapter.LLaDAServerLM)
+    readme = (ROOT / "README.md").read_text()
+    assert "`lm_eval` command does not import it" in readme
+
+
+def test_promtool_check_metrics_is_clean_on_a_live_scrape(server):
+    import system_tools
+
+    promtool = system_tools.require("promtool")
+    assert post(server.url, "/v1/completions", GOOD).status_code == 200
+    text = httpx.get(server.url + "/metrics").text
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
