@@ -141,7 +141,10 @@ class Guards:
             rec.exc = e
             raise
         finally:
-            self._account(scope, rec, time.monotonic() - t0)
+            try:
+                self._account(scope, rec, time.monotonic() - t0)
+            except Exception:  # noqa: BLE001 - bookkeeping must never fail a response
+                log.error("counting a response on %s failed", clip(scope.get("path", "")), exc_info=True)
 
     async def _guarded(self, scope, receive, send, rec: Outcome):
         path = scope.get("path", "")
