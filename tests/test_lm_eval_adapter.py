@@ -42,7 +42,7 @@ def test_adapter_runs_choice_and_generation_tasks(server, tmp_path, capsys):
     assert 0.0 < em <= 1.0
     assert "llada_toy_choice" in printed and "llada_toy_generate" in printed
     m = server.app.state.metrics.render().decode()
-    assert re.search(r'^llada_requests_total\{[^}]*endpoint="/v1/loglikelihood",status="200"\} [1-9]', m, re.M), m
+    assert re.search(r'^llada_requests_total\{(?=[^}]*endpoint="/v1/loglikelihood")(?=[^}]*status="200")[^}]*\} [1-9]', m, re.M), m
 
 
 def test_adapter_reports_a_missing_server(free_port, capsys):
