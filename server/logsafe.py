@@ -4,7 +4,8 @@
   log line or an error message: repr()-escaped (newlines, control characters and lone surrogates come
   out as escapes, so a value cannot forge a log line) and cut to `ECHO_CHARS` characters.
 - `LogGuard`: a logging filter for the process's handlers. Whatever a call site forgot, it escapes
-  control characters in every message (tracebacks, which are the server's own text, keep their lines),
+  control characters in every message; a traceback keeps its lines, each prefixed with `  | ` (an
+  exception's message may quote a client's text: no line of it can pass for a record of its own),
   clips a message to `MAX_LINE_CHARS`, and lets at most `burst` warnings or errors of one kind
   (logger, level, message template and exception type) through per `window` seconds; the first
   record of a kind in the next window says how many were suppressed. Info records (one line per
@@ -20,6 +21,7 @@ import time
 
 ECHO_CHARS = 64           # at most this much of a client's value is quoted (in bodies and logs)
 MAX_LINE_CHARS = 2000     # and no log message is longer than this (its traceback aside)
+MAX_TRACEBACK_CHARS = 20000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -85,6 +87,11 @@ class LogGuard(logging.Filter):
         if suppressed:
             message += f" [{suppressed} similar message(s) suppressed in the last {self.window:g} s]"
         record.msg, record.args = message, None
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            text = logging.Formatter().formatException(record.exc_info)
+            if len(text) > MAX_TRACEBACK_CHARS:
+                text = text[:MAX_TRACEBACK_CHARS // 2] + "\n...\n" + text[-MAX_TRACEBACK_CHARS // 2:]
+            record.exc_text = "\n".join("  | " + escape_line(line, MAX_LINE_CHARS) for line in text.splitlines())
 
 
 def install(guard: LogGuard | None = None, loggers=("", "uvicorn", "uvicorn.error", "uvicorn.access")) -> LogGuard:

@@ -182,6 +182,10 @@ def test_log_guard_escapes_and_rate_limits():
     log.setLevel(logging.INFO)
     try:
         log.warning("path %s", "/a\nFORGED line\x1b[31m")
+        try:
+            raise ValueError("bad template\n2026-01-01 00:00:00 ERROR forged by a client")
+        except ValueError:
+            log.error("rendering failed", exc_info=True)
         for i in range(1000):
             try:
                 raise OSError(24, "Too many open files")
@@ -203,7 +207,9 @@ def test_log_guard_escapes_and_rate_limits():
     assert not any(line.startswith("FORGED") for line in text.splitlines())
     assert text.count("accept failed") == 6  # 5 in the first minute, then one saying what was dropped
     assert "[995 similar message(s) suppressed in the last 60 s]" in text
-    assert text.count("Traceback") == 6
+    assert text.count("Traceback") == 7
+    assert "  | ValueError: bad template" in text and "  | 2026-01-01 00:00:00 ERROR forged" in text
+    assert not any(line.startswith("2026-01-01") for line in text.splitlines())
     assert max(len(line) for line in text.splitlines()) <= logsafe.MAX_LINE_CHARS + 40
     assert text.count("POST /v1/completions 200: request") == 100
 
