@@ -169,6 +169,7 @@ def install_handlers(app: FastAPI, check_auth) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):
-        # Counted (500) and logged by the guard; the traceback once here (the log rate-limits repeats).
+        # A fallback: server.guards.Guards answers (and logs) a handler's exception itself; this
+        # runs only for one raised outside it.
         log.error("unhandled error on %s %s", request.method, clip(request.url.path), exc_info=exc)
         return error_response(500, "internal server error", "server_error")

@@ -135,8 +135,16 @@ class Guards:
             if message["type"] == "http.response.start":
                 rec.sent = message["status"]
             await send(message)
+        reply = self._closing_while_draining(observed)
         try:
-            await self._guarded(scope, receive, self._closing_while_draining(observed), rec)
+            await self._guarded(scope, receive, reply, rec)
+        except Exception as e:  # noqa: BLE001 - a bug in a handler: one traceback, one OpenAI-style 500
+            rec.exc = e
+            if rec.sent is not None or _client_gone(e):
+                raise  # mid-response: uvicorn ends the connection
+            log.error("unhandled error on %s %s", scope.get("method", "-"), clip(scope.get("path", "")), exc_info=e)
+            rec.status, rec.message = 500, "internal server error"
+            await error_response(500, "internal server error", "server_error")(scope, receive, reply)
         except BaseException as e:
             rec.exc = e
             raise
@@ -186,8 +194,7 @@ class Guards:
         if rec.exc is not None and (status is None or status < 400):
             # The catch-all handler answered 500 outside this middleware; a client that went away
             # mid-stream raises too and is a 499.
-            gone = isinstance(rec.exc, (OSError, asyncio.CancelledError)) or type(rec.exc).__name__ == "ClientDisconnect"
-            status = 499 if gone else 500
+            status = 499 if _client_gone(rec.exc) else 500
         status = status or 499  # no response at all: the client went away
         path = scope.get("path", "")
         endpoint = endpoint_label(path)
@@ -268,6 +275,11 @@ class Guards:
         rec.message = message
         # The body (or its rest) is left unread: the connection cannot carry another request.
         await error_response(status, message, type_, code=code, headers={"Connection": "close"})(scope, receive, send)
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """An exception that means the client went away (or the server cancelled the request)."""
+    return isinstance(exc, (OSError, asyncio.CancelledError)) or type(exc).__name__ == "ClientDisconnect"
 
 
 def _replay(body: bytes, receive):

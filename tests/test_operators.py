@@ -59,11 +59,20 @@ def test_catch_all_500_is_counted_and_logged_once(server, monkeypatch, caplog):
         raise RuntimeError("injected bug")
 
     monkeypatch.setattr(routes, "completion_prompts", broken)
+    uvicorn_records = []
+    catcher = logging.Handler()
+    catcher.emit = uvicorn_records.append
+    logging.getLogger("uvicorn.error").addHandler(catcher)
     before = metrics(server.url)
-    with caplog.at_level(logging.INFO, logger="llada.server"):
-        r = post(server.url, "/v1/completions", GOOD)
-        assert_error(r, 500)
-        time.sleep(0.1)
+    try:
+        with caplog.at_level(logging.INFO, logger="llada.server"):
+            r = post(server.url, "/v1/completions", GOOD)
+            err = assert_error(r, 500)
+            time.sleep(0.1)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(catcher)
+    assert err == {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+    assert not [rec for rec in uvicorn_records if rec.exc_info]  # uvicorn saw no exception: one traceback
     after = metrics(server.url)
     assert _delta(before, after, "llada_requests_total", endpoint="/v1/completions", status=500) == 1
     assert sum(_delta(before, after, "llada_requests_total", endpoint="/v1/completions", status=s)
