@@ -350,7 +350,7 @@ def test_cached_config_finds_the_autotuners_choice(gen):
     from kernels.attention_triton import cached_config
 
     configs = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in ((64, 4), (128, 2))]
-    tuner = triton.autotune(configs=configs, key=["vocab", "N_BAN", "BAN_ROWS"])(
+    tuner = triton.autotune(configs=configs, key=["vocab", "n_class", "N_BAN", "BAN_ROWS"])(
         sel_mod._sample_kernel)
     # No timing on CPU: pretend the larger chunk is faster.
     tuner._bench = lambda *a, config, **k: [1.0 / config.kwargs["BLOCK_V"]]
@@ -360,12 +360,13 @@ def test_cached_config_finds_the_autotuners_choice(gen):
     x0 = torch.full((n,), -7, dtype=torch.int64, device=DEVICE)
     conf = torch.full((n,), float("nan"), device=DEVICE)
     ban_t = sel_mod._ban_tensor([], DEVICE)
-    args = (logits, logits.stride(0), vocab, temp, seed, nonce, pos, ban_t, ban_t, x0, conf)
+    args = (logits, logits.stride(0), vocab, temp, seed, nonce, pos, ban_t, ban_t, x0, conf, 4)
     kw = dict(N_BAN=0, BAN_ROWS=False, FAST=not INTERPRET)
     assert cached_config(tuner, args, kw) is None
     tuner[(n,)](*args, **kw)
     cfg = cached_config(tuner, args, kw)
     assert cfg is not None and cfg.kwargs["BLOCK_V"] == 128 and cfg.num_warps == 2
     assert cached_config(tuner, args, dict(kw, N_BAN=1)) is None  # another key
+    assert cached_config(tuner, args[:-1] + (64,), kw) is None  # another row-count class
     rx0, _ = sample_candidates_reference(logits, temp, seed, nonce, pos)
     assert torch.equal(x0, rx0), f"seed {SEED}"
