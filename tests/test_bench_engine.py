@@ -47,7 +47,7 @@ def test_rows_are_printed_and_saved_as_soon_as_measured(tmp_path, capsys, monkey
     assert printed.index("copy bandwidth") < printed.index("| baseline")  # the machine first
     for r in data["rows"]:
         assert f"| {r['config']} |" in printed
-    assert "| 3." not in printed
+    assert "| 3. 8 requests" not in printed
     assert not (tmp_path / "rows.json.tmp").exists()
 
 
