@@ -100,3 +100,16 @@ def test_graphs_column_counts_replayed_eager_and_refused_steps(tmp_path, capsys,
     assert "WARNING: 3. 8 requests, dual cache:" in printed and "not a CUDA graph figure" in printed
     assert "WARNING: 2." not in printed
     assert "capture refused in: 3. 8 requests, dual cache" in printed
+
+
+def test_random_model_is_fused_as_the_loader_serves_it():
+    """The benchmark measures what the server runs: one q/k/v and one gate/up product per block."""
+    import torch
+
+    bundle = bench_engine.build_random("tiny", torch.device("cpu"), torch.float32)
+    cfg = bundle.config
+    for block in bundle.model.blocks:
+        assert block.qkv is not None and block.gate_up is not None
+        assert not hasattr(block, "q_proj") and not hasattr(block, "ff_proj")
+        assert block.qkv.shape == ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.d_model)
+        assert block.gate_up.shape == (2 * cfg.mlp_hidden_size, cfg.d_model)
