@@ -19,7 +19,10 @@ if str(TESTS) not in sys.path:
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-GOLDEN = (ROOT / ".." / "shared" / "golden" / "tiny-llada").resolve()
+# The golden sets beside the checkout, or inside it (shared/golden: how they travel to a GPU machine).
+GOLDEN = next((p for p in (ROOT / "shared" / "golden" / "tiny-llada",
+                           (ROOT / ".." / "shared" / "golden" / "tiny-llada").resolve())
+               if (p / "config.json").is_file()), (ROOT / ".." / "shared" / "golden" / "tiny-llada").resolve())
 
 # Every model in the tests is tiny: one intra-op thread, as the entry points choose for small models
 # (weights.checkpoint.pick_cpu_threads), keeps the suite fast when other processes hold a core.
