@@ -2,7 +2,7 @@
 
 `create_app(bundle, engine_config, ...)` builds a complete app around any loaded ModelBundle, so
 tests and the CLI share one code path. The engine thread starts with the app's lifespan. The routes
-are in server/routes.py, request reading in server/requests.py, one request in flight in
+are in server/routes.py, request checks in server/checks.py, request reading in server/requests.py, one request in flight in
 server/job.py, the SSE bodies in server/streaming.py and the error body in server/errors.py.
 """
 
@@ -19,7 +19,7 @@ from sampler.scheduler import Engine, EngineConfig
 from server.answer import Decoder
 from server.connection import collapse_loop_errors
 from server.errors import ApiError, install_handlers
-from server.guards import Guards, default_max_body_bytes
+from server.guards import Guards, default_max_body_bytes, outcome_of
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
 from server.routes import HEAD_PATHS, api, check_auth, ops
@@ -52,7 +52,10 @@ class Service:
         self.decoder = Decoder(bundle.tokenizer)
         self.config = bundle.config
         self.stop_ids = list(bundle.special.stop)
-        self.vocab_size = bundle.vocab_size  # the one bound on client token ids (requests.in_vocabulary)
+        self.vocab_size = bundle.vocab_size  # the one bound on client token ids (checks.in_vocabulary)
+        self.block_diffusion = bool(bundle.config.block_diffusion)  # the strategy's parameter meanings
+        self.max_batch_tokens = engine.config.max_batch_tokens  # the request fit (checks.params)
+        self.max_queue = engine.config.max_queue  # generations per request at most (checks.fanout)
         self.created = int(time.time())
 
     def model_card(self) -> dict:
@@ -113,7 +116,7 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.head_paths = frozenset(HEAD_PATHS)  # a 405 there says Allow: GET, HEAD
-    install_handlers(app, check_auth)
+    install_handlers(app, check_auth, outcome_of)
     app.add_middleware(Guards, max_body_bytes=max_body_bytes or default_max_body_bytes(svc.config.max_sequence_length),
                        body_timeout=body_timeout, allowed_hosts=allowed_hosts, engine=engine, metrics=metrics,
                        authenticate=check_auth)
