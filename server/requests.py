@@ -219,6 +219,7 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         threshold=req.threshold if req.threshold is not None else released.get("threshold"),
         cache=req.cache or "none", seed=derive_seed(base_seed, index),
         ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos),
+        eos_bias=0.0 if req.eos_bias is None else float(req.eos_bias),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
         min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req), **extra)
     if blocks:

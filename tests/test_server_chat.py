@@ -112,3 +112,19 @@ def test_default_model_serves_chat_out_of_the_box(live_server):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=name, messages=msgs, max_tokens=32, stream=True) if c.choices)
     assert streamed == out.choices[0].message.content
+
+
+def test_chat_honours_eos_bias(server, bundle):
+    """The chat endpoint takes eos_bias too: its ids equal the sampler's with the same bias."""
+    messages = [{"role": "user", "content": "hello there"}]
+    prompt = bundle.tokenizer.chat_ids(messages, add_generation_prompt=True)
+    for bias in (-100.0, 100.0):
+        r = post(server.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "block_length": 8,
+                                                      "eos_bias": bias})
+        assert r.status_code == 200, r.text
+        sp = SamplingParams(gen_length=8, block_length=8, eos_bias=bias)
+        ids = cut_answer(generate(bundle, [prompt], sp)[0].gen_ids, bundle.special.stop, 8)
+        ch = r.json()["choices"][0]
+        assert ch["message"]["content"] == bundle.tokenizer.decode(ids, skip_special_tokens=True)
+        assert ch["finish_reason"] == ("length" if bias < 0 else "stop")
+        assert len(ids) == (8 if bias < 0 else 0)
