@@ -10,24 +10,14 @@ import pytest
 
 from sampler.generate import cut_answer, generate
 from sampler.params import SamplingParams
-from sampler.scheduler import EngineConfig
-from server.app import create_app
 from test_server_helpers import metric, metrics, post, sse_events
-from weights.checkpoint import load_checkpoint
 
 PROMPT = [5, 17, 42, 7, 99, 3]
 
 
 @pytest.fixture(scope="module")
-def bundle(golden_dir):
-    return load_checkpoint(golden_dir, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(bundle, live_server):
-    app = create_app(bundle, EngineConfig(max_batch_size=32, max_batch_tokens=4096, max_queue=256),
-                     served_model_name="tiny")
-    return live_server(app)
+def server(bundle, serve):
+    return serve(bundle, max_batch_size=32, max_batch_tokens=4096, max_queue=256)
 
 
 @pytest.fixture(scope="module")
