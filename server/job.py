@@ -39,13 +39,10 @@ class Job:
         self.decoder = plan.decoder
         self.known: dict[int, list[int]] = {}   # per choice: the final prefix ids seen so far
         self.lp_sent: dict[int, int] = {}       # per choice: answer tokens whose logprobs were streamed
-        stream_steps = bool(req.stream_steps)
-        self.choices: list[BaseChoice] = [g.choice for g in plan.generations]
-        self.handles: list[Handle] = [
-            Handle(prompt_ids=g.prompt_ids, params=g.params, sink=self._sink(g.choice.index), want_steps=stream_steps,
-                   want_progress=g.want_progress, answer_limit=g.answer_limit, suffix_ids=g.suffix_ids,
-                   span_ids=g.span_ids)
-            for g in plan.generations]
+        self.choices: list[BaseChoice] = plan.choices
+        self.handles: list[Handle] = plan.handles
+        for c, h in zip(self.choices, self.handles):
+            h.sink = self._sink(c.index)
 
     def _sink(self, idx):
         loop, q = self.loop, self.queue

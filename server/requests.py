@@ -7,9 +7,10 @@ The rules these functions apply are in server/checks.py; nothing here talks to t
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sampler.params import LLADA2_FIELDS, MAX_SEED, MAX_TOP_LOGPROBS, RELEASED_DEFAULTS, SamplingParams
+from sampler.scheduler import Handle
 from server import checks
 from server.answer import BaseChoice, Choice, Decoder
 from server.errors import ApiError, clip
@@ -230,24 +231,13 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
 
 
 @dataclass
-class Generation:
-    """One sub-request as the engine will run it: its ids, parameters and the choice it answers."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    choice: BaseChoice
-    suffix_ids: list[int] = field(default_factory=list)
-    span_ids: list[int] | None = None
-    answer_limit: int | None = None
-    want_progress: bool = False
-
-
-@dataclass
 class Plan:
-    """A whole request: its generations (prompts x n, in choice order), the decoder of their text
-    and the prompt tokens it is billed for."""
+    """A whole request as the engine will run it: per generation (prompts x n, in choice order) the
+    engine's Handle (its sink set by the Job) and the choice it answers; the decoder of their text
+    and the prompt tokens the request is billed for."""
 
-    generations: list[Generation]
+    handles: list[Handle]
+    choices: list[BaseChoice]
     decoder: Decoder
     prompt_tokens: int
 
@@ -261,23 +251,26 @@ def plan(svc, req, prompts: list[list[int]], n: int, max_tokens: int | None, suf
     base_seed = req.seed if req.seed is not None else secrets.randbits(62)
     suffix = list(suffix_ids or [])
     decoder = svc.decoder if req.skip_special_tokens is not False else Decoder(svc.tokenizer, skip_special=False)
-    progress = bool(stops) or bool(req.stream)
-    gens = []
+    progress, steps = bool(stops) or bool(req.stream), bool(req.stream_steps)
+    handles, choices = [], []
     for pi, p in enumerate(prompts):
         ip = infills[pi] if infills is not None else None
         for j in range(n):
             idx = pi * n + j
             if ip is not None:
                 sp = sampling(svc, req, None, len(ip.prefix) + len(ip.suffix), idx, base_seed, span=ip.span)
-                gens.append(Generation(p, sp, InfillChoice(idx, decoder, ip), list(ip.suffix), list(ip.span)))
+                choices.append(InfillChoice(idx, decoder, ip))
+                handles.append(Handle(prompt_ids=p, params=sp, sink=None, want_steps=steps,
+                                      suffix_ids=list(ip.suffix), span_ids=list(ip.span)))
                 continue
             sp = sampling(svc, req, max_tokens, len(p) + len(suffix), idx, base_seed,
                           exact_length=suffix_ids is not None)
             limit = min(max_tokens if max_tokens is not None else sp.gen_length, sp.gen_length)
-            gens.append(Generation(p, sp, Choice(idx, decoder, svc.stop_ids, limit, stops), suffix,
-                                   answer_limit=limit, want_progress=progress))
+            choices.append(Choice(idx, decoder, svc.stop_ids, limit, stops))
+            handles.append(Handle(prompt_ids=p, params=sp, sink=None, want_steps=steps, want_progress=progress,
+                                  answer_limit=limit, suffix_ids=suffix))
     if infills is not None:
         tokens = sum(len(ip.prefix) + len(ip.span) - ip.masks + len(ip.suffix) for ip in infills)
     else:
         tokens = sum(len(p) + len(suffix) for p in prompts)
-    return Plan(gens, decoder, tokens)
+    return Plan(handles, choices, decoder, tokens)
