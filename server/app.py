@@ -2,8 +2,9 @@
 
 `create_app(bundle, engine_config, ...)` builds a complete app around any loaded ModelBundle, so
 tests and the CLI share one code path. The engine thread starts with the app's lifespan. The routes
-are in server/routes.py, request checks in server/checks.py, request reading in server/requests.py, one request in flight in
-server/job.py, the SSE bodies in server/streaming.py and the error body in server/errors.py.
+are in server/routes.py, request checks in server/checks.py, request reading in server/requests.py,
+one request in flight in server/job.py, the SSE bodies in server/streaming.py and the error body in
+server/errors.py.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ __all__ = ["ApiError", "Service", "ServerLimits", "create_app", "derive_seed"]
 
 DESCRIPTION = ("OpenAI-compatible server for LLaDA masked-diffusion language models. The request bodies "
                "take OpenAI's fields plus the diffusion extensions (steps, block_length, remasking, "
-               "cfg_scale, threshold, cache, ban_eos, defer_eos, stream_steps; on LLaDA2.x checkpoints also "
+               "cfg_scale, threshold, cache, ban_eos, defer_eos, eos_bias, stream_steps; on LLaDA2.x "
+               "checkpoints also "
                "minimal_topk, eos_early_stop, editing_threshold, max_post_steps, num_to_transfer). "
                "Errors use OpenAI's body.")
 
