@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("server", "sampler", "weights", "kernels")
 MAX_FUNCTION_LINES = 80
@@ -105,3 +107,17 @@ def test_no_function_over_80_lines():
                     if n > MAX_FUNCTION_LINES:
                         long.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+# The refusal each request rule answers with, written once: in server/checks.py.
+RULE_TEXTS = ("does not exist; this server serves", "seed must be an integer", "is outside the vocabulary",
+              "is the mask id", "holds the mask token", "n must be between", "prompt(s) x n=",
+              "exceeds the model's context", "tokens; the model's context is", "needs a tokenizer",
+              "characters per token", "pairs per request", "stop strings, got")
+
+
+@pytest.mark.parametrize("text", RULE_TEXTS)
+def test_each_request_rule_is_written_once_in_checks(text):
+    where = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "server").rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if text in line]
+    assert len(where) == 1 and where[0].startswith("server/checks.py"), where
