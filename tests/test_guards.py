@@ -16,7 +16,7 @@ import pytest
 from sampler.scheduler import EngineConfig
 from server.app import create_app
 from test_server_errors import SlowModel, assert_error
-from test_server_helpers import metric, metrics, post
+from test_server_helpers import raw_json, metric, metrics, post
 
 GOOD = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8}
 
@@ -24,11 +24,6 @@ GOOD = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8}
 @pytest.fixture(scope="module")
 def server(bundle, serve):
     return serve(bundle, max_body_bytes=64 * 1024, body_timeout=0.5)
-
-
-def raw_json(obj) -> bytes:
-    """JSON with ASCII escapes, so lone surrogates travel as '\\ud800' (as browsers and SDKs send them)."""
-    return json.dumps(obj).encode()
 
 
 # ---------------------------------------------------------------- guards before the app

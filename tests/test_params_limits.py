@@ -3,7 +3,6 @@ before the body is read element by element; every one a 400 naming the field, ne
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -11,7 +10,7 @@ from sampler.params import MAX_CFG_SCALE, MAX_TEMPERATURE, MIN_THRESHOLD, Sampli
 from sampler.scheduler import EngineConfig
 from server.app import create_app
 from test_server_errors import assert_error
-from test_server_helpers import post
+from test_server_helpers import post, raw_json
 
 GOOD = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8}
 
@@ -19,11 +18,6 @@ GOOD = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8}
 @pytest.fixture(scope="module")
 def server(bundle, serve):
     return serve(bundle, max_body_bytes=64 * 1024, body_timeout=0.5)
-
-
-def raw_json(obj) -> bytes:
-    """JSON with ASCII escapes, so lone surrogates travel as '\\ud800' (as browsers and SDKs send them)."""
-    return json.dumps(obj).encode()
 
 
 # ---------------------------------------------------------------- numbers in the engine's precision

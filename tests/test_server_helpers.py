@@ -43,3 +43,8 @@ def post(base: str, path: str, body, headers=None, timeout=60.0) -> httpx.Respon
         return httpx.post(base + path, content=body, headers={"Content-Type": "application/json",
                                                               **(headers or {})}, timeout=timeout)
     return httpx.post(base + path, json=body, headers=headers, timeout=timeout)
+
+
+def raw_json(obj) -> bytes:
+    """JSON with ASCII escapes, so lone surrogates travel as '\\ud800' (as browsers and SDKs send them)."""
+    return json.dumps(obj).encode()
