@@ -91,3 +91,120 @@ def test_size_that_does_not_divide_is_refused_by_field():
 def test_loader_refuses_a_size_that_does_not_divide():
     with pytest.raises(CheckpointError, match="num_attention_heads=4"):
         load_checkpoint(GOLDEN_DIR / "tiny-llada", device="cpu", tp=TensorParallel(0, 3))
+
+
+# ---------------------------------------------------------------- selection over a split vocabulary
+def _selection(tp):
+    """Sharded candidates against the full-vocabulary reference, on rows with ties, bans and noise."""
+    from kernels.selection import sample_candidates_reference, sample_candidates_sharded
+
+    g = torch.Generator().manual_seed(5)
+    n, v = 12, 40
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64)
+    logits[0, 3] = logits[0, 27] = 9.0            # a tie across the two halves: the lower id wins
+    logits[1, 30] = 9.0                           # the best token on rank 1 only
+    logits[2, 5] = logits[2, 6] = 9.0             # a tie inside rank 0's half
+    temp = torch.tensor([0.0] * 6 + [1.0, 0.5, 2.0, 1.0, 1.0, 0.7], dtype=torch.float32)
+    seed = torch.arange(n, dtype=torch.int64) + 11
+    nonce = torch.full((n,), 3, dtype=torch.int64)
+    pos = torch.arange(n, dtype=torch.int64) * 2
+    ban_rows = torch.zeros(n, dtype=torch.bool)
+    ban_rows[[1, 4, 9]] = True
+    out = []
+    for ban_ids, rows in ((None, None), ([30], ban_rows), ([3, 27], None)):
+        want = sample_candidates_reference(logits, temp, seed, nonce, pos, ban_ids, rows)
+        lo = 0 if tp is None else tp.rank * v // 2
+        local = logits if tp is None else logits[:, lo:lo + v // 2]
+        got = None if tp is None else sample_candidates_sharded(local, temp, seed, nonce, pos, lo, tp,
+                                                                ban_ids, rows)
+        out.append((want, got))
+    return out
+
+
+def test_sharded_candidates_equal_full_vocabulary_selection():
+    for (x_want, c_want), (x_got, c_got) in run_ranks(2, _selection):
+        assert torch.equal(x_got, x_want)
+        assert torch.allclose(c_got, c_want, rtol=1e-6, atol=0)
+    (x0, _), _ = _selection(None)[0]
+    assert x0[0] == 3 and x0[1] == 30 and x0[2] == 5
+
+
+# ---------------------------------------------------------------- whole requests under TP 2
+def _requests():
+    from sampler.params import SamplingParams as P
+
+    base = dict(gen_length=16, block_length=8, steps=8)
+    return {
+        "tiny-llada": [
+            ([5, 9, 14, 3], P(**base, temperature=1.0, seed=7)),
+            ([8, 2, 2, 40, 7], P(**base, temperature=0.8, seed=3, top_k=5, logprobs=3)),
+            ([11, 12], P(**base, temperature=1.0, seed=1, top_p=0.8, min_p=0.05)),
+            ([6, 6, 6], P(**base, temperature=0.5, seed=9, eos_bias=-3.0, ban_eos=True)),
+            ([21, 4], P(**base, temperature=1.0, seed=2, defer_eos=True, cfg_scale=1.5)),
+            ([31, 32, 33], P(**base, temperature=1.0, seed=4, remasking="random")),
+            ([7, 1], P(**base, threshold=0.3, cache="dual")),
+        ],
+        "tiny-llada2": [
+            ([5, 9, 14, 3], P(gen_length=16, temperature=1.0, seed=7)),
+            ([8, 2, 40, 7], P(gen_length=16, ban_eos=True)),
+        ],
+    }
+
+
+def _generate(tp):
+    from sampler.generate import generate
+    from sampler.likelihood import ScoreBatch, ScoreJob
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, reqs in _requests().items():
+        b = load_checkpoint(GOLDEN_DIR / name, device="cpu", dtype="float64", tp=tp)
+        blocks = b.config.block_diffusion
+        params = [p.for_block_diffusion() if blocks else p for _, p in reqs]
+        res = generate(b, [p for p, _ in reqs], params, keep_events=True)
+        alone = [generate(b, [p], [q])[0].gen_ids for (p, _), q in zip(reqs[:2], params[:2])]
+        logprobs = [[(e.logprobs, e.top_logprobs) for e in r.events] for r in res]
+        out[name] = ([(r.gen_ids, r.nfe) for r in res], alone, logprobs)
+        if not blocks:
+            sb = ScoreBatch(b.model, b.special.mask)
+            job = ScoreJob([([5, 9, 14], [3, 8, 2])], mc_samples=4, seed=1, cfg_scale=0.0, sink=None)
+            sb.add(job)
+            sb.run(sb.take(10_000))
+            out[name + ":score"] = [(p.result().logprob, p.result().is_greedy) for p in job.state]
+    return out
+
+
+def test_requests_under_two_ranks_match_one_rank():
+    """Sampled rows (Gumbel noise of global ids), filters, logprobs, EOS bias and bans, deferred
+    stops, CFG, random remasking, threshold with the dual cache, block diffusion and scoring:
+    identical ids, NFE and logprobs batched, and alone (batch invariance under TP)."""
+    two = run_ranks(2, _generate)
+    one = _generate(None)
+    for name in _requests():
+        ids1, alone1, lp1 = one[name]
+        ids2, alone2, lp2 = two[name]
+        assert ids2 == ids1, name
+        assert alone2 == alone1 == [g for g, _ in ids1[:2]], name
+        for a, b in zip(lp1, lp2):
+            for (l1, t1), (l2, t2) in zip(a, b):
+                assert (l1 is None) == (l2 is None)
+                if l1 is not None:
+                    assert l2 == pytest.approx(l1, abs=1e-9)
+                    assert [[t for t, _ in alts] for alts in t2] == [[t for t, _ in alts] for alts in t1]
+    (lp_two, greedy_two), = two["tiny-llada:score"]
+    (lp_one, greedy_one), = one["tiny-llada:score"]
+    assert lp_two == pytest.approx(lp_one, abs=1e-9) and greedy_two == greedy_one
+    assert any(lp is not None for ev in one["tiny-llada"][2][1] for lp, _ in [ev])
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_conformance_under_two_ranks(name, capsys):
+    """Every golden case (ids and NFE) and the forward logits, batched, in fp64 on two ranks."""
+    from sampler.conformance import main
+
+    path = GOLDEN_DIR / name
+    rc = main(["--model", str(path), "--cases", str(path / "cases.json"), "--dtype", "float64",
+               "--batched", "--tensor-parallel-size", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS forward_logits" in out and " 0 failed" in out
