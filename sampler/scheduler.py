@@ -153,6 +153,11 @@ class Engine:
         pipe = self.config.pipelined
         self.pipelined = self.batch.device.type == "cuda" if pipe is None else bool(pipe)
         self.scorer = ScoreBatch(model, special.mask)
+        self.channel = None  # tensor parallel: rank 0's broadcasts to the follower ranks
+        if getattr(model, "tp", None) is not None:
+            from sampler.runner import lead
+
+            self.batch, self.scorer, self.channel = lead(self.batch, self.scorer, model.tp)
         self.scoring: dict[int, ScoreJob] = {}
         self.waiting = FairQueue()
         self.running: dict[int, Handle] = {}
@@ -217,6 +222,11 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, grace))
+        if self.channel is not None and not (self._thread is not None and self._thread.is_alive()):
+            from sampler.runner import STOP
+
+            self.channel.send(STOP)  # the followers return
+            self.channel = None
         self.alive = False
 
     # ------------------------------------------------------------------ submission

@@ -208,3 +208,52 @@ def test_conformance_under_two_ranks(name, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASS forward_logits" in out and " 0 failed" in out
+
+
+# ---------------------------------------------------------------- the engine over two ranks
+def _engine(tp, pipelined):
+    """Rank 0: an engine with staggered submissions and a scoring job; rank 1: its follower."""
+    import queue
+    import time
+
+    from sampler.likelihood import ScoreJob
+    from sampler.runner import serve_follower
+    from sampler.scheduler import Engine, EngineConfig, Handle
+    from tests.test_scheduler import CASES
+
+    torch.set_num_threads(1)
+    b = load_checkpoint(GOLDEN_DIR / "tiny-llada", device="cpu", dtype="float32", tp=tp)
+    cfg = EngineConfig(max_batch_size=4, max_batch_tokens=256, early_stop=False, pipelined=pipelined)
+    if tp is not None and tp.rank != 0:
+        serve_follower(b.model, b.special, cfg)
+        return None
+    eng = Engine(b.model, b.special, cfg).start()
+    handles = []
+    for i, (p, sp) in enumerate(CASES):
+        q = queue.Queue()
+        handles.append((eng.submit([Handle(p, sp, q.put)])[0], q))
+        time.sleep(0.003 * i)
+    sq = queue.Queue()
+    eng.submit_score(ScoreJob([([5, 9, 14], [3, 8, 2])], mc_samples=4, seed=1, cfg_scale=0.0, sink=sq.put))
+    out = []
+    for _, q in handles:
+        while True:
+            kind, payload = q.get(timeout=120)
+            if kind in ("done", "error"):
+                break
+        out.append((kind, payload.gen_ids if kind == "done" else str(payload)))
+    kind, scores = sq.get(timeout=120)
+    eng.shutdown(grace=0)
+    return out, kind, [(s.logprob, s.is_greedy) for s in scores]
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["events-at-once", "events-one-step-late"])
+def test_engine_on_two_ranks_answers_as_on_one(pipelined):
+    """Rank 0 plans and admits; the follower applies the broadcast operations and runs the same
+    steps on its shard: every answer and the scoring result equal the one-rank engine's."""
+    two = run_ranks(2, _engine, pipelined)
+    one = _engine(None, pipelined)
+    assert all(kind == "done" for kind, _ in one[0])
+    assert two[0] == one[0]
+    assert two[1] == one[1] == "done"
+    assert two[2][0][0] == pytest.approx(one[2][0][0], abs=1e-4) and two[2][0][1] == one[2][0][1]
