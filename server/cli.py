@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
       default=str(_env("cuda_graphs", "1")).lower() not in ("0", "false", "no", "off"),
       help="replay captured CUDA graphs of the denoising step (CUDA only; default on; capture time "
            "and memory are logged at start)")
+    a("--tensor-parallel-size", type=int, default=_env("tensor_parallel_size", 1),
+      help="shard the model over N ranks, one process per GPU on this node (or the ranks a launcher "
+           "such as torchrun started); rank 0 serves HTTP (default: %(default)s)")
     a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"],
       help="log level (default: %(default)s)")
     return p
@@ -101,6 +104,35 @@ def _port_in_use(host: str, port: int) -> str | None:
     return None
 
 
+def _start_ranks(args, model_dir: str, size: int, launched: bool, follower: bool):
+    """Tensor parallel: refuse a size the model cannot take, start the follower ranks (unless a
+    launcher did), join the process group. A follower rank serves rank 0 here and exits."""
+    from pathlib import Path
+
+    from sampler.runner import Ranks, follower_main
+    from sampler.scheduler import EngineConfig
+    from weights.family import read_config
+    from weights.fields import ConfigError
+    from weights.parallel import ParallelError, check_divisible
+
+    try:
+        check_divisible(read_config(Path(model_dir) / "config.json"), size)
+    except (ParallelError, ConfigError, OSError) as e:
+        _fail(f"{model_dir}: {e}", 2)
+    if follower:
+        econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                             cuda_graphs=args.cuda_graphs)
+        try:
+            code = follower_main(model_dir, args.device, args.dtype, size, econf)
+        except Exception as e:  # noqa: BLE001
+            _fail(f"rank {os.environ.get('RANK')}: {e}")
+        sys.exit(code)
+    try:
+        return Ranks.start(size, model_dir, args, spawn=not launched)
+    except RuntimeError as e:
+        _fail(str(e), 2)
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
@@ -125,7 +157,12 @@ def main(argv=None) -> None:
             except ValueError as e:
                 _fail(str(e), 2)
 
-    busy = _port_in_use(args.host, args.port)
+    tp_size = int(args.tensor_parallel_size)
+    if tp_size < 1:
+        _fail(f"--tensor-parallel-size must be >= 1, got {tp_size}", 2)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun or another launcher
+    follower = launched and int(os.environ.get("RANK", "0")) != 0
+    busy = None if follower else _port_in_use(args.host, args.port)
     if busy:
         _fail(f"cannot listen on {args.host}:{args.port}: {busy} (is another server running there? "
               "choose another --port)")
@@ -141,6 +178,9 @@ def main(argv=None) -> None:
                   "Hugging Face layout.", 2)
         model_dir = str(default)
 
+    ranks = None
+    if tp_size > 1 or launched:
+        ranks = _start_ranks(args, model_dir, tp_size, launched, follower)
     import torch
     import uvicorn
 
@@ -151,7 +191,8 @@ def main(argv=None) -> None:
     from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
     try:
-        bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype)
+        bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype,
+                                 tp=None if ranks is None else ranks.tp)
         threads = pick_cpu_threads(bundle.config, bundle.device)
     except (CheckpointError, OSError, ValueError) as e:
         _fail(f"cannot load the model from {model_dir}: {e}")
@@ -186,6 +227,8 @@ def main(argv=None) -> None:
     except (RuntimeError, ValueError) as e:  # e.g. the KV buffers do not fit the device
         _fail(f"cannot set up the engine: {e}")
     engine = app.state.engine
+    if ranks is not None:
+        ranks.attach(engine, app.state.metrics)
     kv_bytes = engine.batch.kv.nbytes
     mem = ""
     if bundle.device.type == "cuda":
@@ -230,6 +273,8 @@ def main(argv=None) -> None:
         server.run()
     except OSError as e:
         _fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    if ranks is not None:
+        ranks.stop()
     if not server.started:
         sys.exit(1)
     log.info("stopped")

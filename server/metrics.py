@@ -48,6 +48,12 @@ class Metrics:
         self.score_tokens = Counter("llada_score_tokens", "Canvas tokens evaluated by likelihood scoring",
                                     registry=r)
         self.device = None
+        self.tensor_parallel_size = Gauge("llada_tensor_parallel_size",
+                                          "Ranks the model is sharded over (1: one device)", registry=r)
+        self.tensor_parallel_size.set(1)
+        self.rank_memory = Gauge("llada_rank_memory_bytes", "Per tensor-parallel rank: GPU memory "
+                                 "allocated (resident memory on a CPU), as last reported", ["rank"], registry=r)
+        self.ranks = None  # tensor parallel: a callable giving {rank: memory bytes}
 
     # Engine hooks (called from the engine thread; prometheus_client is thread safe).
     def observe_step(self, batch_size: int, seconds: float) -> None:
@@ -90,4 +96,7 @@ class Metrics:
             self.gpu_memory.set(torch.cuda.memory_allocated(dev))
         else:
             self.gpu_memory.set(0)
+        if self.ranks is not None:
+            for rank, n in self.ranks().items():
+                self.rank_memory.labels(rank=str(rank)).set(n)
         return generate_latest(self.registry)
