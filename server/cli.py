@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tensor-parallel-size", type=int, default=_env("tensor_parallel_size", 1),
       help="shard the model over N ranks, one process per GPU on this node (or the ranks a launcher "
            "such as torchrun started); rank 0 serves HTTP (default: %(default)s)")
+    a("--plan", action="store_true", help="print the memory per rank (weights, KV buffers at "
+      "--max-batch-tokens, graph pool estimate) for --tensor-parallel-size, whether it fits the GPU and the "
+      "smallest size that does, without loading weights, and exit")
+    a("--plan-gpu", default=_env("plan_gpu"), help="the GPU --plan judges the fit on: "
+      "H100, H200, A100, A100-40, L40S, H20 (default: the local GPU)")
     a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"],
       help="log level (default: %(default)s)")
     return p
@@ -133,6 +138,33 @@ def _start_ranks(args, model_dir: str, size: int, launched: bool, follower: bool
         _fail(str(e), 2)
 
 
+def _print_plan(args, model_dir: str, size: int) -> None:
+    """`--plan`: the memory plan from config.json (no weights read)."""
+    from pathlib import Path
+
+    from weights.family import read_config
+    from weights.fields import ConfigError
+    from weights.parallel import ParallelError, check_divisible
+    from weights.plan import GPUS, format_plan, local_gpu
+
+    try:
+        config = read_config(Path(model_dir) / "config.json")
+        check_divisible(config, size)
+    except (ParallelError, ConfigError, OSError) as e:
+        _fail(f"{model_dir}: {e}", 2)
+    if args.plan_gpu:
+        key = {k.lower(): k for k in GPUS}.get(args.plan_gpu.lower())
+        if key is None:
+            _fail(f"--plan-gpu {args.plan_gpu!r} is not known; choose one of {', '.join(GPUS)}", 2)
+        gpu, gpu_bytes = key, GPUS[key]
+    else:
+        gpu, gpu_bytes = local_gpu() or (None, None)
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    for line in format_plan(Path(model_dir).name, config, size, dtype, args.max_batch_tokens,
+                            args.max_batch_size, gpu, gpu_bytes):
+        print(line)
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
@@ -178,6 +210,9 @@ def main(argv=None) -> None:
                   "Hugging Face layout.", 2)
         model_dir = str(default)
 
+    if args.plan:
+        _print_plan(args, model_dir, tp_size)
+        return
     ranks = None
     if tp_size > 1 or launched:
         ranks = _start_ranks(args, model_dir, tp_size, launched, follower)

@@ -257,3 +257,34 @@ def test_engine_on_two_ranks_answers_as_on_one(pipelined):
     assert two[0] == one[0]
     assert two[1] == one[1] == "done"
     assert two[2][0][0] == pytest.approx(one[2][0][0], abs=1e-4) and two[2][0][1] == one[2][0][1]
+
+
+# ---------------------------------------------------------------- llada-serve --plan
+FLASH = GOLDEN_DIR.parents[1] / "deploy" / "configs" / "LLaDA2.0-flash"
+
+
+def _plan(*args):
+    from tests.test_server_cli import run_cli
+
+    return run_cli(["--plan", *args])
+
+
+def test_plan_of_llada2_flash_without_weights():
+    """The directory holds config.json only: the plan never reads weights."""
+    assert not list(FLASH.glob("*.safetensors"))
+    r = _plan("--model", str(FLASH), "--tensor-parallel-size", "2", "--plan-gpu", "H100")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "102.89B parameters" in out and "does not fit" in out
+    assert "smallest tensor-parallel size that fits: 4" in out
+    weights = float(out.split("weights")[1].split("GiB")[0])
+    assert weights == pytest.approx(102.89e9 * 2 / 2 / 2**30, rel=0.01)  # half of the bf16 bytes
+    r = _plan("--model", str(FLASH), "--tensor-parallel-size", "4", "--plan-gpu", "h200")
+    assert r.returncode == 0 and "fits" in r.stdout and "does not fit" not in r.stdout
+
+
+def test_plan_refuses_unknown_gpus_and_sizes():
+    r = _plan("--model", str(FLASH), "--plan-gpu", "Z9")
+    assert r.returncode == 2 and "H100" in r.stderr
+    r = _plan("--model", str(FLASH), "--tensor-parallel-size", "8", "--plan-gpu", "H100")
+    assert r.returncode == 2 and "num_key_value_heads=4" in r.stderr and "1, 2, 4" in r.stderr
