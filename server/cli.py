@@ -124,6 +124,9 @@ def _start_ranks(args, model_dir: str, size: int, launched: bool, follower: bool
         check_divisible(read_config(Path(model_dir) / "config.json"), size)
     except (ParallelError, ConfigError, OSError) as e:
         _fail(f"{model_dir}: {e}", 2)
+    if args.cuda_graphs:  # capturing the step with its collectives is not verified yet: eager
+        log.info("tensor parallel: the step runs eagerly (CUDA graphs off)")
+        args.cuda_graphs = False
     if follower:
         econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                              cuda_graphs=args.cuda_graphs)

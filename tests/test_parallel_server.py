@@ -151,6 +151,10 @@ def test_a_lost_rank_fails_requests_with_503_and_the_server_exits(golden_dir, fr
         t.join(30)
         assert result["r"].status_code == 503, result["r"].text
         assert result["r"].json()["error"]["code"] == "rank_failed"
+        try:
+            assert httpx.get(base + "/ready", timeout=2).status_code == 503
+        except httpx.TransportError:
+            pass  # already gone
         rc = proc.wait(timeout=10)
         assert rc != 0
     finally:

@@ -19,6 +19,7 @@ import torch
 from weights.family import family_of, read_config
 from weights.fields import ConfigError
 from weights.layers import DecoderLM
+from weights.parallel import ParallelError, check_divisible, read_shard
 from weights.tokenizer import Tokenizer
 
 log = logging.getLogger("llada.weights")
@@ -195,8 +196,6 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
     only its slices of each tensor (`get_slice`); a size that does not divide a sharded dimension
     is a CheckpointError naming the field and the sizes that work."""
     from safetensors import safe_open
-
-    from weights.parallel import ParallelError, check_divisible, read_shard
 
     path = Path(path)
     if not path.is_dir():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import attention
+from weights.parallel import Shard
 
 
 @dataclass
@@ -319,8 +320,6 @@ class DecoderLM(nn.Module):
         """Checkpoint tensor name -> `weights.parallel.Shard` (the part this rank reads) or None
         (the whole tensor). The split dimension is where this rank's tensor is smaller than the
         checkpoint's (the same network built for one rank)."""
-        from weights.parallel import Shard
-
         mine = self.checkpoint_tensors()
         if self.tp is None:
             return {name: None for name in mine}

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from weights.checkpoint import build_network
+from weights.parallel import TensorParallel, sharded_fields
+
 GIB = 2**30
 RESERVE = 2 * GIB
 
@@ -47,9 +50,6 @@ class RankPlan:
 
 
 def rank_weights(config, size: int, dtype_bytes: int) -> int:
-    from weights.checkpoint import build_network
-    from weights.parallel import TensorParallel
-
     tp = TensorParallel(0, size) if size > 1 else None
     model = build_network(config, "meta", None, tp)
     return sum(p.numel() for p in model.parameters()) * dtype_bytes
@@ -72,8 +72,6 @@ def rank_plan(config, size: int, dtype_bytes: int, max_batch_tokens: int, max_ba
 
 
 def valid_sizes(config, largest: int = 8) -> list[int]:
-    from weights.parallel import sharded_fields
-
     fields = sharded_fields(config)
     return [n for n in range(1, largest + 1) if all(v % n == 0 for _, v in fields)]
 
