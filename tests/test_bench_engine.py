@@ -18,3 +18,13 @@ def test_engine_benchmark_smoke(tmp_path, capsys):
     assert rows[1]["forwards_per_token"] == 1.0
     assert rows[3]["forwards_per_token"] < 0.5
     assert "| config" in capsys.readouterr().out
+
+
+def test_engine_benchmark_runs_on_two_ranks(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert bench_engine.main(["--device", "cpu", "--shape", "tiny", "--quick", "--json", str(out),
+                              "--tensor-parallel-size", "2"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [n["config"].split(".")[0] for n in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+    assert rows[1]["forwards_per_token"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert "tensor parallel 2" in capsys.readouterr().out
