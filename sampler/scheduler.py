@@ -113,6 +113,7 @@ class Handle:
     admitted: float | None = None
     deadline: float | None = None
     first_block_s: float | None = None
+    first_token_seen: bool = False
     canvas: list = field(default_factory=list)
     prefix: int = 0
     steps: int = 0
@@ -389,6 +390,7 @@ class Engine:
             self.waiting.admitted(group, h)
             h.admitted = time.monotonic()
             self.running[h.rid] = h
+            self._observe("observe_queued", h.admitted - h.submitted)
         self._gauges()
 
     def _step(self) -> None:
@@ -522,6 +524,9 @@ class Engine:
             if canvas[h.prefix] in self.stop_ids:
                 h.stop_seen = True
             h.prefix += 1
+        if not h.first_token_seen and (h.prefix >= 1 or ev.finished):
+            h.first_token_seen = True
+            self._observe("observe_first_token", time.monotonic() - h.submitted)
         if h.first_block_s is None and (h.prefix >= min(h.params.block, len(canvas)) or ev.finished):
             h.first_block_s = time.monotonic() - h.submitted
             if self.metrics is not None:
@@ -588,3 +593,10 @@ class Engine:
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.set_load(len(self.waiting), len(self.running))
+            self._observe("set_kv_usage", self.batch.rows_in_use, self.batch.capacity)
+
+    def _observe(self, hook: str, *args) -> None:
+        """An optional metrics hook (a metrics object may implement only the required ones)."""
+        fn = getattr(self.metrics, hook, None)
+        if fn is not None:
+            fn(*args)

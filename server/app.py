@@ -22,7 +22,7 @@ from server.errors import ApiError, install_handlers
 from server.guards import Guards, default_max_body_bytes
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
-from server.routes import api, check_auth, ops
+from server.routes import HEAD_PATHS, api, check_auth, ops
 
 __all__ = ["ApiError", "Service", "ServerLimits", "create_app", "derive_seed"]
 
@@ -89,10 +89,11 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     so far (torch, the model, modules) moves to the garbage collector's permanent generation, so a
     request that allocates many objects (a large JSON body) does not make full collections walk
     them all (a 1 MiB body of 174k lists: 0.35 s of collections without it, 0.04 s with it)."""
-    metrics = metrics or Metrics()
-    metrics.device = bundle.model.device
+    name = served_model_name or bundle.name or "llada"
+    metrics = metrics or Metrics(model_name=name)
+    metrics.describe(bundle)
     engine = engine or Engine(bundle.model, bundle.special, engine_config or EngineConfig(), metrics=metrics)
-    svc = Service(bundle, engine, metrics, served_model_name or bundle.name or "llada", api_key,
+    svc = Service(bundle, engine, metrics, name, api_key,
                   limits or ServerLimits(), shutdown_grace, strict_fields, chat_special_tokens)
 
     @contextlib.asynccontextmanager
@@ -107,14 +108,15 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
         finally:
             await asyncio.to_thread(engine.shutdown, min(5.0, svc.shutdown_grace))
 
-    app = FastAPI(title="llada-serve", description=DESCRIPTION, lifespan=lifespan, redoc_url=None)
+    app = FastAPI(title="llada-serve", description=DESCRIPTION, lifespan=lifespan, redoc_url=None, docs_url=None)
     app.state.service = svc
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.head_paths = frozenset(HEAD_PATHS)  # a 405 there says Allow: GET, HEAD
     install_handlers(app, check_auth)
     app.add_middleware(Guards, max_body_bytes=max_body_bytes or default_max_body_bytes(svc.config.max_sequence_length),
                        body_timeout=body_timeout, allowed_hosts=allowed_hosts, engine=engine, metrics=metrics,
-                       metered=("/v1/completions", "/v1/chat/completions"), authenticate=check_auth)
+                       authenticate=check_auth)
     app.include_router(ops)
     app.include_router(api)
     app.openapi = _openapi_without_422(app)

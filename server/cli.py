@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import time
 
 log = logging.getLogger("llada.cli")
 DRAIN_BACKSTOP_S = 2.0  # uvicorn waits this long past the grace before it cancels handlers
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
       help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+    a("--drain-delay", type=float, default=_env("drain_delay", 5.0),
+      help="seconds after SIGTERM during which the server still accepts connections, answering /ready "
+      "and new requests with 503 so a load balancer takes it out of rotation, before it closes its "
+      "listener (default: %(default)s; Ctrl-C skips it)")
     a("--strict-fields", action="store_true", default=_env("strict_fields", "") in ("1", "true", "yes"),
       help="refuse request fields this server does not know with a 400 (default: ignore them with a "
       "warning in the log)")
@@ -78,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
            "such as torchrun started); rank 0 serves HTTP (default: %(default)s)")
     a("--plan", action="store_true", help="print the memory per rank (weights, KV buffers at "
       "--max-batch-tokens, graph pool estimate) for --tensor-parallel-size, whether it fits the GPU and the "
-      "smallest size that does, without loading weights, and exit")
+      "smallest size that does, without loading weights, and exit (default: off)")
     a("--plan-gpu", default=_env("plan_gpu"), help="the GPU --plan judges the fit on: "
       "H100, H200, A100, A100-40, L40S, H20 (default: the local GPU)")
     a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"],
@@ -179,6 +185,8 @@ def main(argv=None) -> None:
         _fail("--max-body-bytes must be >= 1024", 2)
     if args.max_connections < 1:
         _fail("--max-connections must be >= 1", 2)
+    if args.drain_delay < 0:
+        _fail("--drain-delay must be >= 0", 2)
     if args.header_timeout <= 0:
         _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
@@ -225,6 +233,7 @@ def main(argv=None) -> None:
     from sampler.scheduler import EngineConfig
     from server.app import create_app
     from server.connection import FD_RESERVE, protocol_with_header_timeout, raise_fd_limit
+    from server import logsafe
     from server.guards import default_allowed_hosts, default_max_body_bytes
     from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
@@ -277,8 +286,9 @@ def main(argv=None) -> None:
              bundle.device, str(bundle.dtype).replace("torch.", ""), param_bytes / 2**20, kv_bytes / 2**20,
              args.max_batch_tokens, mem)
     log.info("engine: max_batch_size %d, max_batch_tokens %d, max_queue %d, request_timeout %s, "
-             "shutdown_grace %gs, API key %s", args.max_batch_size, args.max_batch_tokens, args.max_queue,
-             f"{args.request_timeout:g}s" if args.request_timeout > 0 else "none", args.shutdown_grace,
+             "shutdown_grace %gs, drain_delay %gs, API key %s", args.max_batch_size, args.max_batch_tokens,
+             args.max_queue, f"{args.request_timeout:g}s" if args.request_timeout > 0 else "none",
+             args.shutdown_grace, args.drain_delay,
              "required" if args.api_key else "off")
     log.info("guards: max body %d bytes, header timeout %gs, body timeout %s, allowed hosts %s", max_body,
              args.header_timeout, f"{args.body_timeout:g}s" if args.body_timeout > 0 else "none",
@@ -289,20 +299,38 @@ def main(argv=None) -> None:
     # uvicorn's own graceful-shutdown timeout is only a backstop: the engine fails what is left at the
     # end of the grace (503 shutting_down), so handlers answer and connections close right after it.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_grace + DRAIN_BACKSTOP_S, access_log=False,
+                            timeout_graceful_shutdown=max(0.0, args.shutdown_grace - args.drain_delay)
+                            + DRAIN_BACKSTOP_S, access_log=False,
                             timeout_keep_alive=args.timeout_keep_alive,
                             http=protocol_with_header_timeout(args.header_timeout, max_conn))
+    logsafe.install()  # uvicorn.Config set up its loggers: every handler escapes, clips, rate-limits
 
     class Server(uvicorn.Server):
+        close_at: float | None = None  # when the listener closes (the drain delay's end)
+
         def handle_exit(self, sig, frame):
-            # Stop intake (new submissions get 503 with Connection: close, /ready turns 503), let
-            # in-flight requests finish for up to the grace, fail the rest with 503, then exit 0.
-            if not self.should_exit:
-                log.info("signal %s: draining in-flight requests (grace %gs)", sig, args.shutdown_grace)
+            # SIGTERM: stop intake at once (new requests get 503 shutting_down with Connection: close,
+            # /ready turns 503) while the listener stays open for --drain-delay, so a load balancer
+            # sees /ready fail and clients see the 503; then close the listener. In-flight requests
+            # get --shutdown-grace from the signal; what is left then is answered 503; exit 0.
+            if self.close_at is None and not self.should_exit:
+                delay = 0.0 if sig == signal.SIGINT else args.drain_delay
+                log.info("signal %s: draining (new requests get 503; listener open for %gs more; "
+                         "in-flight requests get %gs)", sig, delay, args.shutdown_grace)
                 engine.drain(args.shutdown_grace)
-            if self.should_exit and sig == 2:
+                self.close_at = time.monotonic() + delay
+                if delay <= 0:
+                    self.should_exit = True
+                return
+            if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
-            self.should_exit = True
+            self.should_exit = True  # a second signal ends the drain delay
+
+        async def on_tick(self, counter):
+            if self.close_at is not None and not self.should_exit and time.monotonic() >= self.close_at:
+                log.info("drain delay over: closing the listener")
+                self.should_exit = True
+            return await super().on_tick(counter)
 
     server = Server(config)
     log.info("listening on http://%s:%d (playground at /, OpenAI API at /v1, metrics at /metrics)",

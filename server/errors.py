@@ -17,18 +17,17 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sampler.scheduler import EngineError, QueueFull
+from server.logsafe import ECHO_CHARS, shown
 
 log = logging.getLogger("llada.server")
 
 API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/loglikelihood")
-ECHO_CHARS = 64         # at most this much of a client's value is quoted back (in bodies and logs)
 MAX_MESSAGE_CHARS = 1000  # and no error message is longer than this
 
 
 def clip(value, limit: int = ECHO_CHARS) -> str:
-    """repr() of a client's value cut to `limit` characters (lone surrogates come out escaped)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    """repr() of a client's value cut to `limit` characters (see server.logsafe.shown)."""
+    return shown(value, limit)
 
 
 class ErrorDetail(BaseModel):
@@ -122,11 +121,10 @@ def validation_error(errors: list) -> ApiError:
 
 
 def _counted(request: Request, err: ApiError) -> JSONResponse:
-    """Answer an API error, counting it in the request metrics as the handlers count their own."""
-    path = request.url.path
-    if path in API_PATHS:
-        request.app.state.metrics.request_done(path, err.status)
-        log.info("%s %d: %s", path, err.status, err.message)
+    """Answer an API error; the guard counts and logs it (with this message) once the answer is sent."""
+    from server.guards import outcome_of
+
+    outcome_of(request).message = err.message
     return err.response()
 
 
@@ -156,10 +154,22 @@ def install_handlers(app: FastAPI, check_auth) -> None:
                    else type(exc.__cause__).__name__)
             return _counted(request, ApiError(400, f"the request body cannot be parsed ({why})",
                                               code="invalid_json"))
+        from server.guards import outcome_of
+
         t = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), t, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and headers and "Allow" in headers:
+            # The router names the first route's methods; the operator routes answer HEAD too.
+            allow = [m.strip() for m in headers["Allow"].split(",") if m.strip()]
+            if request.url.path in getattr(request.app.state, "head_paths", ()) and "HEAD" not in allow:
+                allow.append("HEAD")
+            headers = {**headers, "Allow": ", ".join(allow)}
+        outcome_of(request).message = str(exc.detail)
+        return error_response(exc.status_code, str(exc.detail), t, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
+        # A fallback: server.guards.Guards answers (and logs) a handler's exception itself; this
+        # runs only for one raised outside it.
+        log.error("unhandled error on %s %s", request.method, clip(request.url.path), exc_info=exc)
         return error_response(500, "internal server error", "server_error")

@@ -9,7 +9,6 @@ otherwise the continuation is tokenised alone.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from fastapi import Request
 
@@ -18,6 +17,7 @@ from sampler.params import MAX_SEED
 from sampler.scheduler import EngineError
 from server.errors import ApiError, clip
 from server.requests import _fits_context, in_vocabulary, need_tokenizer
+from server.guards import outcome_of
 from server.schemas import LoglikelihoodRequest
 
 DEFAULT_MC_SAMPLES = 32
@@ -82,8 +82,6 @@ def build_job(svc, body: LoglikelihoodRequest, sink) -> ScoreJob:
 
 async def serve_loglikelihood(request: Request, body: LoglikelihoodRequest) -> dict:
     svc = request.app.state.service
-    endpoint = request.url.path
-    t0 = time.monotonic()
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
 
@@ -103,7 +101,6 @@ async def serve_loglikelihood(request: Request, body: LoglikelihoodRequest) -> d
             if await request.is_disconnected():
                 job.cancel()
                 svc.engine.wake()
-                svc.metrics.request_done(endpoint, 499)
                 return None
     if kind == "error":
         raise ApiError.from_engine(payload)
@@ -112,7 +109,9 @@ async def serve_loglikelihood(request: Request, body: LoglikelihoodRequest) -> d
         data.append({"index": i, "logprob": r.logprob, "stderr": r.stderr, "is_greedy": r.is_greedy,
                      "forwards": r.forwards, "context_tokens": len(ctx), "continuation_tokens": r.tokens})
     tokens = sum(len(c) + len(y) for c, y in job.pairs)
-    svc.metrics.request_done(endpoint, 200, time.monotonic() - t0)
+    rec = outcome_of(request)  # the guard counts and logs the response from it
+    rec.usage = {"prompt_tokens": tokens}
+    rec.detail = f"{len(data)} pair(s), {tokens} tokens, {job.mc_samples} samples each"
     return {"object": "loglikelihood", "model": svc.name, "mc_samples": job.mc_samples, "seed": job.seed,
             "cfg_scale": job.cfg_scale, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens,

@@ -7,11 +7,7 @@ that the request is counted, logged and its engine work cancelled however the st
 from __future__ import annotations
 
 import json
-import logging
 import math
-import time
-
-log = logging.getLogger("llada.server")
 
 DONE = b"data: [DONE]\n\n"
 
@@ -63,31 +59,19 @@ def error_event(status: int, message: str, type_: str, code=None, param=None) ->
 def _end_with_error(job, state, err):
     """A stream's last events after a failure: the OpenAI error body, then [DONE]."""
     job.cancel()
-    state["status"] = err.status
+    state.status = err.status
     return [event(error_event(err.status, err.message, err.type, err.code, err.param)), DONE]
 
 
-def log_done(endpoint: str, status: int, job, t0: float, how: str = "") -> None:
-    u = job.usage()
-    log.info("%s %d%s: %d choice(s), %d prompt + %d generated tokens, %.3fs", endpoint, status, how,
-             len(job.choices), u["prompt_tokens"], u["completion_tokens"], time.monotonic() - t0)
-
-
-async def metered(gen, job, endpoint: str, t0: float):
-    """Run a stream body; whatever ends it, cancel the job's leftovers and count the request."""
-    metrics = job.svc.metrics
-    state = {"status": 499}
+async def metered(gen, job, rec):
+    """Run a stream body; whatever ends it, cancel the job's leftovers. `rec` (the request's
+    Outcome) holds how it ended: 499 until the stream completes or fails."""
+    rec.status, rec.how = 499, " (stream)"
     try:
-        async for chunk in gen(state):
+        async for chunk in gen(rec):
             yield chunk
     finally:
         job.cancel()
-        status = state["status"]
-        metrics.request_done(endpoint, status, time.monotonic() - t0)
-        log_done(endpoint, status, job, t0, " (stream)")
-        if status == 200:
-            u = job.usage()
-            metrics.usage(u["prompt_tokens"], u["completion_tokens"])
 
 
 def openai_stream(job, request):
@@ -146,7 +130,7 @@ def openai_stream(job, request):
         if opts is not None and opts.include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
             yield event(usage_chunk(job.id, job.created, name, obj, job.usage()))
-        state["status"] = 200
+        state.status = 200
         yield DONE
     return gen
 
@@ -185,6 +169,6 @@ def steps_stream(job, request):
         if done < len(job.choices):
             return
         yield event({"object": "diffusion.usage", "id": job.id, "usage": job.usage()})
-        state["status"] = 200
+        state.status = 200
         yield DONE
     return gen

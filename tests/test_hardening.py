@@ -306,7 +306,7 @@ def test_sigterm_past_the_grace_answers_503_and_exits_within_a_second(golden_dir
         for t in threads:
             t.start()
         deadline = time.monotonic() + 15
-        while "llada_queue_length 5.0" not in httpx.get(base + "/metrics", timeout=5).text:
+        while metric(metrics(base), "llada_queue_length") != 5:
             assert time.monotonic() < deadline, "the requests never queued"
             time.sleep(0.01)
         t0 = time.monotonic()

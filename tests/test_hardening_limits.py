@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from ckpt_factory import BASE_CONFIG, LLADA2_CONFIG, LLADA_MOE_CONFIG
+from golden_sets import TINY_LLADA
 from sampler.scheduler import EngineConfig
 from server.app import create_app
 from test_server_errors import POISON, SlowModel, assert_error
@@ -23,7 +24,7 @@ from weights.family import config_from_dict
 from weights.fields import ConfigError
 
 GOOD = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8}
-GOLDEN_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-llada" / "config.json"
+GOLDEN_CONFIG = TINY_LLADA / "config.json"
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ default model. The tasks and their documents are in tests/lm_eval_tasks/ (nothin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def test_adapter_runs_choice_and_generation_tasks(server, tmp_path, capsys):
     assert 0.0 < em <= 1.0
     assert "llada_toy_choice" in printed and "llada_toy_generate" in printed
     m = server.app.state.metrics.render().decode()
-    assert 'llada_requests_total{endpoint="/v1/loglikelihood",status="200"}' in m
+    assert re.search(r'^llada_requests_total\{(?=[^}]*endpoint="/v1/loglikelihood")(?=[^}]*status="200")[^}]*\} [1-9]', m, re.M), m
 
 
 def test_adapter_reports_a_missing_server(free_port, capsys):

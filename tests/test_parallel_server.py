@@ -130,8 +130,9 @@ def test_two_ranks_answer_as_one(free_port, tmp_path):
     assert all(code == 200 for code, _ in want), want
     assert same(got, want) == []
     assert got[0][1]["choices"][0]["message"]["content"] == want[0][1]["choices"][0]["message"]["content"]
-    assert "llada_tensor_parallel_size 2.0" in metrics
-    assert 'llada_rank_memory_bytes{rank="0"}' in metrics and 'llada_rank_memory_bytes{rank="1"}' in metrics
+    assert 'llada_tensor_parallel_size{model_name="default"} 2.0' in metrics
+    for rank in (0, 1):
+        assert f'llada_rank_memory_bytes{{model_name="default",rank="{rank}"}}' in metrics
 
 
 def test_a_lost_rank_fails_requests_with_503_and_the_server_exits(golden_dir, free_port, tmp_path):
@@ -144,7 +145,7 @@ def test_a_lost_rank_fails_requests_with_503_and_the_server_exits(golden_dir, fr
             r=httpx.post(base + "/v1/completions", json=body, timeout=60)))
         t.start()
         deadline = time.monotonic() + 15
-        while "llada_running_requests 1.0" not in httpx.get(base + "/metrics", timeout=5).text:
+        while 'llada_running_requests{model_name="tiny-llada"} 1.0' not in httpx.get(base + "/metrics", timeout=5).text:
             assert time.monotonic() < deadline and "r" not in result, ("never admitted", result)
             time.sleep(0.01)
         os.kill(follower, signal.SIGKILL)
@@ -171,7 +172,7 @@ def test_sigterm_drains_and_stops_every_rank(golden_dir, free_port, tmp_path):
             r=httpx.post(base + "/v1/completions", json=body, timeout=60)))
         t.start()
         deadline = time.monotonic() + 15
-        while "llada_running_requests 1.0" not in httpx.get(base + "/metrics", timeout=5).text:
+        while 'llada_running_requests{model_name="tiny-llada"} 1.0' not in httpx.get(base + "/metrics", timeout=5).text:
             assert time.monotonic() < deadline and "r" not in result, ("never admitted", result)
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGTERM)  # the whole group, followers included

@@ -18,6 +18,7 @@ import pytest
 
 from sampler.scheduler import EngineConfig
 from server.app import create_app
+import system_tools
 from weights import default_model_path
 from weights.checkpoint import load_checkpoint
 
@@ -26,9 +27,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 DRIVER = shutil.which("chromedriver")
 KEY = "play-key"
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or DRIVER is None,
-    reason="needs Chromium and its driver (Debian: apt-get install -y chromium chromium-driver)")
+@pytest.fixture(autouse=True, scope="module")
+def _needs_chromium():
+    """Skips the module without Chromium and its driver (fails under CI=true), saying how to install them."""
+    system_tools.require("chromium", "chromium-browser", "google-chrome")
+    system_tools.require("chromedriver")
 
 
 @pytest.fixture(scope="module")
