@@ -395,35 +395,45 @@ class Ranks:
                     "--max-batch-tokens", str(args.max_batch_tokens),
                     "--cuda-graphs", str(int(bool(args.cuda_graphs))), "--log-level", args.log_level]
             procs = spawn_followers(size, argv)
+        ranks = cls(None, procs, stats_dir)
+        if procs:  # a follower that fails before the rendezvous completes ends the start-up
+            import threading
+
+            threading.Thread(target=ranks._watch, daemon=True, name="llada-rank-watch").start()
         try:
-            tp = init_ranks(size)
+            ranks.tp = init_ranks(size)
         except Exception:
             for p in procs:
                 p.kill()
             raise
-        return cls(tp, procs, stats_dir)
+        return ranks
 
     def attach(self, engine, metrics) -> None:
         """Wire the engine and metrics: TP size and rank memory on /metrics, a lost rank fails the
-        requests with 503 and exits non-zero, a follower process that ends is noticed within 0.2 s."""
-        import threading
-
+        requests with 503 and exits non-zero (a follower process that ends is noticed within 0.2 s)."""
         self.engine = engine
         metrics.tensor_parallel_size.set(self.tp.size)
         metrics.ranks = lambda: rank_memory(self.stats_dir, self.tp.size, engine.model.device)
         engine.on_fatal = self._fatal
         if engine.channel is not None:
             engine.channel.on_error = engine.rank_lost
-        if self.procs:
-            threading.Thread(target=self._watch, daemon=True, name="llada-rank-watch").start()
 
     def _watch(self) -> None:
+        """Polls the followers: one that ends while the server starts stops the start-up (exit 1);
+        one that ends while it serves is `Engine.rank_lost`."""
+        import os
         import time
 
         while not self._stopping:
             for r, p in enumerate(self.procs, start=1):
                 code = p.poll()
-                if code is not None and not self._stopping and self.engine.channel is not None:
+                if code is None or self._stopping:
+                    continue
+                if self.engine is None:
+                    log.error("rank %d exited with status %s during start-up; stopping", r, code)
+                    self._fatal(f"rank {r} exited during start-up")
+                    return
+                if self.engine.channel is not None:
                     self.engine.rank_lost(f"rank {r} exited with status {code}")
                     return
             time.sleep(0.2)

@@ -193,3 +193,19 @@ def test_a_size_that_does_not_divide_is_refused_in_one_line(free_port):
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert "num_attention_heads=4" in line and "1, 2, 4" in line
+
+
+def test_a_rank_that_fails_at_start_stops_the_server(tmp_path, free_port):
+    """Weights that cannot be loaded (config.json passes the size check, the shards are gone): every
+    rank fails, the server exits non-zero with a message, and nothing waits on the rendezvous."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ROOT / "tests" / "golden" / "tiny-llada", ckpt)
+    for f in ckpt.glob("*.safetensors"):
+        f.unlink()
+    t0 = time.monotonic()
+    r = run_cli(["--model", str(ckpt), "--device", "cpu", "--port", str(free_port),
+                 "--tensor-parallel-size", "2"], timeout=60)
+    assert r.returncode != 0 and "cannot load the model" in r.stderr
+    assert time.monotonic() - t0 < 45

@@ -77,8 +77,11 @@ def check_divisible(config, size: int) -> None:
     """ParallelError unless `size` divides every sharded dimension of `config`."""
     if size < 1:
         raise ParallelError(f"tensor-parallel size must be at least 1, got {size}")
+    import math
+
     fields = sharded_fields(config)
-    ok = [n for n in range(1, max(v for _, v in fields) + 1) if all(v % n == 0 for _, v in fields)]
+    g = math.gcd(*(v for _, v in fields))
+    ok = [n for n in range(1, g + 1) if g % n == 0]
     for field, v in fields:
         if v % size:
             raise ParallelError(f"tensor-parallel size {size} does not divide {field}={v}; sizes that "
