@@ -86,9 +86,9 @@ class Bundle:
         self.model, self.config, self.special, self.decoding = model, config, special, decoding
 
 
-def build_random(shape: str, device: torch.device, dtype: torch.dtype) -> Bundle:
+def build_random(shape: str, device: torch.device, dtype: torch.dtype, tp=None) -> Bundle:
     cfg = config_from_dict(MOE_SHAPES[shape]) if shape in MOE_SHAPES else LLaDAConfig(**SHAPES[shape])
-    model = build_network(cfg, device, dtype)
+    model = build_network(cfg, device, dtype, tp)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -236,7 +236,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                    help="replay captured CUDA graphs of the step (CUDA only; default on)")
+                    help="replay captured CUDA graphs of the step (CUDA only; default on; off with "
+                         "--tensor-parallel-size > 1)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="shard the model over N local ranks (one process each; rank 0 prints)")
     ap.add_argument("--no-eager-rows", dest="eager_rows", action="store_false",
                     help="leave out rows 2e and 3e (rows 2 and 3 eager and synchronous, CUDA only)")
     ap.add_argument("--full-row4", action="store_true",
@@ -244,17 +247,42 @@ def main(argv=None) -> int:
                          "padded query tokens against the default's 1.4 M: over 4 minutes per pass "
                          "on an H200)")
     args = ap.parse_args(argv)
+    if args.tensor_parallel_size > 1:
+        from weights.parallel import run_ranks
+
+        args.cuda_graphs = False  # the step with its collectives runs eagerly for now
+        out = run_ranks(args.tensor_parallel_size, _rank, args)
+        print(out, end="")
+        return 0
+    return _bench(args, None)
+
+
+def _rank(tp, args) -> str:
+    """One rank of a tensor-parallel run: every rank runs the benchmark, rank 0's output is kept."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _bench(args, tp)
+    return buf.getvalue()
+
+
+def _bench(args, tp) -> int:
+    size = 1 if tp is None else tp.size
 
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                        (args.device if args.device != "auto" else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     shape = args.shape or ("8b" if dev.type == "cuda" else "tiny")
     if args.model:
-        bundle = load_checkpoint(args.model, device=dev, dtype=dtype)
+        bundle = load_checkpoint(args.model, device=dev, dtype=dtype, tp=tp)
         label = args.model
     else:
-        bundle = build_random(shape, dev, dtype)
+        bundle = build_random(shape, dev, dtype, tp)
         label = f"random {shape} shape"
+    if size > 1:
+        label += f", tensor parallel {size} (per-rank figures)"
     cfg = bundle.config
     pick_cpu_threads(cfg, dev)  # one intra-op thread for small models on a CPU, as the server does
     weight_bytes = sum(p.numel() * p.element_size() for p in bundle.model.parameters())
@@ -296,7 +324,7 @@ def main(argv=None) -> int:
         per_fwd = res.seconds / max(res.forwards, 1)
         # Roofline of one forward: reading the weights once, or the FLOPs of the tokens it processes.
         avg_q = res.tokens_in_forwards / max(res.forwards, 1)
-        floor = max(read_bytes / bw, 2 * cfg.active_parameters * avg_q / flops)
+        floor = max(read_bytes / bw, 2 * cfg.active_parameters * avg_q / flops / size)
         roof_tps = (res.tokens / max(res.forwards, 1)) / floor
         row = dict(
             config=label_, requests=res.requests, tokens_per_s=round(tps, 1),
@@ -311,7 +339,7 @@ def main(argv=None) -> int:
         if res.refused:
             print(f"WARNING: {label_}: {res.refused} steps were refused capture and ran eagerly; "
                   f"this row is not a CUDA graph figure", flush=True)
-        if args.json:
+        if args.json and (tp is None or tp.rank == 0):
             write_json(args.json, dict(meta, rows=rows, complete=False))
 
     if cfg.block_diffusion:
@@ -330,7 +358,7 @@ def main(argv=None) -> int:
         free = torch.cuda.mem_get_info()[0]
         print(f"KV rows per request (prompt {P} + gen {G}): {per_req / 2**20:.0f} MiB; "
               f"requests that fit in the free memory now: {free // per_req}")
-    if args.json:
+    if args.json and (tp is None or tp.rank == 0):
         write_json(args.json, dict(meta, rows=rows, complete=True))
     refused = [r["config"] for r in rows if r["graphs"] != "off" and not r["graphs"].endswith("/0")]
     if refused:

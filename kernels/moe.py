@@ -5,7 +5,9 @@
 out[t] = sum over j of weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])) with e = ids[t, j],
 gate_e / up_e the two halves of gate_up[e]. Each expert's output is rounded to x's dtype (what a
 model-dtype expert module returns), the weighted sum accumulates in fp32 (fp64 for fp64 inputs) over
-the k choices in a fixed order and is cast back to x's dtype.
+the k choices in a fixed order and is cast back to x's dtype. A pair with id -1 (with weight 0)
+belongs to another rank's experts under expert parallelism and adds nothing (the reference skips
+it; the Triton path runs it on expert 0 with its weight 0).
 
 `moe_ffn_reference` (PyTorch, any device and dtype) groups the (token, choice) pairs by expert with
 one stable sort and runs one pair of products per expert that has tokens. `moe_ffn_triton` does the
@@ -30,7 +32,9 @@ def moe_ffn_reference(x, ids, weights, gate_up, down):
     acc = _acc(x.dtype)
     flat = ids.reshape(-1)
     order = torch.sort(flat, stable=True).indices              # pairs grouped by expert
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    skipped = int((flat < 0).sum())                            # id -1: another rank's expert
+    order = order[skipped:]
+    counts = torch.bincount(flat[flat >= 0], minlength=gate_up.shape[0]).tolist()
     pair_out = torch.zeros(t * k, x.shape[1], dtype=acc, device=x.device)
     w = weights.reshape(-1).to(acc)
     start = 0
@@ -61,5 +65,6 @@ def moe_ffn(x, ids, weights, gate_up, down):
         except ImportError:  # Triton missing on this CUDA machine: the reference still works
             pass
         else:
-            return moe_ffn_triton(x, ids, weights, gate_up, down)
+            # Pairs of another rank's experts (id -1, weight 0) run on expert 0 and add 0.
+            return moe_ffn_triton(x, ids.clamp(min=0), weights, gate_up, down)
     return moe_ffn_reference(x, ids, weights, gate_up, down)

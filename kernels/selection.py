@@ -56,6 +56,59 @@ def sample_candidates_reference(logits, temperature, seed, nonce, position, ban_
     return x0, conf.to(torch.float32)
 
 
+def sample_candidates_sharded(logits, temperature, seed, nonce, position, vocab_lo: int, tp,
+                              ban_ids=None, ban_rows=None):
+    """`sample_candidates_reference` over a vocabulary split across ranks, without gathering it.
+
+    `logits` [N, V/size] are this rank's columns, global token ids vocab_lo .. vocab_lo + V/size.
+    Each rank reduces its shard per row to five numbers (its best score: the logit, or at
+    temperature > 0 the Gumbel-noised logit with the counter-based noise of the global token id;
+    that token's global id and logit; the shard's max logit and its sum of exp(logit - max)); one
+    all-gather of these [N, 5] float64 rows combines them. The winner is the best score, ties to the
+    lowest global id (the first rank, then argmax's first index: what argmax over the whole
+    vocabulary gives), and its confidence exp(logit - logZ) with logZ = M + log(sum_r s_r
+    exp(m_r - M)): the same candidate as over the full vocabulary, the same confidence up to the
+    rounding of the normaliser's sum in float64 (before the cast to float32). Every rank returns
+    the same (x0, conf)."""
+    n, width = logits.shape
+    l = logits.to(torch.float64)
+    hi = vocab_lo + width
+    mine = [i - vocab_lo for i in (ban_ids or ()) if vocab_lo <= i < hi]
+    if mine:
+        l = l.clone() if l.data_ptr() == logits.data_ptr() else l
+        cols = torch.tensor(mine, device=l.device)
+        if ban_rows is None:
+            l[:, cols] = NEG_INF
+        else:
+            rows = ban_rows.nonzero().squeeze(1)
+            l[rows.unsqueeze(1), cols.unsqueeze(0)] = NEG_INF
+    score = l
+    hot = temperature > 0
+    if bool(hot.any()):
+        key = rng.row_key(seed, nonce, position).unsqueeze(1)
+        tokens = torch.arange(vocab_lo, hi, device=l.device, dtype=torch.int64).unsqueeze(0)
+        u = rng.to_unit(rng.bits(key, tokens))
+        t = temperature.to(torch.float64).unsqueeze(1)
+        score = torch.where(hot.unsqueeze(1), l - t * torch.log(-torch.log(u)), l)
+    best, idx = score.max(dim=-1)
+    m = l.max(dim=-1).values
+    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.exp(l - safe_m.unsqueeze(1)).sum(-1)
+    local = torch.stack([best, (idx + vocab_lo).to(torch.float64), l.gather(1, idx.unsqueeze(1)).squeeze(1),
+                         m, s], dim=1)
+    allr = tp.all_gather(local)                      # [size, N, 5]
+    win = allr[:, :, 0].argmax(dim=0)                # first rank with the best score
+    pick = allr.gather(0, win.view(1, n, 1).expand(1, n, 5)).squeeze(0)
+    x0 = pick[:, 1].to(torch.int64)
+    ms, ss = allr[:, :, 3], allr[:, :, 4]
+    big = ms.max(dim=0).values
+    safe_big = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
+    z = (ss * torch.exp(ms - safe_big.unsqueeze(0)).nan_to_num(0.0)).sum(0)
+    logz = safe_big + torch.log(z)
+    conf = torch.exp(pick[:, 2] - logz)
+    return x0, conf.to(torch.float32)
+
+
 def transfer_mask_loop(conf, cu_rows, k, threshold):
     """The reference's per-request loop (the oracle and the baseline the benchmarks beat)."""
     out = torch.zeros(conf.shape[0], dtype=torch.bool, device=conf.device)

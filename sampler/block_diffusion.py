@@ -201,7 +201,7 @@ class BlockDiffusionBatch(Batch):
         d = cd.draw(logits, per_row([float(p.temperature) for p in params], torch.float32),
                     per_row([p.seed or 0 for p in params], torch.int64),
                     per_row([r.steps for r in reqs], torch.int64), rows.position.to(dev), ban,
-                    self.eos_id, self.mask_id)
+                    self.eos_id, self.mask_id, shard=cd.vocab_shard(self.model))
         x0 = d.x0
         conf = cd.defer_stops(d.conf, x0, per_row([bool(p.defer_eos) for p in params], torch.bool),
                               self.stop_ids_d)

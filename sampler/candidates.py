@@ -17,9 +17,35 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.selection import apply_filters, sample_candidates
+from kernels.selection import apply_filters, sample_candidates, sample_candidates_sharded
 
 DEFERRED = -1.0  # confidence given to deferred EOS/EoT candidates: below every probability
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's vocabulary columns [lo, lo + width) of a tensor-parallel LM head."""
+
+    tp: object   # weights.parallel.TensorParallel
+    lo: int
+
+    def column(self, logits, token: int):
+        """The local column of global `token` in `logits`, or None when another rank holds it."""
+        j = token - self.lo
+        return j if 0 <= j < logits.shape[1] else None
+
+
+def vocab_shard(model) -> VocabShard | None:
+    """The model's vocabulary shard, or None on one rank."""
+    tp = getattr(model, "tp", None)
+    return None if tp is None else VocabShard(tp, model.vocab_lo)
+
+
+def add_to_column(logits, token: int, value, shard: VocabShard | None):
+    """logits[:, token] += value (in place), on the rank that holds `token`."""
+    j = token if shard is None else shard.column(logits, token)
+    if j is not None:
+        logits[:, j] += value
 
 
 @dataclass
@@ -30,10 +56,15 @@ class Draw:
 
 
 def draw(logits, temp, seed, nonce, position, ban, eos_id: int, mask_id: int, filters=None,
-         dynamic: bool = True, keep_dist: bool = False) -> Draw:
+         dynamic: bool = True, keep_dist: bool = False, shard: VocabShard | None = None) -> Draw:
     """Candidates of `logits` [N, V] (modified in place when the re-draw runs). `ban`: bool [N],
     the rows whose EOS is banned, or None (no row); `filters`: RowFilters or None (needs `ban`). `keep_dist`: also return the
-    distribution each row drew from (EOS ban aside), for its log-probabilities."""
+    distribution each row drew from (EOS ban aside), for its log-probabilities. `shard`: the
+    logits are this rank's vocabulary columns (module docstring)."""
+    if shard is not None:
+        if filters is None and not keep_dist:
+            return _draw_sharded(logits, temp, seed, nonce, position, ban, eos_id, mask_id, dynamic, shard)
+        logits = shard.tp.gather_vocab(logits)
     ban_ids = None if ban is None else [eos_id]
     if filters is not None:  # the filtered rows' logits restricted, the EOS ban decided first
         eos_col = torch.arange(logits.shape[1], device=logits.device) == eos_id
@@ -62,6 +93,22 @@ def draw(logits, temp, seed, nonce, position, ban, eos_id: int, mask_id: int, fi
         else:
             out.dist = torch.where(redo.unsqueeze(1), dist_b, dist) if redrawn else dist
     return out
+
+
+def _draw_sharded(logits, temp, seed, nonce, position, ban, eos_id, mask_id, dynamic, shard):
+    ban_ids = None if ban is None else [eos_id]
+    x0, conf = sample_candidates_sharded(logits, temp, seed, nonce, position, shard.lo, shard.tp,
+                                         ban_ids=ban_ids, ban_rows=ban)
+    redo = x0 == mask_id
+    if not dynamic or bool(redo.any()):  # identical on every rank: x0 is
+        j = shard.column(logits, mask_id)
+        if j is not None:
+            logits[:, j] = float("-inf")
+        x0b, confb = sample_candidates_sharded(logits, temp, seed, nonce, position, shard.lo, shard.tp,
+                                               ban_ids=ban_ids, ban_rows=ban)
+        x0 = torch.where(redo, x0b, x0)
+        conf = torch.where(redo, confb.to(conf.dtype), conf)
+    return Draw(x0, conf)
 
 
 def defer_stops(conf, x0, defer, stop_ids: torch.Tensor, dynamic: bool = True):

@@ -1,6 +1,7 @@
 """Replay a cases file in the golden format against a checkpoint.
 
     python -m sampler.conformance --model DIR --cases FILE [--dtype float32|float64] [--device cpu|cuda]
+        [--batched] [--tensor-parallel-size N]
 
 One line per case (name, match or the first differing position, NFE against expected), the
 forward-logits check when the directory holds forward_logits.safetensors, then `N passed, M failed`.
@@ -11,6 +12,10 @@ LLaDA-MoE checkpoints), `llada2.0` and `llada2.1` (LLaDA2.x `generate`, block di
 checkpoints; `expected_ids` are cut after the first EOS). Forward logits: `logits` (with the
 block-causal mask when the file's metadata names a `block_length`), `logits_no_mask` (fully
 bidirectional) when present; the tolerance comes from the file's metadata (`atol_float32`), else 1e-4.
+
+`--tensor-parallel-size N` runs the same cases on N local ranks (gloo on the CPU, NCCL on N GPUs),
+each holding its shard of the model (`weights.parallel`); every rank runs the same steps and rank 0
+prints.
 """
 
 from __future__ import annotations
@@ -79,21 +84,43 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--batched", action="store_true",
                     help="run all cases in one batch (checks batch invariance too)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="shard the model over N local ranks (default 1)")
     args = ap.parse_args(argv)
+    if args.tensor_parallel_size > 1:
+        from weights.parallel import run_ranks
+
+        lines, rc = run_ranks(args.tensor_parallel_size, _run, args)
+    else:
+        lines, rc = _run(None, args)
+    for stream, line in lines:
+        print(line, file=sys.stderr if stream == "err" else sys.stdout)
+    return rc
+
+
+def _run(tp, args) -> tuple[list[tuple[str, str]], int]:
+    """(printed lines, exit status) of the conformance run on this rank."""
+    lines = []
+
+    def say(line, stream="out"):
+        lines.append((stream, line))
+
+    if tp is not None:
+        torch.set_num_threads(1)
     try:
-        bundle = load_checkpoint(args.model, device=args.device, dtype=args.dtype)
+        bundle = load_checkpoint(args.model, device=args.device, dtype=args.dtype, tp=tp)
         pick_cpu_threads(bundle.config, bundle.device)
         data = json.loads(Path(args.cases).read_text())
     except (CheckpointError, OSError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        say(f"error: {e}", "err")
+        return lines, 2
     cases = data["cases"] if isinstance(data, dict) else data
     passed = failed = 0
 
     logits_file = Path(args.model) / "forward_logits.safetensors"
     if logits_file.exists():
         for name, ok, msg in check_logits(bundle, logits_file, args.dtype):
-            print(f"{'PASS' if ok else 'FAIL'} {name}: {msg}")
+            say(f"{'PASS' if ok else 'FAIL'} {name}: {msg}")
             failed += not ok  # the summary counts cases; a failing logits check still fails the run
 
     blocks = bool(bundle.config.block_diffusion)
@@ -106,8 +133,8 @@ def main(argv=None) -> int:
             p = p.for_block_diffusion() if blocks else p
             p.validate(len(c["prompt_ids"]), bundle.config.max_sequence_length, blocks)
     except (ParamError, KeyError) as e:
-        print(f"error: bad case: {e}", file=sys.stderr)
-        return 2
+        say(f"error: bad case: {e}", "err")
+        return lines, 2
     if args.batched:
         results = generate(bundle, [c["prompt_ids"] for c in cases], params)
     else:
@@ -130,12 +157,12 @@ def main(argv=None) -> int:
         name = c.get("name", "?")
         if problems:
             failed += 1
-            print(f"FAIL {name}: " + "; ".join(problems) + nfe_note)
+            say(f"FAIL {name}: " + "; ".join(problems) + nfe_note)
         else:
             passed += 1
-            print(f"PASS {name}: {len(got)} ids match{nfe_note}")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+            say(f"PASS {name}: {len(got)} ids match{nfe_note}")
+    say(f"{passed} passed, {failed} failed")
+    return lines, 1 if failed else 0
 
 
 if __name__ == "__main__":

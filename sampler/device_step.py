@@ -232,15 +232,15 @@ class Candidates:
 
 
 def candidates(logits, lay: Layout, rq: Requests, bucket: Bucket, tokens, mask_id: int, eos_id: int,
-               stop_ids, dynamic: bool) -> Candidates:
+               stop_ids, dynamic: bool, shard: cd.VocabShard | None = None) -> Candidates:
     ri, rf = lay.ri, lay.rf
     cand = (tokens.index_select(0, lay.canvas_idx) == mask_id) & lay.row_real & rq.active[lay.row_req]
     ban, seed, nonce = ri.ban_eos.bool(), ri.seed, ri.steps_done
     if not dynamic or bool((rf.eos_bias != 0).any()):  # in place: the logits are this step's own
-        logits[:, eos_id] += rf.eos_bias.to(logits.dtype)
+        cd.add_to_column(logits, eos_id, rf.eos_bias.to(logits.dtype), shard)
     filters = RowFilters(ri.top_k, rf.top_p, rf.min_p) if bucket.filters else None
     d = cd.draw(logits, rf.temperature.to(torch.float32), seed, nonce, lay.position, ban, eos_id,
-                mask_id, filters, dynamic, keep_dist=bucket.logprobs)
+                mask_id, filters, dynamic, keep_dist=bucket.logprobs, shard=shard)
     lp = logprobs(d.dist, d.x0, ban, ri.n_logprobs, eos_id, dynamic) if bucket.logprobs else None
     conf = d.conf
     rnd = ri.random_remask.bool()
@@ -345,6 +345,6 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     rq = gather(state, fstate, plan)
     lay = layout(rq, bucket, tokens, mask_id, capacity)
     logits = forward(model, kv, lay, rq, bucket)
-    c = candidates(logits, lay, rq, bucket, tokens, mask_id, eos_id, stop_ids, dynamic)
+    c = candidates(logits, lay, rq, bucket, tokens, mask_id, eos_id, stop_ids, dynamic, cd.vocab_shard(model))
     chosen, n_cand = transfer(c, lay, rq, bucket)
     return commit(tokens, state, rq, lay, c, chosen, n_cand, bucket, mask_id, capacity)

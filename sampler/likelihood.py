@@ -196,6 +196,8 @@ class ScoreBatch:
         u_rows = [u for u in rows_u if u >= 0]
         logits = self.model(ids, pos, layout, None, torch.tensor(rows_c + u_rows, dtype=torch.int64, device=dev))
         self.forwards += 1
+        if getattr(self.model, "tp", None) is not None:  # scoring needs whole rows: gather the shards
+            logits = self.model.tp.gather_vocab(logits)
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         logits = logits.to(acc)
         nc = len(rows_c)

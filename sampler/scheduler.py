@@ -186,6 +186,13 @@ class Engine:
         pipe = self.config.pipelined
         self.pipelined = self.batch.device.type == "cuda" if pipe is None else bool(pipe)
         self.scorer = ScoreBatch(model, special.mask)
+        self.channel = None  # tensor parallel: rank 0's broadcasts to the follower ranks
+        self.on_fatal = None  # called once when a rank is lost (the server exits non-zero)
+        if getattr(model, "tp", None) is not None:
+            from sampler.runner import lead
+
+            self.batch, self.scorer, self.channel = lead(self.batch, self.scorer, model.tp)
+            self.channel.on_error = self.rank_lost
         self.scoring: dict[int, ScoreJob] = {}
         self.waiting = FairQueue()
         self.running: dict[int, Handle] = {}
@@ -250,6 +257,14 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, grace))
+        if self.channel is not None and not (self._thread is not None and self._thread.is_alive()):
+            from sampler.runner import STOP
+
+            channel, self.channel = self.channel, None
+            try:
+                channel.send(STOP)  # the followers return
+            except Exception:  # noqa: BLE001 - a follower already gone: nothing to stop
+                log.warning("could not stop the follower ranks")
         self.alive = False
 
     # ------------------------------------------------------------------ submission
@@ -381,6 +396,8 @@ class Engine:
                 break
             try:
                 self.batch.add(h.rid, h.prompt_ids, h.params, suffix_ids=h.suffix_ids, span_ids=h.span_ids)
+                if self._stop:  # tensor parallel: the ranks were lost while admitting
+                    return
             except ParamError as e:
                 self.waiting.remove(group, h)
                 self._finish_error(h, InvalidRequest(str(e), param=e.field))
@@ -432,6 +449,9 @@ class Engine:
         try:
             done = self.scorer.run(canvases)
         except Exception as e:  # noqa: BLE001 - fail the requests in this forward, keep serving
+            if getattr(self.model, "tp", None) is not None:
+                self.rank_lost(f"{type(e).__name__}: {e}")
+                return
             jobs = {id(c.pair.job): c.pair.job for c in canvases}
             log.error("a scoring forward failed (%s: %s); failing its %d requests", type(e).__name__, e,
                       len(jobs), exc_info=True)
@@ -464,7 +484,28 @@ class Engine:
         except Exception:  # noqa: BLE001
             log.debug("scoring request %s: its consumer is gone", job.rid)
 
+    def rank_lost(self, reason: str) -> None:
+        """Tensor parallel: a rank failed or is gone, so no step can run again. Every waiting and
+        running request fails with 503 rank_failed, intake stops (/ready turns 503) and `on_fatal`
+        (set by the server: exit non-zero) is called once. Thread safe."""
+        with self._cv:
+            if not self.alive and self._stop:
+                return
+            log.error("tensor-parallel rank failure: %s; failing every request", reason)
+            self._accepting = False
+            self.alive = False
+            self._stop = True
+            self.channel = None  # nothing more is sent to the ranks
+            self._fail_all(EngineError("the server lost one of its tensor-parallel ranks and is stopping",
+                                       status=503, type="server_error", code="rank_failed"))
+            self._cv.notify_all()
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
     def _step_failed(self, e: Exception) -> None:
+        if getattr(self.model, "tp", None) is not None:  # the ranks may be out of step: stop
+            self.rank_lost(f"{type(e).__name__}: {e}")
+            return
         oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
         self.step_failures += 1
         self.batch.discard()

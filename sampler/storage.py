@@ -55,6 +55,6 @@ class CanvasStore:
     def __init__(self, model, capacity: int, mask_id: int):
         self.capacity = capacity
         dev = model.device
-        self.kv = KVBuffers(model.config, capacity + 1, dev, model.dtype)
+        self.kv = KVBuffers(model.config, capacity + 1, dev, model.dtype, getattr(model, "n_kv_heads", None))
         self.tokens = torch.full((capacity + 1,), mask_id, dtype=torch.int64, device=dev)
         self.regions = RegionAllocator(capacity)

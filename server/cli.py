@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
       default=str(_env("cuda_graphs", "1")).lower() not in ("0", "false", "no", "off"),
       help="replay captured CUDA graphs of the denoising step (CUDA only; default on; capture time "
            "and memory are logged at start)")
+    a("--tensor-parallel-size", type=int, default=_env("tensor_parallel_size", 1),
+      help="shard the model over N ranks, one process per GPU on this node (or the ranks a launcher "
+           "such as torchrun started); rank 0 serves HTTP (default: %(default)s)")
+    a("--plan", action="store_true", help="print the memory per rank (weights, KV buffers at "
+      "--max-batch-tokens, graph pool estimate) for --tensor-parallel-size, whether it fits the GPU and the "
+      "smallest size that does, without loading weights, and exit (default: off)")
+    a("--plan-gpu", default=_env("plan_gpu"), help="the GPU --plan judges the fit on: "
+      "H100, H200, A100, A100-40, L40S, H20 (default: the local GPU)")
     a("--log-level", default=_env("log_level", "info"), choices=["debug", "info", "warning", "error"],
       help="log level (default: %(default)s)")
     return p
@@ -107,6 +115,65 @@ def _port_in_use(host: str, port: int) -> str | None:
     return None
 
 
+def _start_ranks(args, model_dir: str, size: int, launched: bool, follower: bool):
+    """Tensor parallel: refuse a size the model cannot take, start the follower ranks (unless a
+    launcher did), join the process group. A follower rank serves rank 0 here and exits."""
+    from pathlib import Path
+
+    from sampler.runner import Ranks, follower_main
+    from sampler.scheduler import EngineConfig
+    from weights.family import read_config
+    from weights.fields import ConfigError
+    from weights.parallel import ParallelError, check_divisible
+
+    try:
+        check_divisible(read_config(Path(model_dir) / "config.json"), size)
+    except (ParallelError, ConfigError, OSError) as e:
+        _fail(f"{model_dir}: {e}", 2)
+    if args.cuda_graphs:  # capturing the step with its collectives is not verified yet: eager
+        log.info("tensor parallel: the step runs eagerly (CUDA graphs off)")
+        args.cuda_graphs = False
+    if follower:
+        econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                             cuda_graphs=args.cuda_graphs)
+        try:
+            code = follower_main(model_dir, args.device, args.dtype, size, econf)
+        except Exception as e:  # noqa: BLE001
+            _fail(f"rank {os.environ.get('RANK')}: {e}")
+        sys.exit(code)
+    try:
+        return Ranks.start(size, model_dir, args, spawn=not launched)
+    except RuntimeError as e:
+        _fail(str(e), 2)
+
+
+def _print_plan(args, model_dir: str, size: int) -> None:
+    """`--plan`: the memory plan from config.json (no weights read)."""
+    from pathlib import Path
+
+    from weights.family import read_config
+    from weights.fields import ConfigError
+    from weights.parallel import ParallelError, check_divisible
+    from weights.plan import GPUS, format_plan, local_gpu
+
+    try:
+        config = read_config(Path(model_dir) / "config.json")
+        check_divisible(config, size)
+    except (ParallelError, ConfigError, OSError) as e:
+        _fail(f"{model_dir}: {e}", 2)
+    if args.plan_gpu:
+        key = {k.lower(): k for k in GPUS}.get(args.plan_gpu.lower())
+        if key is None:
+            _fail(f"--plan-gpu {args.plan_gpu!r} is not known; choose one of {', '.join(GPUS)}", 2)
+        gpu, gpu_bytes = key, GPUS[key]
+    else:
+        gpu, gpu_bytes = local_gpu() or (None, None)
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    for line in format_plan(Path(model_dir).name, config, size, dtype, args.max_batch_tokens,
+                            args.max_batch_size, gpu, gpu_bytes):
+        print(line)
+
+
 def _check_args(args) -> None:
     """Refuse (exit 2) flag values no server can run with."""
     for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
@@ -122,6 +189,8 @@ def _check_args(args) -> None:
         _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
         _fail(f"--port must be in 1..65535, got {args.port}", 2)
+    if int(args.tensor_parallel_size) < 1:
+        _fail(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}", 2)
     if args.allowed_hosts:
         from server.guards import parse_allowed_host
 
@@ -205,12 +274,12 @@ def _exit_now() -> None:
     os._exit(0)
 
 
-def _load(args, model_dir):
+def _load(args, model_dir, tp=None):
     """The checkpoint (exit 1 when it cannot be loaded), its CPU threads, served name and weight bytes."""
     from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
     try:
-        bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype)
+        bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype, tp=tp)
         threads = pick_cpu_threads(bundle.config, bundle.device)
     except (CheckpointError, OSError, ValueError) as e:
         _fail(f"cannot load the model from {model_dir}: {e}")
@@ -230,12 +299,21 @@ def main(argv=None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_args(args)
 
-    busy = _port_in_use(args.host, args.port)
+    tp_size = int(args.tensor_parallel_size)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun or another launcher
+    follower = launched and int(os.environ.get("RANK", "0")) != 0
+    busy = None if follower or args.plan else _port_in_use(args.host, args.port)
     if busy:
         _fail(f"cannot listen on {args.host}:{args.port}: {busy} (is another server running there? "
               "choose another --port)")
 
     model_dir = _model_dir(args)
+    if args.plan:
+        _print_plan(args, model_dir, tp_size)
+        return
+    ranks = None
+    if tp_size > 1 or launched:
+        ranks = _start_ranks(args, model_dir, tp_size, launched, follower)
 
     import torch
     import uvicorn
@@ -245,7 +323,7 @@ def main(argv=None) -> None:
     from server.connection import FD_RESERVE, protocol_with_header_timeout, raise_fd_limit
     from server import logsafe
     from server.guards import default_allowed_hosts, default_max_body_bytes
-    bundle, threads, name, param_bytes = _load(args, model_dir)
+    bundle, threads, name, param_bytes = _load(args, model_dir, None if ranks is None else ranks.tp)
     cfg = bundle.config
     econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                          max_queue=args.max_queue,
@@ -271,6 +349,8 @@ def main(argv=None) -> None:
     except (RuntimeError, ValueError) as e:  # e.g. the KV buffers do not fit the device
         _fail(f"cannot set up the engine: {e}")
     engine = app.state.engine
+    if ranks is not None:
+        ranks.attach(engine, app.state.metrics)
     kv_bytes = engine.batch.kv.nbytes
     mem = ""
     if bundle.device.type == "cuda":
@@ -295,6 +375,8 @@ def main(argv=None) -> None:
         server.run()
     except OSError as e:
         _fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    if ranks is not None:
+        ranks.stop()
     if not server.started:
         sys.exit(1)
     log.info("stopped")

@@ -109,6 +109,12 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
         self.device = None
+        self.tensor_parallel_size = bound(Gauge("llada_tensor_parallel_size",
+                                                "Ranks the model is sharded over (1: one device)", m, registry=r))
+        self.tensor_parallel_size.set(1)
+        self.rank_memory = Gauge("llada_rank_memory_bytes", "Per tensor-parallel rank: GPU memory "
+                                 "allocated (resident memory on a CPU), as last reported", m + ["rank"], registry=r)
+        self.ranks = None  # tensor parallel: a callable giving {rank: memory bytes}
 
     def describe(self, bundle) -> None:
         """Fill llada_build_info from the loaded model."""
@@ -177,4 +183,7 @@ class Metrics:
             self.gpu_memory.set(torch.cuda.memory_allocated(dev))
         else:
             self.gpu_memory.set(0)
+        if self.ranks is not None:
+            for rank, n in self.ranks().items():
+                self.rank_memory.labels(model_name=self.model_name, rank=str(rank)).set(n)
         return generate_latest(self.registry)

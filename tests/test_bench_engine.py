@@ -20,6 +20,16 @@ def test_engine_benchmark_smoke(tmp_path, capsys):
     assert "| config" in capsys.readouterr().out
 
 
+def test_engine_benchmark_runs_on_two_ranks(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert bench_engine.main(["--device", "cpu", "--shape", "tiny", "--quick", "--json", str(out),
+                              "--tensor-parallel-size", "2"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [n["config"].split(".")[0] for n in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+    assert rows[1]["forwards_per_token"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert "tensor parallel 2" in capsys.readouterr().out
+
+
 def test_rows_are_printed_and_saved_as_soon_as_measured(tmp_path, capsys, monkeypatch):
     """A run stopped part-way (a time limit) keeps every row it finished: each row is printed and
     the JSON rewritten when it is measured, marked incomplete until the end."""

@@ -110,3 +110,21 @@ def test_dispatcher_uses_the_reference_off_cuda(gen):
     x, ids, w, gu, dn = _problem(gen, 9, 16, 8, 4, 2, torch.float64)
     assert torch.equal(moe_ffn(x, ids, w, gu, dn), moe_ffn_reference(x, ids, w, gu, dn))
     assert moe_ffn(x[:0], ids[:0], w[:0], gu, dn).shape == (0, 16)
+
+
+def test_pairs_with_id_minus_one_add_nothing():
+    """Expert parallelism hands pairs of another rank's experts as id -1 (weight 0)."""
+    from kernels.moe import moe_ffn_reference
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    gate_up, down = torch.randn(4, 6, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, 3, generator=g, dtype=torch.float64)
+    ids = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1], [0, 1]])
+    w = torch.rand(5, 2, generator=g, dtype=torch.float64)
+    full = moe_ffn_reference(x, ids, w, gate_up, down)
+    lo = torch.where(ids < 2, ids, -1), torch.where(ids < 2, w, 0.0)
+    hi = torch.where(ids >= 2, ids - 2, -1), torch.where(ids >= 2, w, 0.0)
+    a = moe_ffn_reference(x, lo[0], lo[1], gate_up[:2], down[:2])
+    b = moe_ffn_reference(x, hi[0], hi[1], gate_up[2:], down[2:])
+    assert torch.allclose(a + b, full, rtol=0, atol=1e-12)
+    assert not torch.allclose(a, full)

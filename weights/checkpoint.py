@@ -19,6 +19,7 @@ import torch
 from weights.family import family_of, read_config
 from weights.fields import ConfigError
 from weights.layers import DecoderLM
+from weights.parallel import ParallelError, check_divisible, read_shard
 from weights.tokenizer import Tokenizer
 
 log = logging.getLogger("llada.weights")
@@ -72,11 +73,12 @@ class ModelBundle:
         return self.model.dtype
 
 
-def build_network(config, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> DecoderLM:
+def build_network(config, device: str | torch.device = "meta", dtype: torch.dtype | None = None,
+                  tp=None) -> DecoderLM:
     """The family's network for `config`, its parameters uninitialised (on the meta device unless
-    `device` is given)."""
+    `device` is given); with `tp` (`weights.parallel.TensorParallel`) this rank's part of it."""
     with torch.device("meta"):
-        model = family_of(config).network(config)
+        model = family_of(config).network(config, tp=tp)
     if str(device) != "meta":
         model = model.to_empty(device=device)
     return model if dtype is None else model.to(dtype)
@@ -186,9 +188,13 @@ def pick_cpu_threads(config, device: torch.device) -> int:
     return n
 
 
-def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None) -> ModelBundle:
+def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None,
+                    tp=None) -> ModelBundle:
     """Config, weights (tensor by tensor, straight to `device` in `dtype`, each into its parameter or
-    its view of a fused or stacked one) and tokenizer of a checkpoint directory."""
+    its view of a fused or stacked one) and tokenizer of a checkpoint directory. With `tp`
+    (`weights.parallel.TensorParallel`, size > 1) the rank builds its part of the network and reads
+    only its slices of each tensor (`get_slice`); a size that does not divide a sharded dimension
+    is a CheckpointError naming the field and the sizes that work."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -200,10 +206,18 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
         raise CheckpointError(str(e)) from None
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if tp is not None and tp.size <= 1:
+        tp = None
+    if tp is not None:
+        try:
+            check_divisible(config, tp.size)
+        except ParallelError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     files = _weight_files(path)
 
-    model = build_network(config, dev, dt)
+    model = build_network(config, dev, dt, tp)
     targets = model.checkpoint_tensors()
+    shards = model.checkpoint_shards()
 
     by_file: dict[Path, list[str]] = {}
     for full in targets:
@@ -232,11 +246,14 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
                         raise CheckpointError(f"{f}: tensor {full} is listed in the index but absent")
                     shape = tuple(handle.get_slice(full).get_shape())
                     want = tuple(targets[full].shape)
+                    shard = shards[full]
+                    if shard is not None:  # the checkpoint's size along the split dimension
+                        want = tuple(n * tp.size if d == shard.dim else n for d, n in enumerate(want))
                     if shape != want:
                         raise CheckpointError(
                             f"{f}: tensor {full} has shape {list(shape)}, expected {list(want)} "
                             f"from config.json")
-                    targets[full].copy_(handle.get_tensor(full).to(device=dev, dtype=dt))
+                    targets[full].copy_(read_shard(handle, full, shard, tp).to(device=dev, dtype=dt))
                     if bar is not None:
                         bar.update(1)
     if bar is not None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import attention
+from weights.parallel import Shard
 
 
 @dataclass
@@ -63,10 +64,11 @@ class AttnLayout:
 
 
 class KVBuffers:
-    """Per-layer key and value rows, [capacity, n_kv_heads, head_dim] each."""
+    """Per-layer key and value rows, [capacity, n_kv_heads, head_dim] each (`n_kv_heads`: the KV
+    heads this rank holds, default all of them)."""
 
-    def __init__(self, config, capacity: int, device, dtype):
-        shape = (capacity, config.n_kv_heads, config.head_dim)
+    def __init__(self, config, capacity: int, device, dtype, n_kv_heads: int | None = None):
+        shape = (capacity, config.n_kv_heads if n_kv_heads is None else n_kv_heads, config.head_dim)
         self.capacity = capacity
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -135,12 +137,18 @@ class Attention(nn.Module):
     """Grouped-query self-attention with one fused q/k/v product, optional per-head QK RMSNorm,
     optional clamp of q/k/v, partial rotary, and an output projection.
 
-    `qkv` is [(H + 2K) d, D]: q heads, then k heads, then v heads. `out` is [D, H d]."""
+    `qkv` is [(H + 2K) d, D]: q heads, then k heads, then v heads. `out` is [D, H d]. With `tp`
+    (`weights.parallel.TensorParallel`) H and K are this rank's heads (H/N, K/N): q/k/v
+    column-parallel, `out` row-parallel, its partial products summed by one all-reduce and the
+    output bias added after it."""
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, eps: float,
                  qk_norm: bool, qkv_bias: bool = False, out_bias: bool = False,
-                 clip: float | None = None):
+                 clip: float | None = None, tp=None):
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        if self.tp is not None:
+            n_heads, n_kv_heads = n_heads // tp.size, n_kv_heads // tp.size
         self.h, self.kh, self.d, self.eps, self.clip = n_heads, n_kv_heads, head_dim, eps, clip
         rows = (n_heads + 2 * n_kv_heads) * head_dim
         self.qkv = nn.Parameter(torch.empty(rows, hidden))
@@ -165,14 +173,21 @@ class Attention(nn.Module):
             q, k, v = (u.clamp(-self.clip, self.clip) for u in (q, k, v))
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         o = attend(q, k, v, layout, k_buf, v_buf)
-        return F.linear(o.reshape(t, h * d), self.out, self.out_bias)
+        if self.tp is None:
+            return F.linear(o.reshape(t, h * d), self.out, self.out_bias)
+        y = self.tp.all_reduce(F.linear(o.reshape(t, h * d), self.out))
+        return y if self.out_bias is None else y + self.out_bias
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused: `gate_up` [2F, D], `down` [D, F]."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused: `gate_up` [2F, D], `down` [D, F]. With
+    `tp` F is this rank's share (gate/up column-parallel, down row-parallel, one all-reduce)."""
 
-    def __init__(self, hidden: int, width: int):
+    def __init__(self, hidden: int, width: int, tp=None):
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        if self.tp is not None:
+            width //= tp.size
         self.gate_up = nn.Parameter(torch.empty(2 * width, hidden))
         self.down = nn.Parameter(torch.empty(hidden, width))
 
@@ -181,9 +196,14 @@ class SwiGLU(nn.Module):
         width = self.down.shape[1]
         return self.gate_up[:width], self.gate_up[width:], self.down
 
-    def forward(self, x):
+    def partial(self, x):
+        """This rank's term of the output (the whole output on one rank)."""
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down)
+
+    def forward(self, x):
+        y = self.partial(x)
+        return y if self.tp is None else self.tp.all_reduce(y)
 
 
 class DecoderLayer(nn.Module):
@@ -209,10 +229,16 @@ class DecoderLM(nn.Module):
     checkpoint tensors (`checkpoint_tensors()`: name -> the parameter, or the view of a fused or
     stacked one, that the tensor is loaded into)."""
 
-    def __init__(self, config, layers):
+    def __init__(self, config, layers, tp=None):
         super().__init__()
         self.config = config
+        self.tp = tp if tp is not None and tp.size > 1 else None
         d, rows = config.hidden_size, config.embedding_size
+        # This rank's vocabulary rows [vocab_lo, vocab_lo + rows) of the embedding and the LM head.
+        self.vocab_lo = 0
+        if self.tp is not None:
+            self.vocab_lo, hi = self.tp.chunk(rows)
+            rows = hi - self.vocab_lo
         self.embedding = nn.Parameter(torch.empty(rows, d))
         self.layers = nn.ModuleList(layers)
         self.norm = nn.Parameter(torch.ones(d))
@@ -227,15 +253,29 @@ class DecoderLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embedding.dtype
 
+    @property
+    def n_kv_heads(self) -> int:
+        """KV heads held on this rank (the KV buffers' width)."""
+        return self.layers[0].attn.kh if len(self.layers) else self.config.n_kv_heads
+
+    def embed(self, ids):
+        if self.tp is None:
+            return F.embedding(ids, self.embedding)
+        local = ids - self.vocab_lo
+        mine = (local >= 0) & (local < self.embedding.shape[0])
+        x = F.embedding(local.clamp(0, self.embedding.shape[0] - 1), self.embedding)
+        return self.tp.all_reduce(x.masked_fill(~mine.unsqueeze(1), 0))
+
     def head(self, x):
-        """Final norm and LM head: hidden states [N, D] -> logits [N, embedding_size]."""
+        """Final norm and LM head: hidden states [N, D] -> logits [N, embedding_size] (with `tp`:
+        this rank's vocabulary shard, columns vocab_lo .. vocab_lo + embedding_size / N)."""
         w = self.embedding if self.lm_head is None else self.lm_head
         return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), w)
 
     def forward(self, ids, positions, layout: AttnLayout, kv: KVBuffers | None = None,
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [rows, embedding_size] for `logits_rows` of the packed tokens (all if None)."""
-        x = F.embedding(ids, self.embedding)
+        x = self.embed(ids)
         cos, sin = self.rotary.tables(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, layout,
@@ -260,13 +300,40 @@ class DecoderLM(nn.Module):
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         layout = AttnLayout.canvases(lens, self.device, block_length)
         logits = self.forward(flat, positions, layout)
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits)
         if seqs is None:
             return logits.view(b, n, -1)
         return list(torch.split(logits, lens))
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Checkpoint tensor name -> the parameter (or the view of one) it is loaded into."""
+        """Checkpoint tensor name -> the parameter (or the view of one) it is loaded into. With `tp`:
+        the tensors this rank holds (its experts only), shaped as its parts of them."""
         raise NotImplementedError
+
+    def fused_parts(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint tensors that fuse pieces split separately across ranks (a fused q/k/v):
+        name -> the pieces' full sizes along the split dimension."""
+        return {}
+
+    def checkpoint_shards(self) -> dict[str, object]:
+        """Checkpoint tensor name -> `weights.parallel.Shard` (the part this rank reads) or None
+        (the whole tensor). The split dimension is where this rank's tensor is smaller than the
+        checkpoint's (the same network built for one rank)."""
+        mine = self.checkpoint_tensors()
+        if self.tp is None:
+            return {name: None for name in mine}
+        with torch.device("meta"):
+            full = {n: tuple(t.shape) for n, t in type(self)(self.config).checkpoint_tensors().items()}
+        fused = self.fused_parts()
+        out = {}
+        for name, t in mine.items():
+            dims = [d for d, (a, b) in enumerate(zip(t.shape, full[name])) if a != b]
+            if len(dims) > 1:
+                raise ValueError(f"{name}: rank shape {tuple(t.shape)} differs from {full[name]} in "
+                                 "more than one dimension")
+            out[name] = Shard(dims[0], fused.get(name)) if dims else None
+        return out
 
     @staticmethod
     def swiglu_tensors(prefix: str, mlp: SwiGLU) -> dict[str, torch.Tensor]:

@@ -17,14 +17,15 @@ PREFIX = "model.transformer."  # every checkpoint tensor name starts with it
 
 
 class LLaDAModel(DecoderLM):
-    def __init__(self, config: LLaDAConfig):
+    def __init__(self, config: LLaDAConfig, tp=None):
         c = config
 
         def layer():
-            attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.rms_norm_eps, qk_norm=False)
-            return DecoderLayer(c.d_model, c.rms_norm_eps, attn, SwiGLU(c.d_model, c.mlp_hidden_size))
+            attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.rms_norm_eps, qk_norm=False,
+                             tp=tp)
+            return DecoderLayer(c.d_model, c.rms_norm_eps, attn, SwiGLU(c.d_model, c.mlp_hidden_size, tp))
 
-        super().__init__(config, [layer() for _ in range(c.n_layers)])
+        super().__init__(config, [layer() for _ in range(c.n_layers)], tp)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """In the order of the released checkpoint's layout (embedding, blocks, final norm, head)."""

@@ -19,21 +19,30 @@ from weights.moe import MoE, route_sigmoid_grouped
 
 
 class LLaDA2Model(DecoderLM):
-    def __init__(self, config: LLaDA2Config):
+    def __init__(self, config: LLaDA2Config, tp=None):
         c = config
         route = partial(route_sigmoid_grouped, top_k=c.num_experts_per_tok, n_group=c.n_group,
                         topk_group=c.topk_group, scale=c.routed_scaling_factor)
 
         def layer(i):
             attn = Attention(c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.rms_norm_eps,
-                             qk_norm=c.use_qk_norm, qkv_bias=c.use_qkv_bias, out_bias=c.use_bias)
+                             qk_norm=c.use_qk_norm, qkv_bias=c.use_qkv_bias, out_bias=c.use_bias, tp=tp)
             if c.is_moe_layer(i):
-                mlp = MoE(c.hidden_size, c.num_experts, c.expert_width, c.shared_width, True, route)
+                mlp = MoE(c.hidden_size, c.num_experts, c.expert_width, c.shared_width, True, route, tp)
             else:
-                mlp = SwiGLU(c.hidden_size, c.dense_width)
+                mlp = SwiGLU(c.hidden_size, c.dense_width, tp)
             return DecoderLayer(c.hidden_size, c.rms_norm_eps, attn, mlp)
 
-        super().__init__(config, [layer(i) for i in range(c.n_layers)])
+        super().__init__(config, [layer(i) for i in range(c.n_layers)], tp)
+
+    def fused_parts(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        qkv = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
+        out = {}
+        for i in range(c.n_layers):
+            p = f"model.layers.{i}.attention.query_key_value."
+            out[p + "weight"] = out[p + "bias"] = qkv
+        return out
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         out = self.common_tensors("model.word_embeddings.weight")

@@ -19,21 +19,21 @@ from weights.moe import MoE, route_softmax
 
 
 class LLaDAMoEModel(DecoderLM):
-    def __init__(self, config: LLaDAMoEConfig):
+    def __init__(self, config: LLaDAMoEConfig, tp=None):
         c = config
         route = partial(route_softmax, top_k=c.num_experts_per_tok)
 
         def layer(i):
             attn = Attention(c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.rms_norm_eps,
                              qk_norm=c.qk_layernorm, qkv_bias=c.attention_bias,
-                             out_bias=c.attention_bias, clip=c.clip_qkv)
+                             out_bias=c.attention_bias, clip=c.clip_qkv, tp=tp)
             if c.is_moe_layer(i):
-                mlp = MoE(c.hidden_size, c.num_experts, c.expert_width, c.shared_width, c.expert_bias, route)
+                mlp = MoE(c.hidden_size, c.num_experts, c.expert_width, c.shared_width, c.expert_bias, route, tp)
             else:
-                mlp = SwiGLU(c.hidden_size, c.dense_width)
+                mlp = SwiGLU(c.hidden_size, c.dense_width, tp)
             return DecoderLayer(c.hidden_size, c.rms_norm_eps, attn, mlp)
 
-        super().__init__(config, [layer(i) for i in range(c.n_layers)])
+        super().__init__(config, [layer(i) for i in range(c.n_layers)], tp)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         out = self.common_tensors("model.embed_tokens.weight")

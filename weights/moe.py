@@ -55,29 +55,49 @@ def route_softmax(m, router, expert_bias, top_k: int):
 
 class MoE(nn.Module):
     """Routed experts (stacked: `gate_up` [E, 2f, D], `down` [E, D, f]) plus an optional shared
-    SwiGLU expert. `route(m, router, expert_bias) -> (ids, weights)` is the family's router."""
+    SwiGLU expert. `route(m, router, expert_bias) -> (ids, weights)` is the family's router.
+
+    With `tp` (expert parallelism): the router is replicated, this rank stacks experts
+    `expert_lo .. expert_lo + E/N` and runs every routed pair that lands on them (the other pairs
+    are given id -1, which `moe_ffn` skips), the shared expert is split like a dense SwiGLU, and one
+    all-reduce sums the ranks' routed and shared terms."""
 
     def __init__(self, hidden: int, n_experts: int, width: int, shared_width: int, expert_bias: bool,
-                 route):
+                 route, tp=None):
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
         self.router = nn.Parameter(torch.empty(n_experts, hidden))
         self.expert_bias = nn.Parameter(torch.zeros(n_experts)) if expert_bias else None
-        self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * width, hidden))
-        self.down = nn.Parameter(torch.empty(n_experts, hidden, width))
-        self.shared = SwiGLU(hidden, shared_width) if shared_width else None
+        self.expert_lo, local = 0, n_experts
+        if self.tp is not None:
+            self.expert_lo, hi = self.tp.chunk(n_experts)
+            local = hi - self.expert_lo
+        self.gate_up = nn.Parameter(torch.empty(local, 2 * width, hidden))
+        self.down = nn.Parameter(torch.empty(local, hidden, width))
+        self.shared = SwiGLU(hidden, shared_width, tp) if shared_width else None
         self.route = route
 
     def forward(self, m):
         ids, w = self.route(m, self.router, self.expert_bias)
-        out = moe_ffn(m, ids, w, self.gate_up, self.down)
-        return out if self.shared is None else out + self.shared(m)
+        if self.tp is None:
+            out = moe_ffn(m, ids, w, self.gate_up, self.down)
+            return out if self.shared is None else out + self.shared(m)
+        local = ids - self.expert_lo
+        mine = (local >= 0) & (local < self.gate_up.shape[0])
+        out = moe_ffn(m, torch.where(mine, local, -1), torch.where(mine, w, torch.zeros_like(w)),
+                      self.gate_up, self.down)
+        if self.shared is not None:
+            out = out + self.shared.partial(m)
+        return self.tp.all_reduce(out)
 
     def expert_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """`{prefix}{e}.{gate,up,down}_proj.weight` -> the expert's slices of the stacked weights."""
+        """`{prefix}{e}.{gate,up,down}_proj.weight` -> the expert's slices of the stacked weights
+        (this rank's experts, by their global numbers)."""
         width = self.down.shape[2]
         out = {}
         for e in range(self.gate_up.shape[0]):
-            out[f"{prefix}{e}.gate_proj.weight"] = self.gate_up[e, :width]
-            out[f"{prefix}{e}.up_proj.weight"] = self.gate_up[e, width:]
-            out[f"{prefix}{e}.down_proj.weight"] = self.down[e]
+            g = self.expert_lo + e
+            out[f"{prefix}{g}.gate_proj.weight"] = self.gate_up[e, :width]
+            out[f"{prefix}{g}.up_proj.weight"] = self.gate_up[e, width:]
+            out[f"{prefix}{g}.down_proj.weight"] = self.down[e]
         return out
