@@ -28,6 +28,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from sampler.engine_config import EngineConfig
 from sampler.likelihood import ScoreBatch, _Canvas, _Pair
 from sampler.params import SamplingParams
 
@@ -339,8 +340,6 @@ def follower_main(model_dir: str, device: str, dtype: str, size: int, config) ->
 def main(argv=None) -> int:
     import argparse
     import sys
-
-    from sampler.scheduler import EngineConfig
 
     ap = argparse.ArgumentParser(prog="python -m sampler.runner", description="a follower rank")
     ap.add_argument("--model", required=True)

@@ -39,7 +39,9 @@ from sampler.batch import CapacityError
 from sampler.events import StepEvent
 from sampler.fair_queue import FairQueue
 from sampler.likelihood import ScoreBatch, ScoreJob
+from sampler.engine_config import EngineConfig
 from sampler.params import ParamError, SamplingParams
+from sampler.runner import STOP, lead
 from sampler.strategies import make_batch, rows_needed
 
 log = logging.getLogger("llada.engine")
@@ -86,6 +88,13 @@ class OutOfMemory(EngineError):
         super().__init__(message, code="out_of_memory")
 
 
+class RankFailed(EngineError):
+    """Tensor parallel: a rank failed or is gone; no step can run again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code="rank_failed")
+
+
 class InternalError(EngineError):
     """The engine failed while running the request (a bug or a device failure)."""
 
@@ -99,18 +108,6 @@ def check_fits(prompt_len: int, params: SamplingParams, max_batch_tokens: int, b
             f"the request needs {rows} canvas tokens (prompt {prompt_len} + gen_length "
             f"{params.gen_length}{', doubled by cfg_scale' if params.cfg_scale > 0 else ''}); "
             f"this server's max_batch_tokens is {max_batch_tokens}", param="max_tokens")
-
-
-@dataclass
-class EngineConfig:
-    max_batch_size: int = 32          # running requests per step
-    max_batch_tokens: int = 16384     # canvas rows (prompt + generated, twice with CFG) in the batch
-    max_queue: int = 256              # waiting requests; beyond it submissions are refused (429)
-    request_timeout: float | None = 600.0  # seconds from submission; None or <= 0: no limit
-    early_stop: bool = True           # leave the batch once the answer is final
-    idle_wait: float = 0.05           # seconds the loop sleeps when there is nothing to do
-    cuda_graphs: bool = True          # replay captured CUDA graphs of the step (CUDA only)
-    pipelined: bool | None = None     # read step n's events while step n+1 runs (default: on CUDA)
 
 
 @dataclass
@@ -189,8 +186,6 @@ class Engine:
         self.channel = None  # tensor parallel: rank 0's broadcasts to the follower ranks
         self.on_fatal = None  # called once when a rank is lost (the server exits non-zero)
         if getattr(model, "tp", None) is not None:
-            from sampler.runner import lead
-
             self.batch, self.scorer, self.channel = lead(self.batch, self.scorer, model.tp)
             self.channel.on_error = self.rank_lost
         self.scoring: dict[int, ScoreJob] = {}
@@ -258,8 +253,6 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, grace))
         if self.channel is not None and not (self._thread is not None and self._thread.is_alive()):
-            from sampler.runner import STOP
-
             channel, self.channel = self.channel, None
             try:
                 channel.send(STOP)  # the followers return
@@ -496,8 +489,7 @@ class Engine:
             self.alive = False
             self._stop = True
             self.channel = None  # nothing more is sent to the ranks
-            self._fail_all(EngineError("the server lost one of its tensor-parallel ranks and is stopping",
-                                       status=503, type="server_error", code="rank_failed"))
+            self._fail_all(RankFailed("the server lost one of its tensor-parallel ranks and is stopping"))
             self._cv.notify_all()
         if self.on_fatal is not None:
             self.on_fatal(reason)

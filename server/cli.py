@@ -293,12 +293,9 @@ def _load(args, model_dir, tp=None):
     return bundle, threads, name, param_bytes
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _check_args(args)
-
+def _prepare(args):
+    """The port check, the model directory and, under tensor parallelism, the started ranks (a
+    follower rank serves here and exits): (model_dir, ranks or None), or None once --plan printed."""
     tp_size = int(args.tensor_parallel_size)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun or another launcher
     follower = launched and int(os.environ.get("RANK", "0")) != 0
@@ -306,14 +303,25 @@ def main(argv=None) -> None:
     if busy:
         _fail(f"cannot listen on {args.host}:{args.port}: {busy} (is another server running there? "
               "choose another --port)")
-
     model_dir = _model_dir(args)
     if args.plan:
         _print_plan(args, model_dir, tp_size)
-        return
+        return None
     ranks = None
     if tp_size > 1 or launched:
         ranks = _start_ranks(args, model_dir, tp_size, launched, follower)
+    return model_dir, ranks
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_args(args)
+    prepared = _prepare(args)
+    if prepared is None:  # --plan printed
+        return
+    model_dir, ranks = prepared
 
     import torch
     import uvicorn

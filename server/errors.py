@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sampler.scheduler import (EngineError, EngineStopped, InternalError, InvalidRequest, OutOfMemory, QueueFull,
-                               RequestTimeout, RequestTooLarge)
+                               RankFailed, RequestTimeout, RequestTooLarge)
 from server.logsafe import ECHO_CHARS, shown
 
 log = logging.getLogger("llada.server")
@@ -61,7 +61,7 @@ API_ERRORS = {400: _doc("invalid request"), 401: _doc("missing or invalid API ke
 ENGINE_HTTP = {RequestTooLarge: (400, "invalid_request_error"), InvalidRequest: (400, "invalid_request_error"),
                QueueFull: (429, "rate_limit_error"), EngineStopped: (503, "server_error"),
                OutOfMemory: (503, "server_error"), RequestTimeout: (504, "timeout_error"),
-               InternalError: (500, "server_error")}
+               InternalError: (500, "server_error"), RankFailed: (503, "server_error")}
 
 
 class ApiError(Exception):

@@ -188,42 +188,10 @@ def pick_cpu_threads(config, device: torch.device) -> int:
     return n
 
 
-def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None,
-                    tp=None) -> ModelBundle:
-    """Config, weights (tensor by tensor, straight to `device` in `dtype`, each into its parameter or
-    its view of a fused or stacked one) and tokenizer of a checkpoint directory. With `tp`
-    (`weights.parallel.TensorParallel`, size > 1) the rank builds its part of the network and reads
-    only its slices of each tensor (`get_slice`); a size that does not divide a sharded dimension
-    is a CheckpointError naming the field and the sizes that work."""
+def _copy_tensors(path: Path, by_file: dict, targets: dict, shards: dict, tp, dev, dt, progress) -> None:
+    """Copy each checkpoint tensor (the rank's slice under `tp`) into its target, file by file,
+    checking its shape against config.json's (a tqdm bar for checkpoints over about 1 GB)."""
     from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint in the Hugging Face layout)")
-    try:
-        config = read_config(checkpoint_file(path, "config.json"))
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    if tp is not None and tp.size <= 1:
-        tp = None
-    if tp is not None:
-        try:
-            check_divisible(config, tp.size)
-        except ParallelError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    files = _weight_files(path)
-
-    model = build_network(config, dev, dt, tp)
-    targets = model.checkpoint_tensors()
-    shards = model.checkpoint_shards()
-
-    by_file: dict[Path, list[str]] = {}
-    for full in targets:
-        if full not in files:
-            raise CheckpointError(f"{path}: tensor {full} is missing from the checkpoint")
-        by_file.setdefault(files[full], []).append(full)
 
     total = sum(t.numel() for t in targets.values())
     if progress is None:
@@ -258,6 +226,44 @@ def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = N
                         bar.update(1)
     if bar is not None:
         bar.close()
+
+
+def load_checkpoint(path, device="auto", dtype="auto", progress: bool | None = None,
+                    tp=None) -> ModelBundle:
+    """Config, weights (tensor by tensor, straight to `device` in `dtype`, each into its parameter or
+    its view of a fused or stacked one) and tokenizer of a checkpoint directory. With `tp`
+    (`weights.parallel.TensorParallel`, size > 1) the rank builds its part of the network and reads
+    only its slices of each tensor (`get_slice`); a size that does not divide a sharded dimension
+    is a CheckpointError naming the field and the sizes that work."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint in the Hugging Face layout)")
+    try:
+        config = read_config(checkpoint_file(path, "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if tp is not None and tp.size <= 1:
+        tp = None
+    if tp is not None:
+        try:
+            check_divisible(config, tp.size)
+        except ParallelError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    files = _weight_files(path)
+
+    model = build_network(config, dev, dt, tp)
+    targets = model.checkpoint_tensors()
+    shards = model.checkpoint_shards()
+
+    by_file: dict[Path, list[str]] = {}
+    for full in targets:
+        if full not in files:
+            raise CheckpointError(f"{path}: tensor {full} is missing from the checkpoint")
+        by_file.setdefault(files[full], []).append(full)
+
+    _copy_tensors(path, by_file, targets, shards, tp, dev, dt, progress)
     model.eval()
     model.requires_grad_(False)
 
