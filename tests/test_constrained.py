@@ -275,3 +275,47 @@ def test_refused_combinations(default_bundle):
     with pytest.raises(ParamError) as e:
         generate(default_bundle, [prompt], SamplingParams(gen_length=8, constraint=c), suffixes=[[7, 8]])
     assert e.value.field == "guided_regex"
+
+
+def run_pipelined(bundle, prompt, params):
+    """The CUDA engine's path on the CPU: padded buckets, fixed-shape stages (no value-dependent
+    branches) and pipelined steps (launch step n+1, then read step n)."""
+    from sampler import device_step as ds
+    from sampler.strategies import make_batch
+
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=4096, max_requests=8,
+                       pad_to_buckets=True)
+    batch._device_step = lambda plan, bucket: ds.device_step(
+        batch.model, batch.kv, batch.tokens, batch.state, batch.fstate, plan, bucket, batch.mask_id,
+        batch.eos_id, batch.stop_ids_d, batch.capacity, dynamic=False,
+        grammar_mask=batch.grammar_mask if bucket.constrained else None)
+    for i, p in enumerate(params):
+        batch.add(i, prompt, p)
+    done = {}
+    for _ in range(2000):
+        if len(done) == len(params):
+            break
+        for ev in batch.step_async():
+            if ev.finished:
+                done[ev.request_id] = (ev.gen_ids, ev.nfe)
+    return [done[i] for i in range(len(params))]
+
+
+def test_pipelined_fixed_shape_path(default_bundle):
+    vocab = GrammarVocab.of(default_bundle)
+    c = compile_constraint("json_schema", PERSON, vocab)
+    prompt = prompt_of(default_bundle)
+    plain = [SamplingParams(gen_length=32, block_length=16, threshold=0.9, cache="dual"),
+             SamplingParams(gen_length=32, temperature=1.0, seed=3)]
+    cons = [SamplingParams(gen_length=128, constraint=c),
+            SamplingParams(gen_length=128, temperature=1.0, seed=5, block_length=32, threshold=0.9,
+                           cache="dual", constraint=c)]
+    alone = run_pipelined(default_bundle, prompt, plain)
+    mixed = run_pipelined(default_bundle, prompt, [plain[0], cons[0], plain[1], cons[1]])
+    assert [mixed[0], mixed[2]] == alone
+    stops = set(default_bundle.special.stop)
+    for ids, _ in (mixed[1], mixed[3]):
+        jsonschema.validate(json.loads(default_bundle.tokenizer.decode(cut_answer(ids, stops))), PERSON)
+    # the same answers as the exact-shape, unpipelined path
+    ref = generate(default_bundle, [prompt] * 2, cons)
+    assert [mixed[1][0], mixed[3][0]] == [g.gen_ids for g in ref]
