@@ -115,6 +115,14 @@ def _grammar_text(kind: str, spec, field_name: str) -> str:
     raise ConstraintError(field_name, f"unknown constraint kind {kind!r}; one of {', '.join(KINDS)}")
 
 
+def _one_line(error: str, limit: int = 400) -> str:
+    """The engine's (multi-line) message on one line, without its source excerpt."""
+    lines = [l.strip() for l in error.strip().splitlines()]
+    lines = [l for l in lines if l and l != "^" and not l[:1].isdigit()]
+    text = " ".join(lines)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def compile_constraint(kind: str, spec, vocab: GrammarVocab, field: str | None = None) -> Constraint:
     """Compile a constraint of `kind` (json_object, json_schema, regex, choice, grammar) from the
     request's value `spec` for `vocab`. Errors are `ConstraintError` naming `field` (default: the
@@ -130,7 +138,7 @@ def compile_constraint(kind: str, spec, vocab: GrammarVocab, field: str | None =
     error = LLMatcher.validate_grammar(grammar, vocab.ll)
     if error:
         raise ConstraintError(field, f"{field}: cannot compile the {kind.replace('_', ' ')}: "
-                              f"{error.strip().splitlines()[0]}")
+                              f"{_one_line(error)}")
     c = Constraint(kind, field, grammar, vocab)
     state = c.start()  # surfaces errors found only when the matcher is built (e.g. empty languages)
     if state.error:

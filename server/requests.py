@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sampler.params import LLADA2_FIELDS, MAX_SEED, MAX_TOP_LOGPROBS, RELEASED_DEFAULTS, ParamError, SamplingParams
 from sampler.scheduler import EngineError
+from server.constraints import request_constraint
 from server.errors import ApiError, clip
 from server.schemas import ChatCompletionRequest, CompletionRequest, refused_field, unknown_fields
 
@@ -321,7 +322,8 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         cache=req.cache or "none", seed=derive_seed(base_seed, index),
         ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
-        min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req), **extra)
+        min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),
+        constraint=request_constraint(svc, req), **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     try:
