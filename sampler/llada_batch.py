@@ -101,6 +101,7 @@ class LLaDABatch(Batch):
         self.dummy_slot = max_requests
         self.state = torch.zeros((max_requests + 1, N_INT), dtype=torch.int64, device=dev)
         self.state[self.dummy_slot, INT.offset] = capacity_tokens
+        self.state[self.dummy_slot, INT.frontier] = -1  # never a constrained request
         self.fstate = torch.zeros((max_requests + 1, N_FLT), dtype=torch.float64, device=dev)
         self.pinned = dev.type == "cuda"
         # Padded bucket shapes let CUDA graphs be reused; on the CPU they would only cost.
