@@ -319,3 +319,11 @@ def test_pipelined_fixed_shape_path(default_bundle):
     # the same answers as the exact-shape, unpipelined path
     ref = generate(default_bundle, [prompt] * 2, cons)
     assert [mixed[1][0], mixed[3][0]] == [g.gen_ids for g in ref]
+
+
+def test_bench_constrained_runs(capsys):
+    from bench.bench_constrained import main
+
+    assert main(["--requests", "2"]) == 0  # non-zero when plain batchmates' ids or NFE changed
+    out = capsys.readouterr().out
+    assert "| mixed: plain + json_schema | 4 |" in out and "identical ids and NFE: True" in out
