@@ -66,6 +66,10 @@ def test_regex_and_choice(client):
     r = client.chat.completions.create(model="m", messages=USER, max_tokens=8, temperature=1.0, n=4, seed=2,
                                        extra_body={"guided_choice": ["red", "green", "blue"]})
     assert all(c.message.content in ("red", "green", "blue") for c in r.choices)
+    # an answer the grammar forces whole finishes without a forward
+    r = client.chat.completions.create(model="m", messages=USER, max_tokens=24,
+                                       extra_body={"guided_choice": ["only this"]})
+    assert r.choices[0].message.content == "only this" and r.choices[0].finish_reason == "stop"
     # streamed: the chunks join to a valid answer
     text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
         model="m", messages=USER, max_tokens=96, stream=True,
