@@ -327,3 +327,19 @@ def test_bench_constrained_runs(capsys):
     assert main(["--requests", "2"]) == 0  # non-zero when plain batchmates' ids or NFE changed
     out = capsys.readouterr().out
     assert "| mixed: plain + json_schema | 4 |" in out and "identical ids and NFE: True" in out
+
+
+def test_guidance_filters_and_eos_bias_keep_answers_valid(default_bundle):
+    """Classifier-free guidance, sampling filters, EOS bias and deferred stops act on the masked
+    frontier row; the answers stay valid."""
+    vocab = GrammarVocab.of(default_bundle)
+    c = compile_constraint("json_schema", NUMBERS, vocab)
+    prompt = prompt_of(default_bundle)
+    params = [SamplingParams(gen_length=48, cfg_scale=1.5, constraint=c),
+              SamplingParams(gen_length=48, temperature=1.0, seed=9, top_k=3, top_p=0.9, min_p=0.05,
+                             threshold=0.5, block_length=16, cache="prefix", constraint=c),
+              SamplingParams(gen_length=48, eos_bias=-5.0, defer_eos=True, temperature=1.0, seed=2,
+                             constraint=c)]
+    for (ids, text, _), p in zip(answers(default_bundle, params, prompt), params):
+        jsonschema.validate(json.loads(text), NUMBERS)
+        assert replay_accepts(c, ids)
