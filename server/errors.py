@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sampler.scheduler import EngineError, QueueFull
+from sampler.scheduler import (EngineError, EngineStopped, InternalError, InvalidRequest, OutOfMemory, QueueFull,
+                               RequestTimeout, RequestTooLarge)
 from server.logsafe import ECHO_CHARS, shown
 
 log = logging.getLogger("llada.server")
@@ -56,6 +57,13 @@ API_ERRORS = {400: _doc("invalid request"), 401: _doc("missing or invalid API ke
               504: _doc("the request outlived the server's request timeout")}
 
 
+# The one place engine errors become HTTP: error class -> (status, OpenAI error type).
+ENGINE_HTTP = {RequestTooLarge: (400, "invalid_request_error"), InvalidRequest: (400, "invalid_request_error"),
+               QueueFull: (429, "rate_limit_error"), EngineStopped: (503, "server_error"),
+               OutOfMemory: (503, "server_error"), RequestTimeout: (504, "timeout_error"),
+               InternalError: (500, "server_error")}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
@@ -66,10 +74,11 @@ class ApiError(Exception):
 
     @classmethod
     def from_engine(cls, e: EngineError) -> "ApiError":
+        status, type_ = next((v for k, v in ENGINE_HTTP.items() if isinstance(e, k)), (500, "server_error"))
         headers = None
         if isinstance(e, QueueFull):
             headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
-        return cls(e.status, e.message, e.type, e.param, e.code, headers)
+        return cls(status, e.message, type_, e.param, e.code, headers)
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
@@ -120,16 +129,13 @@ def validation_error(errors: list) -> ApiError:
     return ApiError(400, msg, param=param, code="invalid_value")
 
 
-def _counted(request: Request, err: ApiError) -> JSONResponse:
-    """Answer an API error; the guard counts and logs it (with this message) once the answer is sent."""
-    from server.guards import outcome_of
+def install_handlers(app: FastAPI, check_auth, outcome_of) -> None:
+    """Register the handlers that turn every exception into the OpenAI error body. `outcome_of`
+    (server.guards) gives a request's record, which the guard counts and logs once it is answered."""
 
-    outcome_of(request).message = err.message
-    return err.response()
-
-
-def install_handlers(app: FastAPI, check_auth) -> None:
-    """Register the handlers that turn every exception into the OpenAI error body."""
+    def _counted(request: Request, err: ApiError) -> JSONResponse:
+        outcome_of(request).message = err.message
+        return err.response()
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
@@ -154,8 +160,6 @@ def install_handlers(app: FastAPI, check_auth) -> None:
                    else type(exc.__cause__).__name__)
             return _counted(request, ApiError(400, f"the request body cannot be parsed ({why})",
                                               code="invalid_json"))
-        from server.guards import outcome_of
-
         t = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405 and headers and "Allow" in headers:

@@ -13,11 +13,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import API_ERRORS, ApiError, clip
+from server import checks
+from server.endpoints import CHAT, COMPLETIONS
+from server.errors import API_ERRORS, ApiError
 from server.job import Job
 from server.metrics import CONTENT_TYPE
-from server.requests import (chat_prompt, check_fanout, check_raw_sizes, check_request, completion_items,
-                             completion_prompts)
+from server.requests import chat_prompt, completion_items, completion_prompts, plan
 from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, LoglikelihoodResponse,
                               ModelCard, ModelList, Status)
 from server.schemas import ChatCompletionRequest, CompletionRequest, LoglikelihoodRequest
@@ -56,7 +57,7 @@ class _SizeCheckedRequest(Request):
     async def json(self):
         if not hasattr(self, "_json"):
             data = await super().json()
-            check_raw_sizes(self.app.state.service, data)  # FastAPI reports it as a parse error's cause
+            checks.raw_sizes(self.app.state.service, data)  # FastAPI reports it as a parse error's cause
             self._json = data
         return self._json
 
@@ -150,9 +151,7 @@ async def models(request: Request):
 @api.get("/models/{model_id:path}", response_model=ModelCard)
 async def model(request: Request, model_id: str):
     svc = request.app.state.service
-    if model_id != svc.name:
-        raise ApiError(404, f"the model {clip(model_id)} does not exist; this server serves {svc.name!r}",
-                       param="model", code="model_not_found")
+    checks.model(svc, model_id)
     return svc.model_card()
 
 
@@ -161,17 +160,18 @@ async def model(request: Request, model_id: str):
                            "description": "the completion, or an event stream with stream/stream_steps"}})
 async def completions(request: Request, body: CompletionRequest):
     svc = request.app.state.service
-    check_request(svc, body)
+    checks.fields(svc, body)
     items = completion_items(body)
-    check_fanout(svc, body, len(items))
+    n = checks.fanout(svc, body.n, len(items))
     # Tokenizing (and scanning ids) runs in a worker thread: the event loop keeps answering.
     if body.infill:
         check_infill(body)
         infills = await asyncio.to_thread(infill_prompts, svc, items)
-        return await _serve(request, body, "completions", [ip.prefix for ip in infills], None, infills=infills)
+        return await _serve(request, body, COMPLETIONS, plan(svc, body, [ip.prefix for ip in infills], n, None,
+                                                             infills=infills))
     prompts = await asyncio.to_thread(completion_prompts, svc, items)
     suffix = await asyncio.to_thread(suffix_ids, svc, body.suffix) if body.suffix else None
-    return await _serve(request, body, "completions", prompts, body.max_tokens, suffix_ids=suffix)
+    return await _serve(request, body, COMPLETIONS, plan(svc, body, prompts, n, body.max_tokens, suffix_ids=suffix))
 
 
 @api.post("/chat/completions", response_model=None,
@@ -179,11 +179,11 @@ async def completions(request: Request, body: CompletionRequest):
                            "description": "the chat completion, or an event stream with stream/stream_steps"}})
 async def chat_completions(request: Request, body: ChatCompletionRequest):
     svc = request.app.state.service
-    check_request(svc, body)
-    check_fanout(svc, body, 1)
+    checks.fields(svc, body)
+    n = checks.fanout(svc, body.n, 1)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     prompt = await asyncio.to_thread(chat_prompt, svc, body)  # template and tokenizer off the event loop
-    return await _serve(request, body, "chat", [prompt], max_tokens)
+    return await _serve(request, body, CHAT, plan(svc, body, [prompt], n, max_tokens))
 
 
 @api.post("/loglikelihood", response_model=None, responses={200: {"model": LoglikelihoodResponse}})
@@ -193,11 +193,10 @@ async def loglikelihood(request: Request, body: LoglikelihoodRequest):
     return Response(status_code=499) if out is None else out
 
 
-async def _serve(request: Request, req, kind: str, prompts: list[list[int]], max_tokens: int | None,
-                 suffix_ids: list[int] | None = None, infills=None):
+async def _serve(request: Request, req, endpoint, planned):
     svc = request.app.state.service
     rec = outcome_of(request)  # the guard counts and logs the response from it
-    job = Job(svc, kind, req, prompts, max_tokens, suffix_ids=suffix_ids, infills=infills)
+    job = Job(svc, endpoint, req, planned)
     job.submit()
     rec.job = job
     if req.stream or req.stream_steps:

@@ -25,7 +25,6 @@ from server.app import create_app
 from server.metrics import TPF_BUCKETS, Metrics
 from test_server_errors import assert_error
 from test_server_helpers import metric, metrics, post, sse_events
-from weights.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8}
@@ -33,14 +32,8 @@ PAIR = {"pairs": [{"context": [1, 2, 3], "continuation": [4, 5]}], "mc_samples":
 
 
 @pytest.fixture(scope="module")
-def bundle(golden_dir):
-    return load_checkpoint(golden_dir, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(bundle, live_server):
-    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=2048), served_model_name="tiny",
-                                  max_body_bytes=4096, body_timeout=0.5))
+def server(bundle, serve):
+    return serve(bundle, max_body_bytes=4096, body_timeout=0.5)
 
 
 def _delta(before, after, name, **labels):

@@ -41,10 +41,9 @@ def model_dir(tiny_tokenizer_model):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, live_server):
+def server(model_dir, serve):
     bundle = load_checkpoint(model_dir, device="cpu", dtype="float32")
-    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=4096), served_model_name="playground",
-                                  api_key=KEY))
+    return serve(bundle, "playground", max_batch_tokens=4096, api_key=KEY)
 
 
 @pytest.fixture(scope="module")
