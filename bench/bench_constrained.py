@@ -2,6 +2,8 @@
 
     python -m bench.bench_constrained                 # the embedded default model on the CPU
     python -m bench.bench_constrained --model DIR     # a checkpoint with a tokenizer.json
+    python -m bench.bench_constrained --device cuda   # the engine's CUDA path: padded buckets,
+                                                      # captured graphs, pipelined steps
 
 Per configuration: requests, answer tokens (before the first stop id), model forwards per answer
 token (the request's NFE over its answer length), the grammar engine's host time per step (masks,
@@ -47,9 +49,10 @@ def run(bundle, prompt, params: list[SamplingParams]):
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows, max_requests=len(params))
     for i, p in enumerate(params):
         batch.add(i, prompt, p)
+    pipelined = batch.device.type == "cuda"  # as the engine steps on CUDA
     out, steps, t0 = {}, 0, time.perf_counter()
     while len(batch):
-        events = batch.step()
+        events = batch.step_async() if pipelined else batch.step()
         steps += 1
         for ev in events:
             if ev.finished:
@@ -76,11 +79,12 @@ def row(name, bundle, prompt, params, forced_count=None):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(default_model_path()))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--requests", type=int, default=8, help="requests per kind")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    bundle = load_checkpoint(args.model, device="cpu", dtype="float32")
-    torch.set_num_threads(pick_cpu_threads(bundle.config, torch.device("cpu")))
+    bundle = load_checkpoint(args.model, device=args.device, dtype="float32")
+    torch.set_num_threads(pick_cpu_threads(bundle.config, torch.device(args.device)))
     vocab = GrammarVocab.of(bundle)
     prompt = bundle.tokenizer.chat_ids([{"role": "user", "content": "sort: d b a"}])
     n = args.requests
