@@ -73,17 +73,19 @@ class Bucket:
     cfg: bool       # any request with classifier-free guidance
     filters: bool = False   # any request with sampling filters (top_k / top_p / min_p)
     logprobs: bool = False  # any request asking for logprobs
+    constrained: bool = False  # any request under a grammar (structured output)
 
     @classmethod
     def fit(cls, n_requests: int, tokens: int, rows: int, max_q: int, cfg: bool,
-            pad: bool = True, filters: bool = False, logprobs: bool = False) -> "Bucket":
+            pad: bool = True, filters: bool = False, logprobs: bool = False,
+            constrained: bool = False) -> "Bucket":
         """The smallest bucket that holds a step; `pad=False` gives the exact sizes (no graph to
         reuse, so padding would only cost: the CPU path)."""
         if not pad:
             return cls(max(n_requests, 1), max(tokens, 1), max(rows, 1), max(max_q, 1), bool(cfg),
-                       bool(filters), bool(logprobs))
+                       bool(filters), bool(logprobs), bool(constrained))
         return cls(pow2(max(n_requests, 1)), round_up(max(tokens, 1)), round_up(max(rows, 1)),
-                   pow2(max(max_q, 16)), bool(cfg), bool(filters), bool(logprobs))
+                   pow2(max(max_q, 16)), bool(cfg), bool(filters), bool(logprobs), bool(constrained))
 
 
 def query_range(mode: int, plen: int, length: int, block_len: int, block_index: int,
@@ -232,12 +234,14 @@ class Candidates:
 
 
 def candidates(logits, lay: Layout, rq: Requests, bucket: Bucket, tokens, mask_id: int, eos_id: int,
-               stop_ids, dynamic: bool, shard: cd.VocabShard | None = None) -> Candidates:
+               stop_ids, dynamic: bool, shard: cd.VocabShard | None = None, grammar_mask=None) -> Candidates:
     ri, rf = lay.ri, lay.rf
     cand = (tokens.index_select(0, lay.canvas_idx) == mask_id) & lay.row_real & rq.active[lay.row_req]
     ban, seed, nonce = ri.ban_eos.bool(), ri.seed, ri.steps_done
     if not dynamic or bool((rf.eos_bias != 0).any()):  # in place: the logits are this step's own
         cd.add_to_column(logits, eos_id, rf.eos_bias.to(logits.dtype), shard)
+    if bucket.constrained:  # never under tensor parallelism (refused at admission)
+        apply_grammar(logits, lay, rq, grammar_mask, dynamic)
     filters = RowFilters(ri.top_k, rf.top_p, rf.min_p) if bucket.filters else None
     d = cd.draw(logits, rf.temperature.to(torch.float32), seed, nonce, lay.position, ban, eos_id,
                 mask_id, filters, dynamic, keep_dist=bucket.logprobs, shard=shard)
@@ -250,6 +254,32 @@ def candidates(logits, lay: Layout, rq: Requests, bucket: Bucket, tokens, mask_i
     conf = cd.defer_stops(conf, d.x0, ri.defer_eos.bool(), stop_ids, dynamic)
     conf = torch.where(cand, conf, torch.full_like(conf, float("-inf")))
     return Candidates(d.x0, conf, cand, lp)
+
+
+def frontier_rows(lay: Layout) -> torch.Tensor:
+    """bool [R]: the logit row at each constrained request's frontier."""
+    ri = lay.ri
+    return (ri.frontier >= 0) & lay.row_real & (lay.position - ri.prompt_len == ri.frontier)
+
+
+def apply_grammar(logits, lay: Layout, rq: Requests, grammar_mask, dynamic: bool) -> None:
+    """Tokens the grammar does not allow at a constrained request's frontier get logit -inf (in
+    place), after guidance and the EOS bias and before filters and the draw; every other row is
+    untouched.
+    `grammar_mask` bool [slots + 1, V]: the allowed tokens at each slot's frontier, written by the
+    host (the dummy slot's row allows everything). Off CUDA only the frontier rows are touched; on
+    CUDA every row gathers a mask row (the dummy's for non-frontier rows) at fixed shapes."""
+    front = frontier_rows(lay)
+    slot = rq.slot[lay.row_req]
+    if dynamic:
+        idx = front.nonzero().squeeze(1)
+        if len(idx):
+            allowed = grammar_mask.index_select(0, slot.index_select(0, idx))
+            logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        return
+    dummy = torch.full_like(slot, grammar_mask.shape[0] - 1)
+    allowed = grammar_mask.index_select(0, torch.where(front, slot, dummy))
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 def logprobs(dist, x0, ban, n_logprobs, eos_id: int, dynamic: bool):
@@ -292,7 +322,10 @@ def transfer(c: Candidates, lay: Layout, rq: Requests, bucket: Bucket):
     spb = i.steps_per_block
     k = torch.where(spb > 0, quota_at(m, spb.clamp(min=1), rq.step_in_block), torch.zeros_like(spb))
     thr = torch.where(rq.active, rq.f.threshold, 0.0).to(torch.float32)
-    return transfer_mask(c.conf, lay.cu_rows, k, thr), n_cand
+    conf = c.conf
+    if bucket.constrained:  # constrained requests commit on the host (the frontier rule)
+        conf = torch.where(lay.ri.frontier >= 0, torch.full_like(conf, float("-inf")), conf)
+    return transfer_mask(conf, lay.cu_rows, k, thr), n_cand
 
 
 # ---------------------------------------------------------------- stage: commit and pack
@@ -335,7 +368,8 @@ def commit(tokens, state, rq: Requests, lay: Layout, c: Candidates, chosen, n_ca
 
 
 def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id: int, eos_id: int,
-                stop_ids: torch.Tensor, capacity: int, dynamic: bool | None = None) -> torch.Tensor:
+                stop_ids: torch.Tensor, capacity: int, dynamic: bool | None = None,
+                grammar_mask=None) -> torch.Tensor:
     """One step for the requests in `plan`; updates `tokens`, `state`, `kv` in place. Returns what
     the host reads back as one int64 buffer of fixed size (`ReadBack.of(bucket)`): one copy.
     `dynamic` (default: off CUDA, where there is no graph to capture and reading a flag back costs
@@ -345,6 +379,7 @@ def device_step(model, kv, tokens, state, fstate, plan, bucket: Bucket, mask_id:
     rq = gather(state, fstate, plan)
     lay = layout(rq, bucket, tokens, mask_id, capacity)
     logits = forward(model, kv, lay, rq, bucket)
-    c = candidates(logits, lay, rq, bucket, tokens, mask_id, eos_id, stop_ids, dynamic, cd.vocab_shard(model))
+    c = candidates(logits, lay, rq, bucket, tokens, mask_id, eos_id, stop_ids, dynamic, cd.vocab_shard(model),
+                   grammar_mask)
     chosen, n_cand = transfer(c, lay, rq, bucket)
     return commit(tokens, state, rq, lay, c, chosen, n_cand, bucket, mask_id, capacity)

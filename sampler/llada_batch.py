@@ -31,7 +31,7 @@ from sampler import device_step as ds
 from sampler.batch import Batch
 from sampler.cuda_graphs import StepGraphs
 from sampler.events import StepEvent
-from sampler.params import SamplingParams
+from sampler.params import ParamError, SamplingParams
 from sampler.step_state import CACHE_MODE, INT, N_FLT, N_INT, ReadBack, RequestOut, pack_slot
 
 
@@ -50,6 +50,11 @@ class _Request:
     staging: object = None  # pinned source of the canvas copy, kept until the copy has run
     suffix_len: int = 0     # fixed context after the generated span (infilling)
     masks: int = 0          # masked positions of the span at the start
+    grammar: object = None  # constrained requests: the GrammarState of the committed prefix
+    frontier: int = 0       # constrained: the first uncommitted span position
+    in_flight: bool = False  # constrained: a launched step not collected yet (plan after it only)
+    pending: list = field(default_factory=list)  # constrained: (position, token) the host committed
+                                                 # before any forward, reported with the next event
 
     @property
     def length(self) -> int:
@@ -96,11 +101,18 @@ class LLaDABatch(Batch):
         self.dummy_slot = max_requests
         self.state = torch.zeros((max_requests + 1, N_INT), dtype=torch.int64, device=dev)
         self.state[self.dummy_slot, INT.offset] = capacity_tokens
+        self.state[self.dummy_slot, INT.frontier] = -1  # never a constrained request
         self.fstate = torch.zeros((max_requests + 1, N_FLT), dtype=torch.float64, device=dev)
         self.pinned = dev.type == "cuda"
         # Padded bucket shapes let CUDA graphs be reused; on the CPU they would only cost.
         self.pad_to_buckets = dev.type == "cuda" if pad_to_buckets is None else pad_to_buckets
         self._pending: _Launched | None = None
+        self._ready: list[StepEvent] = []  # events of requests finished without a forward
+        self.grammar_mask = None  # bool [slots + 1, V]: each constrained slot's allowed tokens
+        self.grammar_seconds = 0.0  # host time reading constrained requests' steps (grammar checks,
+                                    # forced tokens, the next mask)
+        self.grammar_reads = 0      # constrained request-steps read
+        self.grammar_admit_seconds = 0.0  # host time starting matchers at admission (first mask)
         if dev.type == "cuda" and (cuda_graphs is None or cuda_graphs):
             self.graphs = StepGraphs(self._device_step, self.dummy_slot, dev)
 
@@ -110,6 +122,16 @@ class LLaDABatch(Batch):
         """Canvas rows a request holds: prompt (and suffix) + gen_length, twice with CFG."""
         n = prompt_len + params.gen_length
         return 2 * n if params.cfg_scale > 0 else n
+
+    def _params(self, params: SamplingParams, suffix_ids, span_ids) -> SamplingParams:
+        if params.constraint is not None and (suffix_ids or span_ids is not None):
+            raise ParamError(getattr(params.constraint, "field", "constraint"),
+                             "structured output cannot be combined with infilling (suffix or gaps)")
+        if params.constraint is not None and getattr(self.model, "tp", None) is not None:
+            raise ParamError(getattr(params.constraint, "field", "constraint"),
+                             "structured output is not available with --tensor-parallel-size > 1 yet "
+                             "(the grammar's host state is not shared with the other ranks)")
+        return params
 
     def _start(self, rid, slot, off, rows, prompt_ids, span, suffix_ids, params, masks) -> _Request:
         p = len(prompt_ids)
@@ -127,6 +149,17 @@ class LLaDABatch(Batch):
         self.tokens[off:off + req.length].copy_(canvas, non_blocking=nb)
         self.state[slot].copy_(srow, non_blocking=nb)
         self.fstate[slot].copy_(frow, non_blocking=nb)
+        if params.constraint is not None:
+            if self.grammar_mask is None:  # the dummy slot's row allows everything
+                self.grammar_mask = torch.ones((self.max_requests + 1, self.config.embedding_size),
+                                               dtype=torch.bool, device=self.device)
+            t0 = time.perf_counter()
+            req.grammar = params.constraint.start()
+            committed = self._settle(req, [], stepped=False)
+            self.grammar_admit_seconds += time.perf_counter() - t0
+            req.pending = list(zip(range(len(committed)), committed))
+            if req.finished:
+                self._ready.append(self._host_event(req))
         return req
 
     def canvas(self, rid) -> list[int]:
@@ -136,8 +169,9 @@ class LLaDABatch(Batch):
     def _plan(self):
         """(request rows, bucket) for the next step from the host's expectations."""
         rows, tokens, logit_rows, max_q, cfg, filters, logprobs = [], 0, 0, 0, False, False, False
+        constrained = False
         for req in self.requests.values():
-            if req.finished:
+            if req.finished or req.in_flight:
                 continue
             lo, hi = ds.query_range(req.mode, req.prompt_len, req.length, req.params.block,
                                     req.block_index, req.step_in_block)
@@ -151,11 +185,12 @@ class LLaDABatch(Batch):
             logit_rows += req.params.block
             filters |= req.params.filtered
             logprobs |= req.params.logprobs is not None
+            constrained |= req.grammar is not None
             rows.append(req)
         if not rows:
             return [], None
         return rows, ds.Bucket.fit(len(rows), tokens, logit_rows, max_q, cfg, self.pad_to_buckets,
-                                   filters, logprobs)
+                                   filters, logprobs, constrained)
 
     def planned_query_tokens(self) -> int:
         total = 0
@@ -169,7 +204,8 @@ class LLaDABatch(Batch):
 
     def _device_step(self, plan, bucket):
         return ds.device_step(self.model, self.kv, self.tokens, self.state, self.fstate, plan, bucket,
-                              self.mask_id, self.eos_id, self.stop_ids_d, self.capacity)
+                              self.mask_id, self.eos_id, self.stop_ids_d, self.capacity,
+                              grammar_mask=self.grammar_mask if bucket.constrained else None)
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -187,6 +223,12 @@ class LLaDABatch(Batch):
         for j, req in enumerate(reqs):
             here = (req.block_index, req.step_in_block)
             plan[j, 0], plan[j, 1], plan[j, 2] = req.slot, here[0], here[1]
+            if req.grammar is not None:  # the host commits for it when the step is read
+                req.in_flight = True
+                rows.append((req, here[0], here[1], here))
+                row_start.append(r0)
+                r0 += req.params.block
+                continue
             nxt = req.advance(*here, req.predict_done(here[1]))
             rows.append((req, here[0], here[1], nxt))
             row_start.append(r0)
@@ -212,16 +254,22 @@ class LLaDABatch(Batch):
     def collect(self, launched: _Launched | None) -> list[StepEvent]:
         """Wait for a launched step's results and turn them into events (requests removed since
         the launch are skipped; a request whose planned step did nothing gets no event)."""
+        ready, self._ready = self._ready, []
         if launched is None:
-            return []
+            return ready
         if launched.done is not None:
             launched.done.synchronize()
         t0 = time.perf_counter()
         out = launched.layout.unpack(launched.results)
-        events = []
+        events = ready
         for j, (req, block_index, step_in_block, predicted) in enumerate(launched.rows):
             rq = RequestOut(*(int(v) for v in out["requests"][j]))
+            if req.grammar is not None:
+                req.in_flight = False
             if not rq.active or self.requests.get(req.rid) is not req:
+                continue
+            if req.grammar is not None:
+                events.append(self._constrained_event(req, block_index, rq, out, launched.row_start[j]))
                 continue
             actual = req.advance(block_index, step_in_block, bool(rq.block_done))
             if actual != predicted:  # a threshold block finished early: plan from the truth
@@ -272,7 +320,117 @@ class LLaDABatch(Batch):
         return self._pending is not None
 
     def discard(self) -> None:
+        if self._pending is not None:
+            for req, *_ in self._pending.rows:
+                req.in_flight = False
         self._pending = None
+
+    # ---------------------------------------------------------------- constrained requests
+    # The frontier rule (docs/ARCHITECTURE.md, "Structured output"): the span is committed left to
+    # right. The device draws the frontier row from logits masked by the grammar (`grammar_mask`)
+    # and commits nothing for the request; here the host commits the frontier's token, then the
+    # following rows' candidates of the same forward while the grammar accepts each one and the
+    # model is confident (threshold decoding: confidence >= threshold; the s/t schedule: up to
+    # ceil(block / steps per block) per forward), then the tokens the grammar forces, without a
+    # forward. A stop token (allowed only where the grammar accepts) ends the answer: the rest of
+    # the span is EOS.
+    def _spec_limit(self, params: SamplingParams) -> int:
+        if params.filtered:  # filters are decided on the masked row: only the frontier is exact
+            return 1
+        if params.threshold is not None:
+            return params.gen_length
+        return -(-params.block // params.steps_per_block)
+
+    def _constrained_event(self, req: _Request, block_index: int, rq: RequestOut, out: dict,
+                           r0: int) -> StepEvent:
+        p, g = req.params, req.grammar
+        seg = out["rows"][r0:r0 + p.block]
+        conf = out["conf"][r0:r0 + p.block]
+        first = req.frontier - block_index * p.block
+        taken, confs = [], []
+        t0 = time.perf_counter()
+        for r in range(first, p.block):
+            tok, c = int(seg[r, 1]), float(conf[r])
+            if r > first:
+                if len(taken) >= self._spec_limit(p) or taken[-1] in self.stop_ids:
+                    break
+                if p.threshold is not None and c < p.threshold:
+                    break
+                if not g.accepts(tok):
+                    break
+            g.commit(tok)  # the frontier's draw was masked: the grammar accepts it
+            taken.append(tok)
+            confs.append(c)
+        start = req.frontier
+        committed = self._settle(req, taken, stepped=True)
+        confs += [1.0] * (len(committed) - len(confs))  # forced tokens and the EOS tail
+        self.grammar_seconds += time.perf_counter() - t0
+        self.grammar_reads += 1
+        pend = req.pending
+        req.pending = []
+        positions = [q for q, _ in pend] + list(range(start, start + len(committed)))
+        ev = StepEvent(
+            request_id=req.rid, step=rq.steps_done, block=block_index, positions=positions,
+            token_ids=[t for _, t in pend] + committed, confidences=[1.0] * len(pend) + confs,
+            masks_remaining=req.masks - req.frontier, nfe=rq.nfe, finished=req.finished)
+        if ev.finished:
+            ev.gen_ids = list(req.canvas)
+        return ev
+
+    def _host_event(self, req: _Request) -> StepEvent:
+        """The event of a request the host finished without a forward (the grammar forced it all)."""
+        pend, req.pending = req.pending, []
+        ev = StepEvent(request_id=req.rid, step=0, block=0, positions=[q for q, _ in pend],
+                       token_ids=[t for _, t in pend], confidences=[1.0] * len(pend),
+                       masks_remaining=req.masks - req.frontier, nfe=0, finished=True,
+                       gen_ids=list(req.canvas))
+        return ev
+
+    def _settle(self, req: _Request, taken: list[int], stepped: bool) -> list[int]:
+        """Commit `taken` (already consumed by the grammar) at the frontier, then what the grammar
+        forces, then the EOS tail if the answer ended; write it all to the device with the state
+        and the next frontier's mask (`stepped`: after a step in the request's current block).
+        Returns every token committed, in order."""
+        p, g = req.params, req.grammar
+        out = list(taken)
+        room = p.gen_length - req.frontier
+        ended = bool(out) and out[-1] in self.stop_ids
+        while not ended and len(out) < room:
+            if g.stopped:  # only a stop token may follow: the answer ends here
+                out.append(self.eos_id)
+                ended = True
+                break
+            forced = g.forced()
+            if not forced:
+                break
+            for tok in forced[:room - len(out)]:
+                g.commit(tok)
+                out.append(tok)
+        out = out[:room]
+        if ended:
+            out += [self.eos_id] * (room - len(out))
+        start, req.frontier = req.frontier, req.frontier + len(out)
+        req.canvas[start:req.frontier] = out
+        done = req.frontier >= p.gen_length
+        if done:
+            req.block_index, req.step_in_block = p.blocks, 0
+        else:
+            block = req.frontier // p.block
+            if block != req.block_index:  # a new block: its first step is a block start
+                req.block_index, req.step_in_block = block, 0
+            elif stepped:
+                req.step_in_block += 1
+        # One write each: the committed tokens, the state fields the host owns, the next mask.
+        if out:
+            at = req.offset + req.prompt_len + start
+            self.tokens[at:at + len(out)].copy_(torch.tensor(out, dtype=torch.int64))
+        cols = [INT.block_index, INT.step_in_block, INT.unmasked, INT.frontier]
+        vals = torch.tensor([req.block_index, req.step_in_block, req.frontier,
+                             -1 if done else req.frontier], dtype=torch.int64)
+        self.state[req.slot, cols] = vals.to(self.device)
+        if not done:
+            self.grammar_mask[req.slot].copy_(torch.from_numpy(g.allowed()))
+        return out
 
     def hot_buckets(self, block_length: int = 32) -> list:
         """Buckets of the steady state worth capturing at start: 1, 2, 4, ... requests each in a

@@ -76,6 +76,9 @@ class SamplingParams:
     min_p: float = 0.0
     logprobs: int | None = None
     eos_bias: float = 0.0
+    # Structured output: a compiled `sampler.constraint.Constraint`, or None. The answer is then
+    # committed left to right under the grammar (sampler.llada_batch, "constrained requests").
+    constraint: object = None
 
     # LLaDA2.x block diffusion only.
     minimal_topk: int = 1
@@ -135,6 +138,8 @@ class SamplingParams:
         """Raise ParamError with a message a client can act on. `block_diffusion`: the request
         runs on a LLaDA2.x checkpoint (validate `for_block_diffusion()` parameters then)."""
         integer("gen_length", self.gen_length, 1)
+        if self.constraint is not None:
+            self._validate_constraint(block_diffusion)
         if block_diffusion:
             self._validate_block_diffusion(prompt_len, max_sequence_length)
             return
@@ -203,6 +208,22 @@ class SamplingParams:
             raise ParamError("max_tokens", f"prompt ({prompt_len} tokens) + gen_length ({self.gen_length}) "
                              f"= {prompt_len + self.gen_length} exceeds the model's max_sequence_length "
                              f"{max_sequence_length}")
+
+    def _validate_constraint(self, block_diffusion: bool) -> None:
+        field = getattr(self.constraint, "field", "constraint")
+        if not hasattr(self.constraint, "start"):
+            raise ParamError(field, "the constraint is not a compiled sampler.constraint.Constraint")
+        if block_diffusion:
+            raise ParamError(field, "structured output is not available for block-diffusion (LLaDA2.x) "
+                             "checkpoints yet")
+        if self.logprobs is not None:
+            raise ParamError("logprobs", "logprobs are not available with structured output yet")
+        if self.remasking != "low_confidence":
+            raise ParamError("remasking", "a constrained answer is committed left to right; "
+                             "remasking='random' does not apply to it")
+        if self.ban_eos:
+            raise ParamError("ban_eos", "an answer under a grammar ends where the grammar accepts; "
+                             "banning EOS (ignore_eos) cannot be combined with structured output")
 
     def _validate_block_diffusion(self, prompt_len: int, max_sequence_length: int | None) -> None:
         integer("block_length", self.block_length, 1)

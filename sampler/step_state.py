@@ -46,6 +46,7 @@ class SlotInts(NamedTuple):
     block_masked: Any     # masked positions of the current block at its start (the schedule's count)
     top_k: Any            # 0: off
     n_logprobs: Any       # alternatives a logprobs request wants; -1: no logprobs
+    frontier: Any         # constrained requests: the span position the grammar mask is for; -1: none
 
 
 class SlotFloats(NamedTuple):
@@ -74,7 +75,8 @@ def pack_slot(params, offset: int, prompt_len: int, length: int) -> tuple[SlotIn
         cfg=int(params.cfg_scale > 0), random_remask=int(params.remasking == "random"),
         ban_eos=int(bool(params.ban_eos)), defer_eos=int(bool(params.defer_eos)),
         gen_length=params.gen_length, block_masked=0, top_k=params.top_k,
-        n_logprobs=-1 if params.logprobs is None else params.logprobs)
+        n_logprobs=-1 if params.logprobs is None else params.logprobs,
+        frontier=0 if params.constraint is not None else -1)
     floats = SlotFloats(
         temperature=float(params.temperature),
         threshold=float(params.threshold) if params.threshold is not None else 0.0,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sampler.params import LLADA2_FIELDS, MAX_SEED, MAX_TOP_LOGPROBS, RELEASED_DEFAULTS, SamplingParams
 from sampler.scheduler import Handle
 from server import checks
+from server.constraints import request_constraint
 from server.answer import BaseChoice, Choice, Decoder
 from server.errors import ApiError, clip
 from server.infill import InfillChoice
@@ -222,7 +223,8 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos),
         eos_bias=0.0 if req.eos_bias is None else float(req.eos_bias),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
-        min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req), **extra)
+        min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),
+        constraint=request_constraint(svc, req), **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     checks.seed(req.seed)

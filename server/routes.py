@@ -167,11 +167,13 @@ async def completions(request: Request, body: CompletionRequest):
     if body.infill:
         check_infill(body)
         infills = await asyncio.to_thread(infill_prompts, svc, items)
-        return await _serve(request, body, COMPLETIONS, plan(svc, body, [ip.prefix for ip in infills], n, None,
-                                                             infills=infills))
+        planned = await asyncio.to_thread(plan, svc, body, [ip.prefix for ip in infills], n, None, infills=infills)
+        return await _serve(request, body, COMPLETIONS, planned)
     prompts = await asyncio.to_thread(completion_prompts, svc, items)
     suffix = await asyncio.to_thread(suffix_ids, svc, body.suffix) if body.suffix else None
-    return await _serve(request, body, COMPLETIONS, plan(svc, body, prompts, n, body.max_tokens, suffix_ids=suffix))
+    # Planning compiles a structured-output constraint (first use of a grammar: milliseconds to a second).
+    planned = await asyncio.to_thread(plan, svc, body, prompts, n, body.max_tokens, suffix_ids=suffix)
+    return await _serve(request, body, COMPLETIONS, planned)
 
 
 @api.post("/chat/completions", response_model=None,
@@ -183,7 +185,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     n = checks.fanout(svc, body.n, 1)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     prompt = await asyncio.to_thread(chat_prompt, svc, body)  # template and tokenizer off the event loop
-    return await _serve(request, body, CHAT, plan(svc, body, [prompt], n, max_tokens))
+    return await _serve(request, body, CHAT, await asyncio.to_thread(plan, svc, body, [prompt], n, max_tokens))
 
 
 @api.post("/loglikelihood", response_model=None, responses={200: {"model": LoglikelihoodResponse}})

@@ -66,6 +66,18 @@ class DiffusionFields(BaseModel):
     num_to_transfer: StrictInt | None = Field(None, description="LLaDA2.1: tokens unmasked per step when "
                                               "too few pass threshold (default 1)")
 
+    # Structured output (server.constraints): the answer is valid by construction.
+    response_format: dict[str, Any] | None = Field(None, description="{\"type\": \"text\"}, "
+                                                   "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+                                                   "\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+    guided_json: Union[dict[str, Any], StrictStr, None] = Field(None, description="a JSON schema the answer "
+                                                                "follows (object or JSON text)")
+    guided_regex: StrictStr | None = Field(None, description="a regular expression the answer matches")
+    guided_choice: list[StrictStr] | None = Field(None, description="the answer is one of these strings")
+    guided_grammar: StrictStr | None = Field(None, description="a grammar (Lark or GBNF) the answer follows")
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's form: one of json, regex, "
+                                                      "choice, grammar, json_object")
+
     # vLLM-style extras.
     ignore_eos: StrictBool | None = Field(None, description="same as ban_eos")
     skip_special_tokens: StrictBool | None = Field(None, description="default true; false keeps special "
@@ -129,7 +141,6 @@ class ChatCompletionRequest(DiffusionFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = Field(None, description="commit-time log-probabilities of the answer tokens")
     top_logprobs: StrictInt | None = Field(None, description="alternatives per token (0..20; needs logprobs)")
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     functions: list[Any] | None = None
@@ -189,8 +200,6 @@ NEUTRAL = {
     "logit_bias": (lambda v: not v, "logit_bias is not supported; use ban_eos to forbid EOS"),
     "best_of": (lambda v: v is None or v == 1, "best_of is not supported (there is no sequence "
                 "likelihood to rank by); use n"),
-    "response_format": (lambda v: v is None or v.get("type") == "text",
-                        "response_format other than {\"type\": \"text\"} is not supported"),
     "tools": (lambda v: not v, "tools are not supported"),
     "tool_choice": (lambda v: v is None or v == "none", "tool_choice is not supported"),
     "functions": (lambda v: not v, "functions are not supported"),

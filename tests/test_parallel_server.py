@@ -125,12 +125,20 @@ def test_two_ranks_answer_as_one(free_port, tmp_path):
     try:
         got = answers(base2)
         metrics = httpx.get(base2 + "/metrics", timeout=10).text
+        constrained = httpx.post(base2 + "/v1/completions", timeout=60, json={
+            "prompt": "Hi", "max_tokens": 16, "response_format": {"type": "json_object"}})
+        after = httpx.post(base2 + REQUESTS[2][0], json=REQUESTS[2][1], timeout=120)
     finally:
         stop(two, log2)
     assert all(code == 200 for code, _ in want), want
     assert same(got, want) == []
     assert got[0][1]["choices"][0]["message"]["content"] == want[0][1]["choices"][0]["message"]["content"]
     assert 'llada_tensor_parallel_size{model_name="default"} 2.0' in metrics
+    # Structured output keeps host state the other ranks do not have: refused by name, ranks intact.
+    assert constrained.status_code == 400, constrained.text
+    assert constrained.json()["error"]["param"] == "response_format"
+    assert "tensor-parallel" in constrained.json()["error"]["message"]
+    assert after.status_code == 200 and same(scrub(after.json()), want[2][1]) == []
     for rank in (0, 1):
         assert f'llada_rank_memory_bytes{{model_name="default",rank="{rank}"}}' in metrics
 

@@ -88,7 +88,7 @@ def test_unknown_fields_are_ignored(client):
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"web_search_options": {}}, "web_search_options"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"extra_body": {"top_k": -5}}, "top_k"),
 ])
 def test_what_we_cannot_honour_is_a_400_naming_it(client, kw, param):

@@ -294,6 +294,10 @@ class Tokenizer:
     def token_to_id(self, text: str):
         return self._tok.token_to_id(text)
 
+    def json_text(self) -> str:
+        """The tokenizer as tokenizer.json text (what a grammar engine builds its vocabulary from)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, specials: bool = True) -> list[int]:
         """Token ids of text. specials=False: special-token strings are plain text too. Either way a
         literal mask-token string is plain text (text never becomes the mask id)."""
