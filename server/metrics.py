@@ -9,6 +9,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TPF_BUCKETS = (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32)
+SPF_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -47,6 +48,14 @@ class Metrics:
                                       registry=r)
         self.score_tokens = Counter("llada_score_tokens", "Canvas tokens evaluated by likelihood scoring",
                                     registry=r)
+        self.draft_steps_accepted = Counter("llada_draft_steps_accepted",
+                                            "Exact parallel decoding: steps advanced by accepted drafts "
+                                            "(beyond one per request per forward)", registry=r)
+        self.draft_rows = Counter("llada_draft_rows", "Exact parallel decoding: draft rows forwarded",
+                                  registry=r)
+        self.steps_per_forward = Histogram("llada_steps_per_forward",
+                                           "Per request per forward: sampler steps it advanced",
+                                           buckets=SPF_BUCKETS, registry=r)
         self.device = None
 
     # Engine hooks (called from the engine thread; prometheus_client is thread safe).
@@ -54,6 +63,11 @@ class Metrics:
         self.batch_size.observe(batch_size)
         self.step_duration.observe(seconds)
         self.forwards.inc()
+
+    def observe_request_forward(self, steps: int, draft_rows: int) -> None:
+        self.steps_per_forward.observe(steps)
+        self.draft_steps_accepted.inc(steps - 1)
+        self.draft_rows.inc(draft_rows)
 
     def observe_score_forward(self, tokens: int, seconds: float) -> None:
         self.score_forwards.inc()

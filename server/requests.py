@@ -321,7 +321,8 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         cache=req.cache or "none", seed=derive_seed(base_seed, index),
         ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
-        min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req), **extra)
+        min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),
+        draft_depth=req.draft_depth, **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     try:

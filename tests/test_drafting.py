@@ -200,3 +200,56 @@ def test_conformance_refuses_drafting_on_block_diffusion(capsys):
                            "--draft-depth", "2"])
     assert rc == 2
     assert "draft_depth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["events-at-once", "events-one-step-late"])
+def test_engine_with_a_default_depth_gives_the_same_answers(golden, pipelined):
+    """The engine's default depth applies to requests that leave theirs unset; answers equal the
+    sampler without drafting, requests joining at different points; Result and the metrics hook
+    report the forwards."""
+    import queue
+    import time
+
+    from sampler.scheduler import Engine, EngineConfig, Handle
+
+    class Rec:
+        def __init__(self):
+            self.forwards = []
+
+        def observe_request_forward(self, steps, rows):
+            self.forwards.append((steps, rows))
+
+        def __getattr__(self, name):  # the other engine hooks: nothing to record here
+            return lambda *a, **k: None
+
+    cases = [([1, 2, 3], SamplingParams(gen_length=16, block_length=8, steps=16)),
+             ([9, 8, 7, 6], SamplingParams(gen_length=16, block_length=16, steps=16, cache="dual")),
+             ([4, 4], SamplingParams(gen_length=16, steps=16, temperature=0.9, seed=5)),
+             ([5], SamplingParams(gen_length=16, steps=16, draft_depth=0)),
+             ([6, 1], SamplingParams(gen_length=16, block_length=8, threshold=0.9))]
+    rec = Rec()
+    eng = Engine(golden.model, golden.special, EngineConfig(max_batch_size=4, max_batch_tokens=512,
+                                                             early_stop=False, pipelined=pipelined,
+                                                             draft_depth=4), metrics=rec).start()
+    try:
+        handles = []
+        for i, (p, sp) in enumerate(cases):
+            q = queue.Queue()
+            h = Handle(prompt_ids=p, params=sp, sink=q.put)
+            h.q = q
+            handles.append(eng.submit([h])[0])
+            time.sleep(0.003 * i)
+        for h, (p, sp) in zip(handles, cases):
+            while True:
+                kind, res = h.q.get(timeout=60)
+                if kind in ("done", "error"):
+                    break
+            assert kind == "done", res
+            assert res.gen_ids == generate(golden, [p], replace(sp, draft_depth=0))[0].gen_ids
+            assert res.forwards <= res.nfe
+            if sp.draft_depth == 0:
+                assert res.forwards == res.nfe
+    finally:
+        eng.shutdown(grace=0)
+    assert any(steps > 1 for steps, _ in rec.forwards)
+    assert sum(rows for _, rows in rec.forwards) > 0
