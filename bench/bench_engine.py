@@ -28,7 +28,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -143,9 +143,11 @@ class Result:
     peak_bytes: int
     requests: int
     host_seconds: float = 0.0  # host time in the step calls, waiting for the device excluded
+    draft_rows: int = 0        # draft rows forwarded (exact parallel decoding)
 
 
-def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pipelined=None) -> Result:
+def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pipelined=None,
+              draft_budget: int = 0) -> Result:
     """Run (prompt, params) pairs through one batch; arrivals[i] = step at which i joins.
 
     On CUDA the run goes twice through the same batch and the second is timed: the first captures
@@ -153,21 +155,22 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
     dev = bundle.model.device
     blocks = bool(bundle.config.block_diffusion)
     rows = sum(rows_needed(len(p), sp, blocks) for p, sp in reqs)
+    extra = {} if blocks else dict(draft_budget=draft_budget)
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows,
-                       max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs)
+                       max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs, **extra)
     pipelined = dev.type == "cuda" if pipelined is None else pipelined
     if dev.type == "cuda":
         _drive(batch, reqs, arrivals, pipelined)
         torch.cuda.reset_peak_memory_stats()
     sync(dev)
-    forwards0, host0 = batch.forwards, batch.host_seconds
+    forwards0, host0, drafts0 = batch.forwards, batch.host_seconds, getattr(batch, "draft_rows_run", 0)
     t = time.perf_counter()
     tokens, q_tokens = _drive(batch, reqs, arrivals, pipelined)
     sync(dev)
     secs = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
     return Result("", tokens, secs, batch.forwards - forwards0, q_tokens, peak, len(reqs),
-                  batch.host_seconds - host0)
+                  batch.host_seconds - host0, getattr(batch, "draft_rows_run", 0) - drafts0)
 
 
 def _drive(batch, reqs, arrivals, pipelined):
@@ -265,7 +268,8 @@ def main(argv=None) -> int:
             peak_gib=round(res.peak_bytes / 2**30, 2),
             vs_baseline=round(tps / (base.tokens / base.seconds), 2) if base else None,
             vs_roofline=round(tps / roof_tps, 4), roofline_ms=round(floor * 1e3, 2),
-            host_ms_per_step=round(res.host_seconds / max(res.forwards, 1) * 1e3, 3)))
+            host_ms_per_step=round(res.host_seconds / max(res.forwards, 1) * 1e3, 3),
+            draft_rows_per_forward=round(res.draft_rows / max(res.forwards, 1), 2)))
 
     if cfg.block_diffusion:
         n_bd = 8 if q else 32
@@ -280,7 +284,8 @@ def main(argv=None) -> int:
           f"matmul {flops / 1e12:.1f} TFLOP/s")
     print(P_note)
     cols = ["config", "requests", "tokens_per_s", "ms_per_forward", "host_ms_per_step",
-            "forwards_per_token", "peak_gib", "vs_baseline", "vs_roofline", "roofline_ms"]
+            "forwards_per_token", "draft_rows_per_forward", "peak_gib", "vs_baseline", "vs_roofline",
+            "roofline_ms"]
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -350,6 +355,19 @@ def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev)
            run_batch(bundle, [(prompt(), one(gen=long_g, cache="dual"))]), base)
     record("6. batch 1, threshold 0.9, dual cache",
            run_batch(bundle, [(prompt(), one(threshold=0.9, cache="dual"))]), base)
+    # Exact parallel decoding (draft_depth 4): the same ids as 1 / 2 / 3, fewer forwards where the
+    # guesses hold (random weights guess worse than a trained model: see docs/default_model_eval.md).
+    # Rows 7 and 8 have room for every draft; row 9 runs under the server's default budget (2048
+    # query tokens per step), which a full batch already uses: it drafts little or nothing.
+    d4 = lambda **kw: one(draft_depth=4, **kw)
+    room = 5 * (P + G) * 2
+    record("7. batch 1, exact, draft depth 4",
+           run_batch(bundle, [(base_req[0][0], d4())], draft_budget=room), base)
+    record("8. batch 1, dual cache, draft depth 4",
+           run_batch(bundle, [(base_req[0][0], d4(cache="dual"))], cuda_graphs=graphs, draft_budget=room), base)
+    record(f"9. {n_many} requests, dual cache, draft depth 4, budget 2048",
+           run_batch(bundle, [(p, replace(sp, draft_depth=4)) for p, sp in many], max_requests=n_many,
+                     cuda_graphs=graphs, draft_budget=2048), base)
 
 
 if __name__ == "__main__":

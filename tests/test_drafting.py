@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+import kernel_testing  # noqa: F401  (Triton's interpreter when there is no GPU: the fixed-shape test)
 from sampler import conformance
 from sampler.generate import generate
 from sampler.params import MAX_DRAFT_DEPTH, ParamError, SamplingParams
@@ -253,3 +254,84 @@ def test_engine_with_a_default_depth_gives_the_same_answers(golden, pipelined):
         eng.shutdown(grace=0)
     assert any(steps > 1 for steps, _ in rec.forwards)
     assert sum(rows for _, rows in rec.forwards) > 0
+
+
+STATIC_MODES = [dict(cache="dual"), dict(cache="prefix", temperature=0.8, seed=3), dict(),
+                dict(cfg_scale=1.0, remasking="random", seed=4), dict(threshold=0.9, cache="dual"),
+                dict(temperature=0.9, top_k=4, seed=8, logprobs=2)]
+
+
+def _drive(bundle, reqs, pad, budget):
+    rows = sum(len(p) + sp.gen_length for p, sp in reqs) * 2
+    batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 7, max_requests=len(reqs),
+                       pad_to_buckets=pad, draft_budget=budget)
+    for i, r in enumerate(reqs):
+        batch.add(i, *r)
+    out = {}
+    while len(batch):
+        for e in batch.step_async():
+            if e.finished:
+                out[e.request_id] = (e.gen_ids, e.nfe, e.forwards)
+                batch.remove(e.request_id)
+    return out, batch
+
+
+def _static(monkeypatch):
+    from sampler import device_step as ds
+    real_step = ds.device_step
+    monkeypatch.setattr(ds, "device_step", lambda *a, **kw: real_step(*a, dynamic=False, **kw))
+
+
+def test_drafting_at_fixed_shapes_is_exact(golden, monkeypatch):
+    """The step as CUDA runs it (padded buckets with draft rows, no data-dependent shortcuts: the
+    drafting stage guesses over every logit row for the bucket's depth) gives the ids and NFE of
+    the same step without drafts, and the forwards of the dynamic CPU path."""
+    rnd = random.Random(5)
+    reqs = [([rnd.randrange(0, 280) for _ in range(3 + i)],
+             SamplingParams(gen_length=16, block_length=8, steps=16, draft_depth=3, **m))
+            for i, m in enumerate(STATIC_MODES)]
+    dynamic, _ = _drive(golden, reqs, pad=False, budget=4096)
+    _static(monkeypatch)
+    plain, _ = _drive(golden, [(p, replace(sp, draft_depth=0)) for p, sp in reqs], pad=True, budget=0)
+    got, batch = _drive(golden, reqs, pad=True, budget=4096)
+    assert batch.draft_rows_run > 0
+    assert {i: g[:2] for i, g in got.items()} == {i: g[:2] for i, g in plain.items()}
+    assert {i: g[2] for i, g in got.items()} == {i: g[2] for i, g in dynamic.items()}
+    assert sum(g[2] for g in got.values()) < sum(g[1] for g in got.values())
+
+
+def test_the_drafting_step_reads_nothing_back(monkeypatch):
+    """With the Triton kernels (here interpreted) the drafting step, draft rows and cached K/V
+    copies included, issues no operation that reads a device value back to the host: what CUDA
+    graph capture needs."""
+    pytest.importorskip("triton")
+    from kernels import attention_triton as at
+    from kernels import selection_triton as st
+    from sampler import candidates as cd
+    from sampler import device_step as ds
+    from test_device_step import SYNC_OPS, _OpCounter
+    if not at._interpreting():
+        pytest.skip("needs Triton's interpreter (no GPU here)")
+    bundle = load_checkpoint(GOLDEN, device="cpu", dtype="float32")
+    reqs = [([5, 9, 2], SamplingParams(gen_length=8, block_length=8, steps=8, cache="dual", draft_depth=2)),
+            ([7, 1], SamplingParams(gen_length=8, block_length=8, steps=8, draft_depth=2))]
+
+    def attn(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None):
+        return at.attention_triton(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale)
+
+    monkeypatch.setattr("weights.layers.attention", attn)
+    monkeypatch.setattr(cd, "sample_candidates", st.sample_candidates_triton)
+    monkeypatch.setattr(ds, "transfer_mask", st.transfer_mask_triton)
+    real_step = ds.device_step
+
+    def checked(*a, **kw):
+        with _OpCounter() as c:
+            out = real_step(*a, dynamic=False, **kw)
+        bad = [o for o in c.ops if o in SYNC_OPS]
+        assert not bad, f"host reads inside the step: {bad}"
+        return out
+
+    monkeypatch.setattr(ds, "device_step", checked)
+    got, batch = _drive(bundle, reqs, pad=True, budget=1024)
+    assert batch.draft_rows_run > 0
+    assert sorted(got) == [0, 1]
