@@ -38,6 +38,15 @@ for set in tiny-llada tiny-llada-moe tiny-llada2; do
     tail -1 "$OUT/conformance_${set}_$dt.txt"
   done
 done
+echo "== exact parallel decoding on CUDA (draft depth 4, batched: graphs of buckets with draft rows)"
+for set in tiny-llada tiny-llada-moe; do
+  G=$SHARED/golden/$set
+  [ -d "$G" ] || continue
+  printf '%s float32 drafts: ' "$set"
+  timeout 120 python3 -m sampler.conformance --model "$G" --cases "$G/cases.json" --device cuda \
+    --dtype float32 --batched --draft-depth 4 > "$OUT/conformance_${set}_drafts.txt" 2>&1
+  tail -2 "$OUT/conformance_${set}_drafts.txt" | tr '\n' ' '; echo
+done
 echo "== kernel and device-step tests on the GPU (no interpreter)"
 TRITON_INTERPRET=0 LLADA_TEST_DEVICE=cuda timeout 420 python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_kernels_attention.py tests/test_kernels_selection.py tests/test_kernels_moe.py \
