@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -144,14 +145,19 @@ class Result:
     requests: int
     host_seconds: float = 0.0  # host time in the step calls, waiting for the device excluded
     draft_rows: int = 0        # draft rows forwarded (exact parallel decoding)
+    graphs: str = "off"  # timed steps "replayed/eager/refused" (sampler.cuda_graphs), or "off"
+    refused: int = 0     # timed steps whose bucket was refused capture (ran eagerly)
 
 
 def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pipelined=None,
-              draft_budget: int = 0) -> Result:
+              warm_pass=None, draft_budget: int = 0) -> Result:
     """Run (prompt, params) pairs through one batch; arrivals[i] = step at which i joins.
 
-    On CUDA the run goes twice through the same batch and the second is timed: the first captures
-    the CUDA graphs of the buckets it meets (capture is a start-up cost, not a per-step one)."""
+    When the batch replays CUDA graphs the run goes twice through the same batch and the second is
+    timed: the first captures the graphs of the buckets it meets (capture is a start-up cost, not a
+    per-step one). An eager batch is timed on its first run (`warm_pass=True` forces the extra
+    pass). `Result.graphs` counts the timed steps that replayed a graph, ran eagerly by design, or
+    ran eagerly because their capture was refused."""
     dev = bundle.model.device
     blocks = bool(bundle.config.block_diffusion)
     rows = sum(rows_needed(len(p), sp, blocks) for p, sp in reqs)
@@ -159,18 +165,29 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows,
                        max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs, **extra)
     pipelined = dev.type == "cuda" if pipelined is None else pipelined
-    if dev.type == "cuda":
+    graphs = batch.graphs
+    if warm_pass is None:
+        warm_pass = graphs is not None
+    if warm_pass:
         _drive(batch, reqs, arrivals, pipelined)
+    if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(dev)
+    before = graphs.counts() if graphs is not None else None
     forwards0, host0, drafts0 = batch.forwards, batch.host_seconds, getattr(batch, "draft_rows_run", 0)
     t = time.perf_counter()
     tokens, q_tokens = _drive(batch, reqs, arrivals, pipelined)
     sync(dev)
     secs = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
-    return Result("", tokens, secs, batch.forwards - forwards0, q_tokens, peak, len(reqs),
-                  batch.host_seconds - host0, getattr(batch, "draft_rows_run", 0) - drafts0)
+    res = Result("", tokens, secs, batch.forwards - forwards0, q_tokens, peak, len(reqs),
+                 batch.host_seconds - host0, getattr(batch, "draft_rows_run", 0) - drafts0)
+    if graphs is not None:
+        now = graphs.counts()
+        d = {k: now[k] - before[k] for k in now}
+        res.graphs = f"{d['replayed']}/{d['eager']}/{d['refused']}"
+        res.refused = d["refused"]
+    return res
 
 
 def _drive(batch, reqs, arrivals, pipelined):
@@ -222,6 +239,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="replay captured CUDA graphs of the step (CUDA only; default on)")
+    ap.add_argument("--no-eager-rows", dest="eager_rows", action="store_false",
+                    help="leave out rows 2e and 3e (rows 2 and 3 eager and synchronous, CUDA only)")
+    ap.add_argument("--full-row4", action="store_true",
+                    help="row 4 at its original size: 64 requests, generations up to 1,024 (9.8 M "
+                         "padded query tokens against the default's 1.4 M: over 4 minutes per pass "
+                         "on an H200)")
     args = ap.parse_args(argv)
 
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
@@ -253,7 +276,22 @@ def main(argv=None) -> int:
 
     one = lambda **kw: SamplingParams(gen_length=kw.pop("gen", G), block_length=B,
                                       steps=kw.pop("steps", None), **kw)
+    # The machine first, then each row as soon as it is measured (and the JSON rewritten), so a
+    # run stopped at its time limit keeps every row it finished.
+    print(f"device: {name}; model: {label} ({cfg.family}, {cfg.num_parameters / 1e9:.2f}B params, "
+          f"{cfg.active_parameters / 1e9:.2f}B active, {str(dtype)[6:]}); weights {weight_bytes / 1e9:.2f} GB, "
+          f"read per token {read_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"matmul {flops / 1e12:.1f} TFLOP/s", flush=True)
+    if cfg.block_diffusion:
+        print(f"block diffusion: prompt {P}, gen {G}, block {B}, 32 steps per block", flush=True)
+    else:
+        print(f"prompt {P}, gen {G}, block {B}, one token per forward unless said; graphs = timed "
+              f"steps replayed/eager/refused capture", flush=True)
+    print("| " + " | ".join(COLUMNS) + " |", flush=True)
+    print("|" + "|".join("---" for _ in COLUMNS) + "|", flush=True)
     rows = []
+    meta = dict(device=name, model=label, dtype=str(dtype)[6:], copy_tb_s=round(bw / 1e12, 3),
+                matmul_tflop_s=round(flops / 1e12, 1))
 
     def record(label_, res: Result, base: Result | None):
         tps = res.tokens / res.seconds
@@ -262,44 +300,58 @@ def main(argv=None) -> int:
         avg_q = res.tokens_in_forwards / max(res.forwards, 1)
         floor = max(read_bytes / bw, 2 * cfg.active_parameters * avg_q / flops)
         roof_tps = (res.tokens / max(res.forwards, 1)) / floor
-        rows.append(dict(
+        row = dict(
             config=label_, requests=res.requests, tokens_per_s=round(tps, 1),
             ms_per_forward=round(per_fwd * 1e3, 2), forwards_per_token=round(res.forwards / max(res.tokens, 1), 3),
             peak_gib=round(res.peak_bytes / 2**30, 2),
             vs_baseline=round(tps / (base.tokens / base.seconds), 2) if base else None,
             vs_roofline=round(tps / roof_tps, 4), roofline_ms=round(floor * 1e3, 2),
             host_ms_per_step=round(res.host_seconds / max(res.forwards, 1) * 1e3, 3),
-            draft_rows_per_forward=round(res.draft_rows / max(res.forwards, 1), 2)))
+            draft_rows_per_forward=round(res.draft_rows / max(res.forwards, 1), 2),
+            graphs=res.graphs, seconds=round(res.seconds, 2))
+        rows.append(row)
+        print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |", flush=True)
+        if res.refused:
+            print(f"WARNING: {label_}: {res.refused} steps were refused capture and ran eagerly; "
+                  f"this row is not a CUDA graph figure", flush=True)
+        if args.json:
+            write_json(args.json, dict(meta, rows=rows, complete=False))
 
     if cfg.block_diffusion:
         n_bd = 8 if q else 32
         llada2_table(bundle, prompt, record, G, B, n_bd)
-        P_note = f"block diffusion: prompt {P}, gen {G}, block {B}, 32 steps per block"
     else:
         llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev)
-        P_note = f"prompt {P}, gen {G}, block {B}, one token per forward unless said"
-    print(f"device: {name}; model: {label} ({cfg.family}, {cfg.num_parameters / 1e9:.2f}B params, "
-          f"{cfg.active_parameters / 1e9:.2f}B active, {str(dtype)[6:]}); weights {weight_bytes / 1e9:.2f} GB, "
-          f"read per token {read_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s; "
-          f"matmul {flops / 1e12:.1f} TFLOP/s")
-    print(P_note)
-    cols = ["config", "requests", "tokens_per_s", "ms_per_forward", "host_ms_per_step",
-            "forwards_per_token", "draft_rows_per_forward", "peak_gib", "vs_baseline", "vs_roofline",
-            "roofline_ms"]
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    print()
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
-        print("| " + " | ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) + " |")
+        print("| " + " | ".join(str(r[c]).ljust(w) for c, w in zip(COLUMNS, widths)) + " |")
     if dev.type == "cuda":
         per_req = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * (P + G) * torch.finfo(dtype).bits // 8
         free = torch.cuda.mem_get_info()[0]
         print(f"KV rows per request (prompt {P} + gen {G}): {per_req / 2**20:.0f} MiB; "
               f"requests that fit in the free memory now: {free // per_req}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=name, rows=rows), f, indent=2)
+        write_json(args.json, dict(meta, rows=rows, complete=True))
+    refused = [r["config"] for r in rows if r["graphs"] != "off" and not r["graphs"].endswith("/0")]
+    if refused:
+        print(f"capture refused in: {', '.join(refused)}")
     return 0
+
+
+COLUMNS = ["config", "requests", "tokens_per_s", "ms_per_forward", "host_ms_per_step",
+           "forwards_per_token", "draft_rows_per_forward", "peak_gib", "vs_baseline", "vs_roofline",
+           "roofline_ms", "graphs"]
+
+
+def write_json(path, data) -> None:
+    """Replace the file in one rename, so a reader (or a kill) never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 def llada2_table(bundle, prompt, record, G, B, n_many):
@@ -312,13 +364,16 @@ def llada2_table(bundle, prompt, record, G, B, n_many):
     base_req = [(prompt(), v20())]
     base = run_baseline(bundle, base_req)
     record("baseline: reference_llada2, batch 1, LLaDA2.0", base, None)
-    record("1. batch 1, LLaDA2.0, threshold 0.95", run_batch(bundle, base_req), base)
+    warm = bundle.model.device.type == "cuda"  # no graphs here: the extra pass is the kernels' warm-up
+    record("1. batch 1, LLaDA2.0, threshold 0.95", run_batch(bundle, base_req, warm_pass=warm), base)
     many = [(prompt(), v20()) for _ in range(n_many)]
-    record(f"2. {n_many} requests, LLaDA2.0, threshold 0.95", run_batch(bundle, many, max_requests=n_many), base)
-    record("3. batch 1, LLaDA2.1, editing 0.9", run_batch(bundle, [(base_req[0][0], v21())]), base)
+    record(f"2. {n_many} requests, LLaDA2.0, threshold 0.95",
+           run_batch(bundle, many, max_requests=n_many, warm_pass=warm), base)
+    record("3. batch 1, LLaDA2.1, editing 0.9", run_batch(bundle, [(base_req[0][0], v21())], warm_pass=warm), base)
     mixed = [(prompt(), v21() if i % 2 else v20()) for i in range(n_many)]
     arrivals = sorted(random.Random(1).randrange(0, 2 * G) for _ in range(n_many))
-    record(f"4. {n_many} requests, 2.0 and 2.1 mixed, joining", run_batch(bundle, mixed, arrivals, n_many), base)
+    record(f"4. {n_many} requests, 2.0 and 2.1 mixed, joining",
+           run_batch(bundle, mixed, arrivals, n_many, warm_pass=warm), base)
 
 
 def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev):
@@ -329,32 +384,41 @@ def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev)
     base_req = [(prompt(), one())]
     base = run_baseline(bundle, base_req)
     record("baseline: reference, batch 1, exact", base, None)
-    record("1. batch 1, exact (no cache)", run_batch(bundle, base_req), base)
     graphs = None if args.cuda_graphs else False
+    record("1. batch 1, exact (no cache)", run_batch(bundle, base_req, cuda_graphs=graphs), base)
     dual1 = [(base_req[0][0], one(cache="dual"))]
     record("2. batch 1, dual cache", run_batch(bundle, dual1, cuda_graphs=graphs), base)
     many = [(prompt(), one(cache="dual")) for _ in range(n_many)]
     record(f"3. {n_many} requests, dual cache", run_batch(bundle, many, max_requests=n_many,
                                                           cuda_graphs=graphs), base)
-    if dev.type == "cuda":  # the same two, eager and synchronous: what graphs and overlap buy
+    if dev.type == "cuda" and args.eager_rows:  # the same two, eager and synchronous: what graphs
+        # and overlap buy (timed on their first run: rows 2 and 3 already tuned these shapes)
         record("2e. as 2, eager, synchronous", run_batch(bundle, dual1, cuda_graphs=False,
                                                         pipelined=False), base)
         record(f"3e. as 3, eager, synchronous", run_batch(bundle, many, max_requests=n_many,
                                                           cuda_graphs=False, pipelined=False), base)
-    lengths = [64, 128, 256, 512, 1024] if not q else [8, 16, 32, 64]
+    # Row 4 sized for one GPU call by default (32 requests, generations up to 512: 1.4 M padded
+    # query tokens against the original's 9.8 M); --full-row4 restores 64 requests up to 1,024.
+    if q:
+        n_mixed, lengths = n_many, [8, 16, 32, 64]
+    elif args.full_row4:
+        n_mixed, lengths = 64, [64, 128, 256, 512, 1024]
+    else:
+        n_mixed, lengths = 32, [64, 128, 256, 512]
     modes = ["dual", "prefix", "none", "dual"]
     mixed = []
-    for i in range(n_many):
+    for i in range(n_mixed):
         g = lengths[i % len(lengths)]
         mixed.append((prompt(rnd.randrange(P // 2, 2 * P)),
                       SamplingParams(gen_length=g, block_length=min(B, g), cache=modes[i % len(modes)])))
-    arrivals = sorted(rnd.randrange(0, 4 * G) for _ in range(n_many))
-    record(f"4. {n_many} mixed lengths/modes, joining", run_batch(bundle, mixed, arrivals, n_many), base)
+    arrivals = sorted(rnd.randrange(0, 4 * G) for _ in range(n_mixed))
+    record(f"4. {n_mixed} mixed lengths/modes, joining",
+           run_batch(bundle, mixed, arrivals, n_mixed, cuda_graphs=graphs), base)
     long_g = 1024 if not q else 128
     record(f"5. batch 1, gen {long_g}, dual cache",
-           run_batch(bundle, [(prompt(), one(gen=long_g, cache="dual"))]), base)
+           run_batch(bundle, [(prompt(), one(gen=long_g, cache="dual"))], cuda_graphs=graphs), base)
     record("6. batch 1, threshold 0.9, dual cache",
-           run_batch(bundle, [(prompt(), one(threshold=0.9, cache="dual"))]), base)
+           run_batch(bundle, [(prompt(), one(threshold=0.9, cache="dual"))], cuda_graphs=graphs), base)
     # Exact parallel decoding (draft_depth 4): the same ids as 1 / 2 / 3, fewer forwards where the
     # guesses hold (random weights guess worse than a trained model: see docs/default_model_eval.md).
     # Rows 7 and 8 have room for every draft; row 9 runs under the server's default budget (2048

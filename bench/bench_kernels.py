@@ -107,9 +107,13 @@ SDPA = "SDPA (flash)" if CUDA else "SDPA (CPU)"
 
 
 class Table:
-    def __init__(self):
+    """The result table; each row is also printed as soon as it is measured (`live`), so a run
+    stopped at its time limit keeps what it measured."""
+
+    def __init__(self, live=True):
         self.rows = []
         self.failures = []
+        self.live = live
 
     def expect(self, ok, what):
         if not ok:
@@ -118,6 +122,8 @@ class Table:
     def add(self, bench, shape, impl, ms, rate="", vs="", check=""):
         self.rows.append([bench, shape, impl, f"{ms:.3f}" if ms is not None else "-", rate, vs,
                           check])
+        if self.live:
+            print("row: " + " | ".join(str(c) for c in self.rows[-1]), flush=True)
 
     def render(self, title):
         head = ["benchmark", "shape", "implementation", "ms (median)", "rate", "ours vs this",

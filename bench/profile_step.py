@@ -119,18 +119,20 @@ def main(argv=None) -> int:
     bundle = build_random(shape, dev, dtype)
     P, G, B = (128, 256, 32) if shape == "8b" else (16, 32, 8)
     rnd = random.Random(0)
+    # Each case's row as soon as it is measured (a run stopped at its limit keeps them).
+    print(f"profile: {shape} shape, {str(dtype)[6:]}, prompt {P}, gen {G}, block {B}, "
+          f"graphs {'on' if args.cuda_graphs else 'off'}, "
+          f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}", flush=True)
+    print("| case | host ms/step | wall ms/step | GPU ms/step | kernels/step | ops/step |")
+    print("|---|---|---|---|---|---|", flush=True)
     rows = []
     for spec in args.cases.split(","):
         n, mode = spec.split(":")
-        rows.append(profile_case(bundle, int(n), mode, P, G, B, args.steps, rnd,
-                                 graphs=None if args.cuda_graphs else False))
-    print(f"profile: {shape} shape, {str(dtype)[6:]}, prompt {P}, gen {G}, block {B}, "
-          f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}")
-    print("| case | host ms/step | wall ms/step | GPU ms/step | kernels/step | ops/step |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
+        r = profile_case(bundle, int(n), mode, P, G, B, args.steps, rnd,
+                         graphs=None if args.cuda_graphs else False)
+        rows.append(r)
         print(f"| {r['case']} | {r['host_ms']:.2f} | {r['wall_ms']:.2f} | {r['gpu_ms']:.2f} | "
-              f"{r['kernels']} | {r['ops']} |")
+              f"{r['kernels']} | {r['ops']} |", flush=True)
     for r in rows:
         if r["top"]:
             print(f"top kernels, {r['case']} (count, total us):")

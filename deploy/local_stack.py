@@ -218,5 +218,6 @@ def dashboard_targets(rate_interval: str = "30s", instance: str = ".*"):
     for panel in dash["panels"]:
         for t in panel.get("targets", []):
             expr = t["expr"].replace("$__rate_interval", rate_interval).replace("$instance", instance)
+            expr = expr.replace("$model_name", ".*")
             out.append((panel["title"], t.get("legendFormat", ""), expr))
     return out

@@ -126,7 +126,7 @@ def render(prom: ls.Prometheus, start: float, end: float, out: Path, subtitle: s
         ax.yaxis.set_major_formatter(FuncFormatter(fmt_unit(unit)))
         n = 0
         for t in p["targets"]:
-            expr = t["expr"].replace("$__rate_interval", rate_interval).replace("$instance", ".*")
+            expr = t["expr"].replace("$__rate_interval", rate_interval).replace("$instance", ".*").replace("$model_name", ".*")
             for labels, values in prom.query_range(expr, start, end, step):
                 labels = {k: v for k, v in labels.items() if k != "__name__"}
                 xs = [datetime.fromtimestamp(ts, timezone.utc) for ts, v in values if v == v]

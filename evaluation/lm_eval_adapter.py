@@ -3,7 +3,8 @@
     pip install 'llada-serve[eval]'            # lm-eval is an optional extra
     python -m evaluation.lm_eval_adapter --base-url http://127.0.0.1:8000 --tasks arc_easy,hellaswag
 
-`LLaDAServerLM` (registered with lm-eval as `llada-serve`) answers
+`LLaDAServerLM` (registered in lm-eval's model registry as `llada-serve` when this module is imported;
+the `lm_eval` command does not import it) answers
 
 - `loglikelihood` requests through `POST /v1/loglikelihood` (the Monte Carlo estimate of
   log p(continuation | context) and `is_greedy`), many pairs per HTTP request;

@@ -29,6 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import autotune_allowed, cached_config, capture_launches, launch_options, size_class
+
+__all__ = ["attention_triton", "autotune_allowed", "cached_config", "capture_launches"]
+
 _LOG2E = 1.4426950408889634
 
 
@@ -40,6 +44,11 @@ def _interpreting() -> bool:
         return bool(knobs.runtime.interpret)
     except (ImportError, AttributeError):  # older Triton: the environment variable itself
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    """True when a launch on `t` runs the compiled (autotuned) kernel: a CUDA tensor, no interpreter."""
+    return t.is_cuda and not _interpreting()
 
 
 @triton.jit
@@ -75,7 +84,7 @@ def _attn_tile(acc, m_i, l_i, q, k_base, v_base, k_rows, n_ok, stride_kt, stride
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["b_bucket"])
 def _attn_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr,
     cu_q_ptr, k_start_ptr, k_len_ptr,
@@ -85,6 +94,7 @@ def _attn_fwd(
     stride_ot, stride_oh,
     qk_scale,  # softmax scale * log2(e)
     q_bucket,  # autotuning key only (the query-length class of the launch)
+    b_bucket,  # autotuning key only (the segment-count class of the launch, kernels.launch.size_class)
     GROUP: tl.constexpr,  # H // KH
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (at least 16)
@@ -183,28 +193,6 @@ def _default_config(block_d, q_bucket):
     return 128, 64, 8, 3
 
 
-def autotune_allowed(t: torch.Tensor) -> bool:
-    """Autotuning benchmarks (and synchronises), so it is off inside a CUDA graph capture and when
-    LLADA_KERNEL_AUTOTUNE=0; the kernels then use the tuner's earlier choice for the same key, or
-    a fixed default."""
-    if os.environ.get("LLADA_KERNEL_AUTOTUNE", "1") == "0":
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def cached_config(tuner, args, kwargs):
-    """The autotuner's stored choice for this call's key, or None (mirrors Triton's key: the key
-    arguments, then the dtypes of the tensor arguments)."""
-    try:
-        named = {**dict(zip(tuner.arg_names, args)), **kwargs}
-        named = {k: v for k, v in named.items() if k in tuner.arg_names}
-        key = [named[k] for k in tuner.keys if k in named]
-        key += [str(a.dtype) for a in named.values() if hasattr(a, "dtype")]
-        return tuner.cache.get(tuple(key))
-    except Exception:  # a Triton without these internals: fall back to the default
-        return None
-
-
 _attn_fwd_tuned = None
 
 
@@ -213,7 +201,7 @@ def _tuned_kernel():
     if _attn_fwd_tuned is None:
         _attn_fwd_tuned = triton.autotune(
             configs=_cuda_configs(),
-            key=["HEAD_DIM", "GROUP", "q_bucket", "IEEE"],
+            key=["HEAD_DIM", "GROUP", "q_bucket", "b_bucket", "IEEE"],
             prune_configs_by={"early_config_prune": _prune},
         )(_attn_fwd)
     return _attn_fwd_tuned
@@ -271,9 +259,9 @@ def attention_triton(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scal
         q, k, v, out, cu_q, k_start, k_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        scale * _LOG2E, q_bucket,
+        scale * _LOG2E, q_bucket, size_class(b),
     )
-    if _blocks is not None or _interpreting() or not q.is_cuda:
+    if _blocks is not None or not _compiled(q):
         bm, bn = _blocks if _blocks is not None else (16, 16)
         grid = (triton.cdiv(max_q, bm), h, b)
         _attn_fwd[grid](*args, GROUP=h // kh, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
@@ -288,12 +276,11 @@ def attention_triton(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scal
 
         tuner[grid](*args, **kw)
         return out
+    # Inside a CUDA graph capture (or `capture_launches()`): the stored choice, launched with the
+    # options the autotuner launched it with, so that it is the kernel already loaded.
     cfg = cached_config(tuner, args, kw)
-    if cfg is not None:
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        warps, stages = cfg.num_warps, cfg.num_stages
-    else:
+    if cfg is None:
         bm, bn, warps, stages = _default_config(block_d, q_bucket)
-    _attn_fwd[(triton.cdiv(max_q, bm), h, b)](*args, **kw, BLOCK_M=bm, BLOCK_N=bn,
-                                              num_warps=warps, num_stages=stages)
+        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    _attn_fwd[(triton.cdiv(max_q, cfg.kwargs["BLOCK_M"]), h, b)](*args, **kw, **launch_options(cfg))
     return out

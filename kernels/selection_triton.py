@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels.attention_triton import _interpreting, autotune_allowed, cached_config
+from kernels.attention_triton import _compiled, _interpreting
+from kernels.launch import autotune_allowed, cached_config, launch_options, size_class
 
 @triton.jit
 def _fmix32(h):
@@ -139,11 +140,12 @@ def _sample_chunk(base, offs, vocab, ban_ptr, ban_on, key, temp, hot,
     return run_max, run_sum, best, best_tok, best_score
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_class"])
 def _sample_kernel(
     logits_ptr, stride_row, vocab,
     temp_ptr, seed_ptr, nonce_ptr, pos_ptr, ban_ptr, ban_rows_ptr,
     x0_ptr, conf_ptr,
+    n_class,  # autotuning key only (the row-count class of the launch, kernels.launch.size_class)
     N_BAN: tl.constexpr,
     BAN_ROWS: tl.constexpr,  # the ban applies only to rows whose ban_rows flag is set
     BLOCK_V: tl.constexpr,
@@ -215,7 +217,7 @@ def _tuned_sample():
                 (2048, 8, 3), (8192, 16, 2),
             )
         ]
-        _sample_tuned = triton.autotune(configs=cfgs, key=["vocab", "N_BAN", "BAN_ROWS"])(
+        _sample_tuned = triton.autotune(configs=cfgs, key=["vocab", "n_class", "N_BAN", "BAN_ROWS"])(
             _sample_kernel)
     return _sample_tuned
 
@@ -249,8 +251,8 @@ def sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids
     if ban_rows is not None:
         ban_rows = ban_rows.to(device=dev, dtype=torch.int8).contiguous()
     args = (logits, logits.stride(0), vocab, temperature, seed, nonce, position, ban_t,
-            ban_rows if ban_rows is not None else ban_t, x0, conf)
-    if _block_v is not None or _interpreting() or not logits.is_cuda:
+            ban_rows if ban_rows is not None else ban_t, x0, conf, size_class(n))
+    if _block_v is not None or not _compiled(logits):
         _sample_kernel[(n,)](*args, N_BAN=len(ban), BAN_ROWS=ban_rows is not None,
                              BLOCK_V=_block_v or 64, FAST=not _interpreting())
         return x0, conf
@@ -259,12 +261,12 @@ def sample_candidates_triton(logits, temperature, seed, nonce, position, ban_ids
     if autotune_allowed(logits):
         tuner[(n,)](*args, **kw)
         return x0, conf
-    cfg = cached_config(tuner, args, kw)  # inside a graph capture, or autotuning switched off
-    if cfg is not None:
-        block_v, warps, stages = cfg.kwargs["BLOCK_V"], cfg.num_warps, cfg.num_stages
-    else:
-        block_v, warps, stages = 4096, 8, 2
-    _sample_kernel[(n,)](*args, **kw, BLOCK_V=block_v, num_warps=warps, num_stages=stages)
+    # Inside a graph capture (or `capture_launches()`), or autotuning switched off: the stored
+    # choice, with the options the autotuner launched it with (kernels.launch).
+    cfg = cached_config(tuner, args, kw)
+    if cfg is None:
+        cfg = triton.Config({"BLOCK_V": 4096}, num_warps=8, num_stages=2)
+    _sample_kernel[(n,)](*args, **kw, **launch_options(cfg))
     return x0, conf
 
 

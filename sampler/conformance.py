@@ -76,6 +76,11 @@ def check_logits(bundle, path: Path, dtype: str) -> list[tuple[str, bool, str]]:
     return out
 
 
+def draft_summary(forwards: int, reference_nfe: int, depth: int) -> str:
+    return (f"forwards {forwards}, reference {reference_nfe} "
+            f"({forwards / max(reference_nfe, 1):.3f} of the reference) at draft depth {depth}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sampler.conformance", description=__doc__.split("\n")[1])
     ap.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
@@ -153,8 +158,7 @@ def main(argv=None) -> int:
             passed += 1
             print(f"PASS {name}: {len(got)} ids match{nfe_note}")
     if args.draft_depth:
-        print(f"forwards {forwards}, reference {reference_nfe} "
-              f"({forwards / max(reference_nfe, 1):.3f} of the reference) at draft depth {args.draft_depth}")
+        print(draft_summary(forwards, reference_nfe, args.draft_depth))
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

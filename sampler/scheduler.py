@@ -40,33 +40,65 @@ from sampler.events import StepEvent
 from sampler.fair_queue import FairQueue
 from sampler.likelihood import ScoreBatch, ScoreJob
 from sampler.params import ParamError, SamplingParams
-from sampler.strategies import make_batch
+from sampler.strategies import make_batch, rows_needed
 
 log = logging.getLogger("llada.engine")
 
 
 class EngineError(Exception):
-    """A request that the engine could not serve; `status` is the HTTP status it maps onto."""
+    """A request the engine could not serve. The subclass says why; `code` is a finer reason
+    (`step_failed`, `no_progress`) and `param` the request field at fault, when there is one. The
+    engine knows no HTTP: server/errors.py maps each subclass onto a status."""
 
-    def __init__(self, message: str, status: int = 500, type: str = "server_error",
-                 code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.message = message
-        self.status = status
-        self.type = type
         self.code = code
         self.param = param
 
 
+class RequestTooLarge(EngineError):
+    """The request's canvas can never fit the batch (`max_batch_tokens`)."""
+
+
+class InvalidRequest(EngineError):
+    """Parameters the batch refused when the request was admitted."""
+
+
 class QueueFull(EngineError):
     def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message, status=429, type="rate_limit_error", code="queue_full")
+        super().__init__(message, code="queue_full")
         self.retry_after = retry_after
 
 
 class EngineStopped(EngineError):
     def __init__(self, message: str = "the server is shutting down and accepts no new requests"):
-        super().__init__(message, status=503, type="server_error", code="shutting_down")
+        super().__init__(message, code="shutting_down")
+
+
+class RequestTimeout(EngineError):
+    def __init__(self, message: str):
+        super().__init__(message, code="timeout")
+
+
+class OutOfMemory(EngineError):
+    def __init__(self, message: str):
+        super().__init__(message, code="out_of_memory")
+
+
+class InternalError(EngineError):
+    """The engine failed while running the request (a bug or a device failure)."""
+
+
+def check_fits(prompt_len: int, params: SamplingParams, max_batch_tokens: int, block_diffusion: bool) -> None:
+    """The one request-fit rule: the canvas rows it needs against `max_batch_tokens`
+    (RequestTooLarge names max_tokens)."""
+    rows = rows_needed(prompt_len, params, block_diffusion)
+    if rows > max_batch_tokens:
+        raise RequestTooLarge(
+            f"the request needs {rows} canvas tokens (prompt {prompt_len} + gen_length "
+            f"{params.gen_length}{', doubled by cfg_scale' if params.cfg_scale > 0 else ''}); "
+            f"this server's max_batch_tokens is {max_batch_tokens}", param="max_tokens")
 
 
 @dataclass
@@ -116,6 +148,7 @@ class Handle:
     admitted: float | None = None
     deadline: float | None = None
     first_block_s: float | None = None
+    first_token_seen: bool = False
     canvas: list = field(default_factory=list)
     prefix: int = 0
     steps: int = 0
@@ -230,13 +263,7 @@ class Engine:
         return self.batch.rows_needed(prompt_len, params)
 
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
-        rows = self.rows_needed(prompt_len, params)
-        if rows > self.config.max_batch_tokens:
-            raise EngineError(
-                f"the request needs {rows} canvas tokens (prompt {prompt_len} + gen_length "
-                f"{params.gen_length}{', doubled by cfg_scale' if params.cfg_scale > 0 else ''}); "
-                f"this server's max_batch_tokens is {self.config.max_batch_tokens}",
-                status=400, type="invalid_request_error", param="max_tokens")
+        check_fits(prompt_len, params, self.config.max_batch_tokens, self.batch.block_diffusion)
 
     def submit(self, handles: list[Handle]) -> list[Handle]:
         """Queue handles together (all or none). Raises QueueFull or EngineStopped."""
@@ -267,9 +294,8 @@ class Engine:
     def submit_score(self, job: ScoreJob) -> ScoreJob:
         """Queue a likelihood request. Raises EngineError (too large), QueueFull or EngineStopped."""
         if job.canvas_tokens > self.config.max_batch_tokens:
-            raise EngineError(f"a pair needs {job.canvas_tokens} canvas tokens; this server's "
-                              f"max_batch_tokens is {self.config.max_batch_tokens}", status=400,
-                              type="invalid_request_error", param="pairs")
+            raise RequestTooLarge(f"a pair needs {job.canvas_tokens} canvas tokens; this server's "
+                                  f"max_batch_tokens is {self.config.max_batch_tokens}", param="pairs")
         with self._cv:
             if not self.accepting:
                 raise EngineStopped()
@@ -319,7 +345,7 @@ class Engine:
         except BaseException as e:  # the loop itself must never die silently
             log.exception("engine loop crashed: %s", e)
             with self._cv:
-                self._fail_all(EngineError(f"the engine stopped: {e}", status=500))
+                self._fail_all(InternalError(f"the engine stopped: {e}"))
             self.alive = False
             raise
 
@@ -342,9 +368,8 @@ class Engine:
                 fail(x, self._timeout_error())
 
     def _timeout_error(self) -> EngineError:
-        return EngineError(f"the request did not finish within the server's request timeout "
-                           f"({self.config.request_timeout:g} s)", status=504, type="timeout_error",
-                           code="timeout")
+        return RequestTimeout(f"the request did not finish within the server's request timeout "
+                              f"({self.config.request_timeout:g} s)")
 
     def _admit(self) -> None:
         """Move waiting requests into the batch in the fair queue's order (holding the lock). The one
@@ -357,27 +382,26 @@ class Engine:
             if not self.batch.can_admit(h.canvas_prompt_len, h.params):
                 if not self.running:  # an empty batch that cannot take it never will
                     self.waiting.remove(group, h)
-                    self._finish_error(h, EngineError("the request does not fit the batch buffers",
-                                                      status=400, type="invalid_request_error"))
+                    self._finish_error(h, RequestTooLarge("the request does not fit the batch buffers"))
                     continue
                 break
             try:
                 self.batch.add(h.rid, h.prompt_ids, h.params, suffix_ids=h.suffix_ids, span_ids=h.span_ids)
             except ParamError as e:
                 self.waiting.remove(group, h)
-                self._finish_error(h, EngineError(str(e), status=400, type="invalid_request_error",
-                                                  param=e.field))
+                self._finish_error(h, InvalidRequest(str(e), param=e.field))
                 continue
             except CapacityError:
                 break
             except Exception as e:  # noqa: BLE001 - a bad request must not stop the loop
                 log.exception("admitting request %s failed", h.rid)
                 self.waiting.remove(group, h)
-                self._finish_error(h, EngineError(f"could not start the request: {e}", status=500))
+                self._finish_error(h, InternalError(f"could not start the request: {e}"))
                 continue
             self.waiting.admitted(group, h)
             h.admitted = time.monotonic()
             self.running[h.rid] = h
+            self._observe("observe_queued", h.admitted - h.submitted)
         self._gauges()
 
     def _step(self) -> None:
@@ -407,7 +431,7 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - one request's bookkeeping must not stop the loop
                     log.exception("request %s: handling its step event failed", h.rid)
                     self._release(h)
-                    self._finish_error(h, EngineError(f"internal error ({type(e).__name__})", status=500))
+                    self._finish_error(h, InternalError(f"internal error ({type(e).__name__})"))
             self._gauges()
 
     def _score_step(self) -> None:
@@ -425,8 +449,8 @@ class Engine:
             with self._cv:
                 for job in jobs.values():
                     self._drop_score(job)
-                    self._score_error(job, EngineError(f"internal error while scoring ({type(e).__name__})",
-                                                       status=500, code="step_failed"))
+                    self._score_error(job, InternalError(f"internal error while scoring ({type(e).__name__})",
+                                                         code="step_failed"))
             return
         if self.metrics is not None:
             self.metrics.observe_score_forward(sum(c.tokens for c in canvases), time.perf_counter() - t0)
@@ -460,12 +484,11 @@ class Engine:
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()
         if oom:
-            err = EngineError("the server ran out of memory while running this request; retry with a "
-                              "smaller request or later", status=503, type="server_error",
-                              code="out_of_memory")
+            err = OutOfMemory("the server ran out of memory while running this request; retry with a "
+                              "smaller request or later")
         else:
-            err = EngineError(f"internal error while running this request ({type(e).__name__})",
-                              status=500, type="server_error", code="step_failed")
+            err = InternalError(f"internal error while running this request ({type(e).__name__})",
+                                code="step_failed")
         with self._cv:
             failed = list(self.running.values())
             for h in failed:
@@ -493,6 +516,9 @@ class Engine:
             if canvas[h.prefix] in self.stop_ids:
                 h.stop_seen = True
             h.prefix += 1
+        if not h.first_token_seen and (h.prefix >= 1 or ev.finished):
+            h.first_token_seen = True
+            self._observe("observe_first_token", time.monotonic() - h.submitted)
         if h.first_block_s is None and (h.prefix >= min(h.params.block, len(canvas)) or ev.finished):
             h.first_block_s = time.monotonic() - h.submitted
             if self.metrics is not None:
@@ -504,8 +530,8 @@ class Engine:
         if not ev.finished and ev.step > h.params.step_limit(len(h.prompt_ids), self.batch.block_diffusion):
             log.error("request %s made no progress after %d steps; failing it", h.rid, ev.step)
             self._release(h)
-            self._finish_error(h, EngineError("the sampler made no progress on this request",
-                                              status=500, code="no_progress"))
+            self._finish_error(h, InternalError("the sampler made no progress on this request",
+                                                code="no_progress"))
             return
         final = not h.infill and (h.stop_seen or (h.answer_limit is not None and h.prefix >= h.answer_limit))
         if ev.finished or (final and self.config.early_stop and not h.want_steps):
@@ -559,3 +585,10 @@ class Engine:
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.set_load(len(self.waiting), len(self.running))
+            self._observe("set_kv_usage", self.batch.rows_in_use, self.batch.capacity)
+
+    def _observe(self, hook: str, *args) -> None:
+        """An optional metrics hook (a metrics object may implement only the required ones)."""
+        fn = getattr(self.metrics, hook, None)
+        if fn is not None:
+            fn(*args)

@@ -11,6 +11,7 @@ grow into a stop string. Deltas therefore concatenate to exactly the whole answe
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from sampler.generate import cut_answer
@@ -72,18 +73,41 @@ def stop_tail(text: str, stops: list[str]) -> int:
     return best
 
 
-class Choice:
+class BaseChoice(ABC):
+    """What every kind of choice (a plain answer, an infill) is to the job, the stream and the body:
+    its index, the answer once final, the tokens known so far, the text sent so far, and the two
+    events that move it on. A new kind implements the whole of it."""
+
+    reports_logprobs = True  # whether the body's logprobs describe this choice's answer
+
+    def __init__(self, index: int, decoder: Decoder, max_tokens: int):
+        self.index = index
+        self.decoder = decoder
+        self.max_tokens = max_tokens  # answer tokens at most (the per-step stream's start event)
+        self.sent = ""                # text streamed so far
+        self.tokens = 0               # answer tokens known so far (usage of a stream cut short)
+        self.answer: Answer | None = None
+
+    @abstractmethod
+    def on_progress(self, prefix_ids) -> str:
+        """A longer final prefix is known: the text now safe to send (may be empty)."""
+
+    @abstractmethod
+    def on_done(self, gen_ids) -> str:
+        """The request finished: sets `answer`; returns the text not sent yet."""
+
+    def body_extra(self) -> dict:
+        """Fields this kind adds to its choice in the whole body."""
+        return {}
+
+
+class Choice(BaseChoice):
     """The answer of one sub-request as it becomes known."""
 
     def __init__(self, index: int, decoder: Decoder, stop_ids, max_tokens: int, stops: list[str]):
-        self.index = index
-        self.decoder = decoder
+        super().__init__(index, decoder, max_tokens)
         self.stop_ids = set(stop_ids)
-        self.max_tokens = max_tokens
         self.stops = [s for s in stops if s]
-        self.sent = ""
-        self.tokens = 0  # answer tokens known so far (for usage while streaming)
-        self.answer: Answer | None = None
 
     def _cut_ids(self, ids) -> tuple[list[int], bool]:
         """(answer ids, ended by a stop id) for a run of known ids. A decoder that keeps special

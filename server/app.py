@@ -2,8 +2,9 @@
 
 `create_app(bundle, engine_config, ...)` builds a complete app around any loaded ModelBundle, so
 tests and the CLI share one code path. The engine thread starts with the app's lifespan. The routes
-are in server/routes.py, request reading in server/requests.py, one request in flight in
-server/job.py, the SSE bodies in server/streaming.py and the error body in server/errors.py.
+are in server/routes.py, request checks in server/checks.py, request reading in server/requests.py,
+one request in flight in server/job.py, the SSE bodies in server/streaming.py and the error body in
+server/errors.py.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from sampler.scheduler import Engine, EngineConfig
 from server.answer import Decoder
 from server.connection import collapse_loop_errors
 from server.errors import ApiError, install_handlers
-from server.guards import Guards, default_max_body_bytes
+from server.guards import Guards, default_max_body_bytes, outcome_of
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
-from server.routes import api, check_auth, ops
+from server.routes import HEAD_PATHS, api, check_auth, ops
 
 __all__ = ["ApiError", "Service", "ServerLimits", "create_app", "derive_seed"]
 
 DESCRIPTION = ("OpenAI-compatible server for LLaDA masked-diffusion language models. The request bodies "
                "take OpenAI's fields plus the diffusion extensions (steps, block_length, remasking, "
-               "cfg_scale, threshold, cache, ban_eos, defer_eos, stream_steps; on LLaDA2.x checkpoints also "
+               "cfg_scale, threshold, cache, ban_eos, defer_eos, eos_bias, stream_steps; on LLaDA2.x "
+               "checkpoints also "
                "minimal_topk, eos_early_stop, editing_threshold, max_post_steps, num_to_transfer). "
                "Errors use OpenAI's body.")
 
@@ -52,7 +54,10 @@ class Service:
         self.decoder = Decoder(bundle.tokenizer)
         self.config = bundle.config
         self.stop_ids = list(bundle.special.stop)
-        self.vocab_size = bundle.vocab_size  # the one bound on client token ids (requests.in_vocabulary)
+        self.vocab_size = bundle.vocab_size  # the one bound on client token ids (checks.in_vocabulary)
+        self.block_diffusion = bool(bundle.config.block_diffusion)  # the strategy's parameter meanings
+        self.max_batch_tokens = engine.config.max_batch_tokens  # the request fit (checks.params)
+        self.max_queue = engine.config.max_queue  # generations per request at most (checks.fanout)
         self.created = int(time.time())
 
     def model_card(self) -> dict:
@@ -89,10 +94,11 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     so far (torch, the model, modules) moves to the garbage collector's permanent generation, so a
     request that allocates many objects (a large JSON body) does not make full collections walk
     them all (a 1 MiB body of 174k lists: 0.35 s of collections without it, 0.04 s with it)."""
-    metrics = metrics or Metrics()
-    metrics.device = bundle.model.device
+    name = served_model_name or bundle.name or "llada"
+    metrics = metrics or Metrics(model_name=name)
+    metrics.describe(bundle)
     engine = engine or Engine(bundle.model, bundle.special, engine_config or EngineConfig(), metrics=metrics)
-    svc = Service(bundle, engine, metrics, served_model_name or bundle.name or "llada", api_key,
+    svc = Service(bundle, engine, metrics, name, api_key,
                   limits or ServerLimits(), shutdown_grace, strict_fields, chat_special_tokens)
 
     @contextlib.asynccontextmanager
@@ -107,14 +113,15 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
         finally:
             await asyncio.to_thread(engine.shutdown, min(5.0, svc.shutdown_grace))
 
-    app = FastAPI(title="llada-serve", description=DESCRIPTION, lifespan=lifespan, redoc_url=None)
+    app = FastAPI(title="llada-serve", description=DESCRIPTION, lifespan=lifespan, redoc_url=None, docs_url=None)
     app.state.service = svc
     app.state.engine = engine
     app.state.metrics = metrics
-    install_handlers(app, check_auth)
+    app.state.head_paths = frozenset(HEAD_PATHS)  # a 405 there says Allow: GET, HEAD
+    install_handlers(app, check_auth, outcome_of)
     app.add_middleware(Guards, max_body_bytes=max_body_bytes or default_max_body_bytes(svc.config.max_sequence_length),
                        body_timeout=body_timeout, allowed_hosts=allowed_hosts, engine=engine, metrics=metrics,
-                       metered=("/v1/completions", "/v1/chat/completions"), authenticate=check_auth)
+                       authenticate=check_auth)
     app.include_router(ops)
     app.include_router(api)
     app.openapi = _openapi_without_422(app)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import time
 
 from sampler.params import MAX_DRAFT_DEPTH
 
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     a("--shutdown-grace", type=float, default=_env("shutdown_grace", 30.0),
       help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+    a("--drain-delay", type=float, default=_env("drain_delay", 5.0),
+      help="seconds after SIGTERM during which the server still accepts connections, answering /ready "
+      "and new requests with 503 so a load balancer takes it out of rotation, before it closes its "
+      "listener (default: %(default)s; Ctrl-C skips it)")
     a("--strict-fields", action="store_true", default=_env("strict_fields", "") in ("1", "true", "yes"),
       help="refuse request fields this server does not know with a 400 (default: ignore them with a "
       "warning in the log)")
@@ -110,10 +116,8 @@ def _port_in_use(host: str, port: int) -> str | None:
     return None
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _check_args(args) -> None:
+    """Refuse (exit 2) flag values no server can run with."""
     for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1", 2)
@@ -121,6 +125,8 @@ def main(argv=None) -> None:
         _fail("--max-body-bytes must be >= 1024", 2)
     if args.max_connections < 1:
         _fail("--max-connections must be >= 1", 2)
+    if args.drain_delay < 0:
+        _fail("--drain-delay must be >= 0", 2)
     if not 0 <= args.draft_depth <= MAX_DRAFT_DEPTH or args.draft_budget < 0:
         _fail(f"--draft-depth must be in [0, {MAX_DRAFT_DEPTH}] and --draft-budget >= 0", 2)
     if args.header_timeout <= 0:
@@ -136,11 +142,58 @@ def main(argv=None) -> None:
             except ValueError as e:
                 _fail(str(e), 2)
 
-    busy = _port_in_use(args.host, args.port)
-    if busy:
-        _fail(f"cannot listen on {args.host}:{args.port}: {busy} (is another server running there? "
-              "choose another --port)")
 
+def _draining_server(uvicorn, engine, args):
+    """uvicorn.Server that drains on SIGTERM (see handle_exit)."""
+
+    class Server(uvicorn.Server):
+        close_at: float | None = None  # when the listener closes (the drain delay's end)
+
+        def handle_exit(self, sig, frame):
+            # SIGTERM: stop intake at once (new requests get 503 shutting_down with Connection: close,
+            # /ready turns 503) while the listener stays open for --drain-delay, so a load balancer
+            # sees /ready fail and clients see the 503; then close the listener. In-flight requests
+            # get --shutdown-grace from the signal; what is left then is answered 503; exit 0.
+            if self.close_at is None and not self.should_exit:
+                delay = 0.0 if sig == signal.SIGINT else args.drain_delay
+                log.info("signal %s: draining (new requests get 503; listener open for %gs more; "
+                         "in-flight requests get %gs)", sig, delay, args.shutdown_grace)
+                engine.drain(args.shutdown_grace)
+                self.close_at = time.monotonic() + delay
+                if delay <= 0:
+                    self.should_exit = True
+                return
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True  # a second signal ends the drain delay
+
+        async def on_tick(self, counter):
+            if self.close_at is not None and not self.should_exit and time.monotonic() >= self.close_at:
+                log.info("drain delay over: closing the listener")
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    return Server
+
+
+def _log_settings(args, bundle, param_bytes, kv_bytes, mem, max_body, allowed_hosts, max_conn, limits):
+    log.info("device %s, dtype %s, weights %.1f MiB, KV buffers %.1f MiB for %d canvas tokens%s",
+             bundle.device, str(bundle.dtype).replace("torch.", ""), param_bytes / 2**20, kv_bytes / 2**20,
+             args.max_batch_tokens, mem)
+    log.info("engine: max_batch_size %d, max_batch_tokens %d, max_queue %d, request_timeout %s, "
+             "shutdown_grace %gs, drain_delay %gs, API key %s", args.max_batch_size, args.max_batch_tokens,
+             args.max_queue, f"{args.request_timeout:g}s" if args.request_timeout > 0 else "none",
+             args.shutdown_grace, args.drain_delay,
+             "required" if args.api_key else "off")
+    log.info("guards: max body %d bytes, header timeout %gs, body timeout %s, allowed hosts %s", max_body,
+             args.header_timeout, f"{args.body_timeout:g}s" if args.body_timeout > 0 else "none",
+             ", ".join(allowed_hosts) if allowed_hosts else "any")
+    log.info("connections: at most %d open (open-files limit %s)", max_conn,
+             "unknown" if limits is None else f"{limits[0]}, hard {limits[1]}")
+
+
+def _model_dir(args) -> str:
+    """--model, or the embedded default model (exit 2 when neither is there)."""
     from weights import default_model_path
 
     model_dir = args.model
@@ -151,14 +204,20 @@ def main(argv=None) -> None:
                   f"{default} holds no config.json. Pass --model DIR with a LLaDA checkpoint in the "
                   "Hugging Face layout.", 2)
         model_dir = str(default)
+    return model_dir
 
-    import torch
-    import uvicorn
 
-    from sampler.scheduler import EngineConfig
-    from server.app import create_app
-    from server.connection import FD_RESERVE, protocol_with_header_timeout, raise_fd_limit
-    from server.guards import default_allowed_hosts, default_max_body_bytes
+def _exit_now() -> None:
+    """Every request is answered and the engine thread has ended: skip the interpreter's teardown of
+    torch and friends (about a second on a busy CPU) so the process exits right after its grace."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _load(args, model_dir):
+    """The checkpoint (exit 1 when it cannot be loaded), its CPU threads, served name and weight bytes."""
     from weights.checkpoint import CheckpointError, load_checkpoint, pick_cpu_threads
 
     try:
@@ -173,6 +232,32 @@ def main(argv=None) -> None:
              "vocab %d, max_sequence_length %d, tokenizer %s", name, bundle.path, cfg.family, bundle.decoding,
              cfg.num_parameters / 1e6, cfg.active_parameters / 1e6, cfg.n_layers, cfg.hidden_size,
              cfg.vocab_size, cfg.max_sequence_length, "yes" if bundle.tokenizer is not None else "none")
+    return bundle, threads, name, param_bytes
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_args(args)
+
+    busy = _port_in_use(args.host, args.port)
+    if busy:
+        _fail(f"cannot listen on {args.host}:{args.port}: {busy} (is another server running there? "
+              "choose another --port)")
+
+    model_dir = _model_dir(args)
+
+    import torch
+    import uvicorn
+
+    from sampler.scheduler import EngineConfig
+    from server.app import create_app
+    from server.connection import FD_RESERVE, protocol_with_header_timeout, raise_fd_limit
+    from server import logsafe
+    from server.guards import default_allowed_hosts, default_max_body_bytes
+    bundle, threads, name, param_bytes = _load(args, model_dir)
+    cfg = bundle.config
     econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                          max_queue=args.max_queue,
                          request_timeout=args.request_timeout if args.request_timeout > 0 else None,
@@ -204,38 +289,18 @@ def main(argv=None) -> None:
         mem = f", GPU memory allocated {torch.cuda.memory_allocated(bundle.device) / 2**20:.0f} MiB"
     else:
         mem = f", {threads} CPU thread{'s' if threads > 1 else ''}"
-    log.info("device %s, dtype %s, weights %.1f MiB, KV buffers %.1f MiB for %d canvas tokens%s",
-             bundle.device, str(bundle.dtype).replace("torch.", ""), param_bytes / 2**20, kv_bytes / 2**20,
-             args.max_batch_tokens, mem)
-    log.info("engine: max_batch_size %d, max_batch_tokens %d, max_queue %d, request_timeout %s, "
-             "shutdown_grace %gs, API key %s", args.max_batch_size, args.max_batch_tokens, args.max_queue,
-             f"{args.request_timeout:g}s" if args.request_timeout > 0 else "none", args.shutdown_grace,
-             "required" if args.api_key else "off")
-    log.info("guards: max body %d bytes, header timeout %gs, body timeout %s, allowed hosts %s", max_body,
-             args.header_timeout, f"{args.body_timeout:g}s" if args.body_timeout > 0 else "none",
-             ", ".join(allowed_hosts) if allowed_hosts else "any")
-    log.info("connections: at most %d open (open-files limit %s)", max_conn,
-             "unknown" if limits is None else f"{limits[0]}, hard {limits[1]}")
+    _log_settings(args, bundle, param_bytes, kv_bytes, mem, max_body, allowed_hosts, max_conn, limits)
 
     # uvicorn's own graceful-shutdown timeout is only a backstop: the engine fails what is left at the
     # end of the grace (503 shutting_down), so handlers answer and connections close right after it.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_grace + DRAIN_BACKSTOP_S, access_log=False,
+                            timeout_graceful_shutdown=max(0.0, args.shutdown_grace - args.drain_delay)
+                            + DRAIN_BACKSTOP_S, access_log=False,
                             timeout_keep_alive=args.timeout_keep_alive,
                             http=protocol_with_header_timeout(args.header_timeout, max_conn))
+    logsafe.install()  # uvicorn.Config set up its loggers: every handler escapes, clips, rate-limits
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            # Stop intake (new submissions get 503 with Connection: close, /ready turns 503), let
-            # in-flight requests finish for up to the grace, fail the rest with 503, then exit 0.
-            if not self.should_exit:
-                log.info("signal %s: draining in-flight requests (grace %gs)", sig, args.shutdown_grace)
-                engine.drain(args.shutdown_grace)
-            if self.should_exit and sig == 2:
-                self.force_exit = True
-            self.should_exit = True
-
-    server = Server(config)
+    server = _draining_server(uvicorn, engine, args)(config)
     log.info("listening on http://%s:%d (playground at /, OpenAI API at /v1, metrics at /metrics)",
              args.host, args.port)
     try:
@@ -245,12 +310,7 @@ def main(argv=None) -> None:
     if not server.started:
         sys.exit(1)
     log.info("stopped")
-    # Every request is answered and the engine thread has ended: skip the interpreter's teardown of
-    # torch and friends (about a second on a busy CPU) so the process exits right after its grace.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _exit_now()
 
 
 if __name__ == "__main__":

@@ -16,19 +16,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sampler.scheduler import EngineError, QueueFull
+from sampler.scheduler import (EngineError, EngineStopped, InternalError, InvalidRequest, OutOfMemory, QueueFull,
+                               RequestTimeout, RequestTooLarge)
+from server.logsafe import ECHO_CHARS, shown
 
 log = logging.getLogger("llada.server")
 
 API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/loglikelihood")
-ECHO_CHARS = 64         # at most this much of a client's value is quoted back (in bodies and logs)
 MAX_MESSAGE_CHARS = 1000  # and no error message is longer than this
 
 
 def clip(value, limit: int = ECHO_CHARS) -> str:
-    """repr() of a client's value cut to `limit` characters (lone surrogates come out escaped)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    """repr() of a client's value cut to `limit` characters (see server.logsafe.shown)."""
+    return shown(value, limit)
 
 
 class ErrorDetail(BaseModel):
@@ -57,6 +57,13 @@ API_ERRORS = {400: _doc("invalid request"), 401: _doc("missing or invalid API ke
               504: _doc("the request outlived the server's request timeout")}
 
 
+# The one place engine errors become HTTP: error class -> (status, OpenAI error type).
+ENGINE_HTTP = {RequestTooLarge: (400, "invalid_request_error"), InvalidRequest: (400, "invalid_request_error"),
+               QueueFull: (429, "rate_limit_error"), EngineStopped: (503, "server_error"),
+               OutOfMemory: (503, "server_error"), RequestTimeout: (504, "timeout_error"),
+               InternalError: (500, "server_error")}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
@@ -67,10 +74,11 @@ class ApiError(Exception):
 
     @classmethod
     def from_engine(cls, e: EngineError) -> "ApiError":
+        status, type_ = next((v for k, v in ENGINE_HTTP.items() if isinstance(e, k)), (500, "server_error"))
         headers = None
         if isinstance(e, QueueFull):
             headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
-        return cls(e.status, e.message, e.type, e.param, e.code, headers)
+        return cls(status, e.message, type_, e.param, e.code, headers)
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
@@ -121,17 +129,13 @@ def validation_error(errors: list) -> ApiError:
     return ApiError(400, msg, param=param, code="invalid_value")
 
 
-def _counted(request: Request, err: ApiError) -> JSONResponse:
-    """Answer an API error, counting it in the request metrics as the handlers count their own."""
-    path = request.url.path
-    if path in API_PATHS:
-        request.app.state.metrics.request_done(path, err.status)
-        log.info("%s %d: %s", path, err.status, err.message)
-    return err.response()
+def install_handlers(app: FastAPI, check_auth, outcome_of) -> None:
+    """Register the handlers that turn every exception into the OpenAI error body. `outcome_of`
+    (server.guards) gives a request's record, which the guard counts and logs once it is answered."""
 
-
-def install_handlers(app: FastAPI, check_auth) -> None:
-    """Register the handlers that turn every exception into the OpenAI error body."""
+    def _counted(request: Request, err: ApiError) -> JSONResponse:
+        outcome_of(request).message = err.message
+        return err.response()
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
@@ -157,9 +161,19 @@ def install_handlers(app: FastAPI, check_auth) -> None:
             return _counted(request, ApiError(400, f"the request body cannot be parsed ({why})",
                                               code="invalid_json"))
         t = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), t, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and headers and "Allow" in headers:
+            # The router names the first route's methods; the operator routes answer HEAD too.
+            allow = [m.strip() for m in headers["Allow"].split(",") if m.strip()]
+            if request.url.path in getattr(request.app.state, "head_paths", ()) and "HEAD" not in allow:
+                allow.append("HEAD")
+            headers = {**headers, "Allow": ", ".join(allow)}
+        outcome_of(request).message = str(exc.detail)
+        return error_response(exc.status_code, str(exc.detail), t, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
+        # A fallback: server.guards.Guards answers (and logs) a handler's exception itself; this
+        # runs only for one raised outside it.
+        log.error("unhandled error on %s %s", request.method, clip(request.url.path), exc_info=exc)
         return error_response(500, "internal server error", "server_error")

@@ -13,6 +13,9 @@
   in one piece.
 - While the server drains (SIGTERM), every response carries `Connection: close`, so keep-alive
   clients cannot hold the process open.
+- Every response is counted in `llada_requests_total` and logged in one line here, once, whoever
+  produced it (a refusal here, a handler, an error handler, the catch-all 500, a stream that ended
+  early): handlers only describe what happened in the request's `Outcome`.
 
 Refusals use the OpenAI error body and echo at most a short prefix of what the client sent.
 """
@@ -23,10 +26,11 @@ import asyncio
 import ipaddress
 import logging
 import re
+import time
 
 from starlette.requests import Request
 
-from server.errors import ApiError, clip, error_response
+from server.errors import API_PATHS, ApiError, clip, error_response
 
 log = logging.getLogger("llada.server")
 
@@ -110,6 +114,38 @@ def host_allowed(header: str, allowed: set, default_port: int) -> bool:
     return (name, None) in allowed or (name, default_port if port is None else port) in allowed
 
 
+class Outcome:
+    """What one HTTP request came to, filled in by whoever knows it and counted and logged once by
+    the guard when the response is over. `status` overrides the HTTP status sent (a stream's HTTP
+    status is 200 whatever its end); `job` (a generation) or `usage`/`detail` (scoring) describe a
+    success; `message` an error."""
+
+    __slots__ = ("status", "sent", "exc", "message", "job", "usage", "detail", "how")
+
+    def __init__(self):
+        self.status = self.sent = self.exc = self.message = self.job = self.usage = self.detail = None
+        self.how = ""
+
+
+def outcome_of(request) -> Outcome:
+    """The Outcome of a request (a detached one for an app run without the guard)."""
+    rec = request.scope.get("state", {}).get("llada_outcome")
+    return rec if rec is not None else Outcome()
+
+
+def endpoint_label(path: str) -> str | None:
+    """The `endpoint` label a response on `path` is counted under (a bounded set: a client cannot make
+    new series), or None for operator and page routes, which are counted only when they fail (5xx)
+    so probes and scrapes do not dilute the error ratio."""
+    if path in API_PATHS:
+        return path
+    if path == "/v1/models" or path.startswith("/v1/models/"):
+        return "/v1/models"
+    if path.startswith("/v1/"):
+        return "other"
+    return None
+
+
 class _BodyError(Exception):
     def __init__(self, status: int, message: str, code: str):
         super().__init__(message)
@@ -121,11 +157,11 @@ class _Disconnected(Exception):
 
 
 class Guards:
-    """ASGI middleware; `metered` are the paths whose refusals are counted in llada_requests_total."""
+    """ASGI middleware (see the module's docstring)."""
 
     def __init__(self, app, *, max_body_bytes: int, body_timeout: float | None = 30.0,
                  allowed_hosts: list[str] | None = None, engine=None, metrics=None,
-                 metered: tuple[str, ...] = (), authenticate=None):
+                 authenticate=None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout if body_timeout and body_timeout > 0 else None
@@ -134,17 +170,43 @@ class Guards:
             self.allowed = {parse_allowed_host(h) for h in allowed_hosts}
         self.engine = engine
         self.metrics = metrics
-        self.metered = set(metered)
         self.authenticate = authenticate  # raises ApiError (401) for a request without the API key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        rec = Outcome()
+        scope.setdefault("state", {})["llada_outcome"] = rec
+        t0 = time.monotonic()
+
+        async def observed(message):
+            if message["type"] == "http.response.start":
+                rec.sent = message["status"]
+            await send(message)
+        reply = self._closing_while_draining(observed)
+        try:
+            await self._guarded(scope, receive, reply, rec)
+        except Exception as e:  # noqa: BLE001 - a bug in a handler: one traceback, one OpenAI-style 500
+            rec.exc = e
+            if rec.sent is not None or _client_gone(e):
+                raise  # mid-response: uvicorn ends the connection
+            log.error("unhandled error on %s %s", scope.get("method", "-"), clip(scope.get("path", "")), exc_info=e)
+            rec.status, rec.message = 500, "internal server error"
+            await error_response(500, "internal server error", "server_error")(scope, receive, reply)
+        except BaseException as e:
+            rec.exc = e
+            raise
+        finally:
+            try:
+                self._account(scope, rec, time.monotonic() - t0)
+            except Exception:  # noqa: BLE001 - bookkeeping must never fail a response
+                log.error("counting a response on %s failed", clip(scope.get("path", "")), exc_info=True)
+
+    async def _guarded(self, scope, receive, send, rec: Outcome):
         path = scope.get("path", "")
         headers = {}
         for k, v in scope.get("headers", ()):
             headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
-        send = self._closing_while_draining(send)
 
         if self.allowed is not None:
             host = headers.get("host", "")
@@ -169,12 +231,50 @@ class Guards:
             except _BodyError as e:
                 return await self._refuse(scope, receive, send, e.status, e.message, e.code)
             except _Disconnected:
-                log.info("%s 499: the client disconnected while sending the request body", path)
-                if path in self.metered and self.metrics is not None:
-                    self.metrics.request_done(path, 499)
+                rec.status, rec.message = 499, "the client disconnected while sending the request body"
                 return None
             receive = _replay(body, receive)
         return await self.app(scope, receive, send)
+
+    def _account(self, scope, rec: Outcome, seconds: float) -> None:
+        """Count and log one response (see the module's docstring)."""
+        status = rec.status or rec.sent
+        if rec.exc is not None and (status is None or status < 400):
+            # The catch-all handler answered 500 outside this middleware; a client that went away
+            # mid-stream raises too and is a 499.
+            status = 499 if _client_gone(rec.exc) else 500
+        status = status or 499  # no response at all: the client went away
+        path = scope.get("path", "")
+        endpoint = endpoint_label(path)
+        if endpoint is None and status < 500:
+            return
+        endpoint = endpoint or "other"
+        m = self.metrics
+        job = rec.job
+        if m is not None:
+            m.request_done(endpoint, status, seconds)
+            if job is not None:
+                u = job.usage()
+                if status == 200:
+                    m.usage(u["prompt_tokens"], u["completion_tokens"])
+                    for c in job.choices:
+                        m.finished_reason(c.answer.finish_reason if c.answer is not None else "abort")
+                else:
+                    m.finished_reason("abort" if status == 499 else "error", len(job.choices))
+            elif status == 200 and rec.usage is not None:
+                m.usage(rec.usage["prompt_tokens"], None)
+        where = endpoint if endpoint != "other" else clip(path)
+        if job is not None:
+            u = job.usage()
+            what = (f"{len(job.choices)} choice(s), {u['prompt_tokens']} prompt + {u['completion_tokens']} "
+                    "generated tokens")
+            if rec.message:
+                what = f"{rec.message}; {what}"
+        else:
+            what = rec.detail or rec.message or ""
+        if status >= 500 and not what:
+            what = "internal server error" if rec.exc is not None else ""
+        log.info("%s %s %d%s: %s, %.3fs", scope.get("method", "-"), where, status, rec.how, what, seconds)
 
     async def _read_body(self, headers: dict, receive) -> bytes:
         limit = self.max_body_bytes
@@ -219,12 +319,15 @@ class Guards:
 
     async def _refuse(self, scope, receive, send, status: int, message: str, code: str,
                       type_: str = "invalid_request_error") -> None:
-        path = scope.get("path", "")
-        if path in self.metered and self.metrics is not None:
-            self.metrics.request_done(path, status)
-        log.info("%s %d: %s", path, status, message)
+        rec = scope["state"]["llada_outcome"]
+        rec.message = message
         # The body (or its rest) is left unread: the connection cannot carry another request.
         await error_response(status, message, type_, code=code, headers={"Connection": "close"})(scope, receive, send)
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """An exception that means the client went away (or the server cancelled the request)."""
+    return isinstance(exc, (OSError, asyncio.CancelledError)) or type(exc).__name__ == "ClientDisconnect"
 
 
 def _replay(body: bytes, receive):

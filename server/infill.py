@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server import checks
+from server.answer import Answer, BaseChoice
 from server.errors import ApiError
 
 MARKER = "<|mdm_mask|>"
@@ -36,9 +38,7 @@ def marked_ids(svc, prompt, mask_id: int) -> list[int]:
     """Token ids of an infill prompt: text split at the marker (each piece tokenised on its own,
     the marker becoming the mask id), or token ids as given."""
     if isinstance(prompt, str):
-        from server.requests import need_tokenizer
-
-        tok = need_tokenizer(svc, "a text prompt")
+        tok = checks.need_tokenizer(svc, "a text prompt")
         ids: list[int] = []
         for i, piece in enumerate(prompt.split(MARKER)):
             if i:
@@ -68,24 +68,20 @@ def check_infill(req) -> None:
 def infill_prompts(svc, items: list) -> list[InfillPrompt]:
     """Each prompt of an infill request split into context, span and context (call it off the
     event loop: text is tokenized)."""
-    from server.requests import _fits_context, check_ids
-
     mask = svc.bundle.special.mask
     out = []
     for x in items:
         if isinstance(x, str):
-            _fits_context(svc, "prompt", chars=len(x))
-        ids = check_ids(svc, marked_ids(svc, x, mask))
+            checks.fits_context(svc, "prompt", chars=len(x))
+        ids = checks.token_ids(svc, marked_ids(svc, x, mask), mask_ok=True)
         out.append(split_infill(ids, mask))
     return out
 
 
 def suffix_ids(svc, text: str) -> list[int]:
     """OpenAI's `suffix`: text, tokenized (it needs the checkpoint's tokenizer)."""
-    from server.requests import _fits_context, need_tokenizer
-
-    tok = need_tokenizer(svc, "suffix")
-    _fits_context(svc, "suffix", chars=len(text))
+    tok = checks.need_tokenizer(svc, "suffix")
+    checks.fits_context(svc, "suffix", chars=len(text))
     return tok.encode(text)
 
 
@@ -129,23 +125,26 @@ def infill_choice(decoder, ip: InfillPrompt, gen_ids: list[int]) -> dict:
     return {"text": _literal(decoder, whole), "token_ids": list(gen_ids), "gaps": gaps}
 
 
-class InfillChoice:
-    """A choice of an infill request: the same interface as server.answer.Choice (index, answer,
-    tokens, on_done), with the filled gaps kept for the response."""
+class InfillChoice(BaseChoice):
+    """A choice of an infill request: the whole span at once when it is done (no text grows from the
+    left, so progress sends nothing), with the filled gaps in its body."""
+
+    reports_logprobs = False
 
     def __init__(self, index: int, decoder, ip: InfillPrompt):
-        self.index = index
-        self.decoder = decoder
+        super().__init__(index, decoder, len(ip.span))
         self.ip = ip
-        self.answer = None
-        self.tokens = 0  # answer tokens known so far: none until the span is done (usage of a stream cut short)
         self.filled: dict | None = None
-        self.max_tokens = len(ip.span)
+
+    def on_progress(self, prefix_ids) -> str:
+        return ""
 
     def on_done(self, gen_ids) -> str:
-        from server.answer import Answer
-
         self.filled = infill_choice(self.decoder, self.ip, list(gen_ids))
         self.answer = Answer(ids=list(gen_ids), text=self.filled["text"], finish_reason="stop",
                              completion_tokens=self.ip.masks)
+        self.sent = self.answer.text
         return self.answer.text
+
+    def body_extra(self) -> dict:
+        return {"llada": {"gaps": self.filled["gaps"]}}

@@ -8,19 +8,16 @@ posts each handle's events to the job's asyncio queue; `Job.events` turns them i
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-import uuid
 
 from fastapi import Request
 
 from sampler.scheduler import EngineError, Handle
 from sampler.generate import cut_answer
-from server.answer import Choice, Decoder
-from server.infill import InfillChoice
-from server.logprobs import chat_logprobs, completion_logprobs, tokens_covered
+from server.answer import BaseChoice
+from server.endpoints import Endpoint
+from server.logprobs import tokens_covered
 from server.errors import ApiError
-from server.requests import check_fanout, sampling, stop_strings
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client went away
 KEEPALIVE_S = 15.0  # an SSE comment after this long without an event (proxies close idle streams)
@@ -29,52 +26,23 @@ KEEPALIVE_S = 15.0  # an SSE comment after this long without an event (proxies c
 class Job:
     """One HTTP request in flight: its sub-requests in the engine and their answers."""
 
-    def __init__(self, svc, kind: str, req, prompts: list[list[int]], max_tokens, suffix_ids=None,
-                 infills=None):
-        """`suffix_ids`: fixed context after every prompt's span (OpenAI's suffix). `infills`: one
-        InfillPrompt per prompt (the infill form; `prompts` are then their prefixes)."""
+    def __init__(self, svc, endpoint: Endpoint, req, plan):
+        """`plan`: the request's checked generations (server.requests.plan)."""
         self.svc = svc
-        self.kind = kind  # "completions" or "chat"
+        self.endpoint = endpoint
         self.req = req
-        self.prompts = prompts
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.created = int(time.time())
-        self.id = ("cmpl-" if kind == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
-        n = check_fanout(svc, req, len(prompts))  # checked before tokenizing too; cheap
-        stops = stop_strings(req)
-        base_seed = req.seed if req.seed is not None else secrets.randbits(62)
-        self.handles: list[Handle] = []
-        self.choices: list[Choice] = []
-        suffix = list(suffix_ids or [])
-        self.prompt_tokens = sum(len(p) + len(suffix) for p in prompts)
-        if infills is not None:
-            self.prompt_tokens = sum(len(ip.prefix) + len(ip.span) - ip.masks + len(ip.suffix) for ip in infills)
+        self.id = endpoint.new_id()
+        self.prompt_tokens = plan.prompt_tokens
+        self.decoder = plan.decoder
         self.known: dict[int, list[int]] = {}   # per choice: the final prefix ids seen so far
         self.lp_sent: dict[int, int] = {}       # per choice: answer tokens whose logprobs were streamed
-        stream_steps = bool(req.stream_steps)
-        decoder = svc.decoder if req.skip_special_tokens is not False else Decoder(svc.tokenizer, skip_special=False)
-        self.decoder = decoder
-        for pi, p in enumerate(prompts):
-            ip = infills[pi] if infills is not None else None
-            for j in range(n):
-                idx = pi * n + j
-                if ip is not None:
-                    sp = sampling(svc, req, None, len(ip.prefix) + len(ip.suffix), idx, base_seed, span=ip.span)
-                    self.choices.append(InfillChoice(idx, decoder, ip))
-                    self.handles.append(Handle(
-                        prompt_ids=p, params=sp, sink=self._sink(idx), want_steps=stream_steps,
-                        suffix_ids=list(ip.suffix), span_ids=list(ip.span)))
-                    continue
-                sp = sampling(svc, req, max_tokens, len(p) + len(suffix), idx, base_seed,
-                              exact_length=suffix_ids is not None)
-                answer_limit = max_tokens if max_tokens is not None else sp.gen_length
-                answer_limit = min(answer_limit, sp.gen_length)
-                self.choices.append(Choice(idx, decoder, svc.stop_ids, answer_limit, stops))
-                self.handles.append(Handle(
-                    prompt_ids=p, params=sp, sink=self._sink(idx), want_steps=stream_steps,
-                    want_progress=bool(stops) or bool(req.stream), answer_limit=answer_limit,
-                    suffix_ids=suffix))
+        self.choices: list[BaseChoice] = plan.choices
+        self.handles: list[Handle] = plan.handles
+        for c, h in zip(self.choices, self.handles):
+            h.sink = self._sink(c.index)
 
     def _sink(self, idx):
         loop, q = self.loop, self.queue
@@ -164,15 +132,11 @@ class Job:
         """OpenAI's logprobs object for answer tokens [start, end) of choice idx (None when the
         request did not ask for logprobs)."""
         h, c = self.handles[idx], self.choices[idx]
-        if h.params.logprobs is None or c.answer is None and end is None:
+        if h.params.logprobs is None or not c.reports_logprobs or c.answer is None and end is None:
             return None
         ids = c.answer.ids if end is None else self.answer_ids(idx)
         end = len(ids) if end is None else end
-        info = h.token_info[start:end]
-        dec = self.decoder
-        if self.kind == "completions":
-            return completion_logprobs(dec, ids[start:end], info, prefix_ids=ids[:start])
-        return chat_logprobs(dec, ids[start:end], info)
+        return self.endpoint.logprobs(self.decoder, ids[start:end], h.token_info[start:end], ids[:start])
 
     def answer_ids(self, idx: int) -> list[int]:
         """The answer's ids as far as they are known (the whole answer once it is final)."""
@@ -195,19 +159,5 @@ class Job:
         return self.logprobs(idx, start, covered)
 
     def body(self) -> dict:
-        choices = []
-        for c in self.choices:
-            a = c.answer
-            lp = self.logprobs(c.index)
-            if isinstance(c, InfillChoice):
-                choices.append({"index": c.index, "text": a.text, "logprobs": None, "finish_reason": "stop",
-                                "token_ids": a.ids, "llada": {"gaps": c.filled["gaps"]}})
-            elif self.kind == "completions":
-                choices.append({"index": c.index, "text": a.text, "logprobs": lp,
-                                "finish_reason": a.finish_reason, "token_ids": a.ids})
-            else:
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": a.text},
-                                "logprobs": lp, "finish_reason": a.finish_reason})
-        obj = "text_completion" if self.kind == "completions" else "chat.completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.svc.name,
-                "choices": choices, "usage": self.usage()}
+        choices = [self.endpoint.choice(c, self.logprobs(c.index)) for c in self.choices]
+        return self.endpoint.body(self.id, self.created, self.svc.name, choices, self.usage())

@@ -5,25 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import API_ERRORS, ApiError, clip
+from server import checks
+from server.endpoints import CHAT, COMPLETIONS
+from server.errors import API_ERRORS, ApiError
 from server.job import Job
 from server.metrics import CONTENT_TYPE
-from server.requests import (chat_prompt, check_fanout, check_raw_sizes, check_request, completion_items,
-                             completion_prompts)
+from server.requests import chat_prompt, completion_items, completion_prompts, plan
 from server.responses import (EVENT_STREAM, ChatCompletionResponse, CompletionResponse, LoglikelihoodResponse,
                               ModelCard, ModelList, Status)
 from server.schemas import ChatCompletionRequest, CompletionRequest, LoglikelihoodRequest
 from server.infill import check_infill, infill_prompts, suffix_ids
 from server.scoring import serve_loglikelihood
-from server.streaming import log_done, metered, openai_stream, steps_stream
+from server.guards import outcome_of
+from server.streaming import metered, openai_stream, steps_stream
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -55,7 +57,7 @@ class _SizeCheckedRequest(Request):
     async def json(self):
         if not hasattr(self, "_json"):
             data = await super().json()
-            check_raw_sizes(self.app.state.service, data)  # FastAPI reports it as a parse error's cause
+            checks.raw_sizes(self.app.state.service, data)  # FastAPI reports it as a parse error's cause
             self._json = data
         return self._json
 
@@ -76,8 +78,8 @@ api = APIRouter(prefix="/v1", tags=["OpenAI API"], dependencies=[Depends(require
 
 
 @ops.get("/health", response_model=Status)
-async def health():
-    return {"status": "ok"}
+async def health(request: Request):
+    return {"status": "ok", "model": request.app.state.service.name}
 
 
 @ops.get("/ready", response_model=Status, responses={503: {"model": Status, "description": "not ready"}})
@@ -85,7 +87,8 @@ async def ready(request: Request):
     svc = request.app.state.service
     if svc.engine.alive and svc.engine.accepting:
         return {"status": "ready", "model": svc.name}
-    return JSONResponse({"status": "not ready"}, status_code=503)
+    status = "draining" if svc.engine.draining else "not ready"
+    return JSONResponse({"status": status, "model": svc.name}, status_code=503)
 
 
 @ops.get("/metrics", response_class=Response,
@@ -102,9 +105,40 @@ async def playground():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
+# /docs: Swagger UI from files installed with the server (the fastapi-offline package ships them), so
+# the page works without internet access; the page names no other origin.
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
+
+
+def _docs_assets_dir() -> Path:
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).resolve().parent / "static"
+
+
+@ops.get("/docs", include_in_schema=False)
+async def docs(request: Request):
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    root = request.scope.get("root_path", "")
+    return get_swagger_ui_html(openapi_url=root + request.app.openapi_url, title=request.app.title + " - API",
+                               swagger_js_url=root + "/docs/assets/swagger-ui-bundle.js",
+                               swagger_css_url=root + "/docs/assets/swagger-ui.css",
+                               swagger_favicon_url=root + "/docs/assets/favicon.png",
+                               swagger_ui_parameters={"validatorUrl": None})
+
+
+@ops.get("/docs/assets/{name}", include_in_schema=False)
+async def docs_asset(name: str):
+    if name not in DOCS_ASSETS:
+        raise StarletteHTTPException(404, "Not Found")
+    return FileResponse(_docs_assets_dir() / name, media_type=DOCS_ASSETS[name],
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
 # Operator endpoints answer HEAD too (load balancers and uptime checks send it); the schema lists GET.
-for _path, _endpoint in (("/health", health), ("/ready", ready), ("/metrics", metrics_endpoint),
-                         ("/", playground), ("/playground", playground)):
+HEAD_PATHS = ("/health", "/ready", "/metrics", "/", "/playground")
+for _path, _endpoint in zip(HEAD_PATHS, (health, ready, metrics_endpoint, playground, playground)):
     ops.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
 
 
@@ -117,9 +151,7 @@ async def models(request: Request):
 @api.get("/models/{model_id:path}", response_model=ModelCard)
 async def model(request: Request, model_id: str):
     svc = request.app.state.service
-    if model_id != svc.name:
-        raise ApiError(404, f"the model {clip(model_id)} does not exist; this server serves {svc.name!r}",
-                       param="model", code="model_not_found")
+    checks.model(svc, model_id)
     return svc.model_card()
 
 
@@ -128,17 +160,18 @@ async def model(request: Request, model_id: str):
                            "description": "the completion, or an event stream with stream/stream_steps"}})
 async def completions(request: Request, body: CompletionRequest):
     svc = request.app.state.service
-    check_request(svc, body)
+    checks.fields(svc, body)
     items = completion_items(body)
-    check_fanout(svc, body, len(items))
+    n = checks.fanout(svc, body.n, len(items))
     # Tokenizing (and scanning ids) runs in a worker thread: the event loop keeps answering.
     if body.infill:
         check_infill(body)
         infills = await asyncio.to_thread(infill_prompts, svc, items)
-        return await _serve(request, body, "completions", [ip.prefix for ip in infills], None, infills=infills)
+        return await _serve(request, body, COMPLETIONS, plan(svc, body, [ip.prefix for ip in infills], n, None,
+                                                             infills=infills))
     prompts = await asyncio.to_thread(completion_prompts, svc, items)
     suffix = await asyncio.to_thread(suffix_ids, svc, body.suffix) if body.suffix else None
-    return await _serve(request, body, "completions", prompts, body.max_tokens, suffix_ids=suffix)
+    return await _serve(request, body, COMPLETIONS, plan(svc, body, prompts, n, body.max_tokens, suffix_ids=suffix))
 
 
 @api.post("/chat/completions", response_model=None,
@@ -146,11 +179,11 @@ async def completions(request: Request, body: CompletionRequest):
                            "description": "the chat completion, or an event stream with stream/stream_steps"}})
 async def chat_completions(request: Request, body: ChatCompletionRequest):
     svc = request.app.state.service
-    check_request(svc, body)
-    check_fanout(svc, body, 1)
+    checks.fields(svc, body)
+    n = checks.fanout(svc, body.n, 1)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     prompt = await asyncio.to_thread(chat_prompt, svc, body)  # template and tokenizer off the event loop
-    return await _serve(request, body, "chat", [prompt], max_tokens)
+    return await _serve(request, body, CHAT, plan(svc, body, [prompt], n, max_tokens))
 
 
 @api.post("/loglikelihood", response_model=None, responses={200: {"model": LoglikelihoodResponse}})
@@ -160,22 +193,17 @@ async def loglikelihood(request: Request, body: LoglikelihoodRequest):
     return Response(status_code=499) if out is None else out
 
 
-async def _serve(request: Request, req, kind: str, prompts: list[list[int]], max_tokens: int | None,
-                 suffix_ids: list[int] | None = None, infills=None):
+async def _serve(request: Request, req, endpoint, planned):
     svc = request.app.state.service
-    endpoint = request.url.path
-    t0 = time.monotonic()
-    job = Job(svc, kind, req, prompts, max_tokens, suffix_ids=suffix_ids, infills=infills)
+    rec = outcome_of(request)  # the guard counts and logs the response from it
+    job = Job(svc, endpoint, req, planned)
     job.submit()
+    rec.job = job
     if req.stream or req.stream_steps:
         gen = steps_stream(job, request) if req.stream_steps else openai_stream(job, request)
-        return StreamingResponse(metered(gen, job, endpoint, t0), media_type="text/event-stream",
+        return StreamingResponse(metered(gen, job, rec), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     body = await job.collect(request)
     if body is None:  # the client went away
-        svc.metrics.request_done(endpoint, 499)
         return Response(status_code=499)
-    svc.metrics.request_done(endpoint, 200, time.monotonic() - t0)
-    svc.metrics.usage(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
-    log_done(endpoint, 200, job, t0)
     return body

@@ -49,6 +49,8 @@ class DiffusionFields(BaseModel):
     cache: StrictStr | None = Field(None, description="none (default), prefix or dual")
     ban_eos: StrictBool | None = None
     defer_eos: StrictBool | None = None
+    eos_bias: StrictFloat | StrictInt | None = Field(None, description="added to the EOS logit, [-100, 100]; "
+                                                     "negative: EOS less likely, without a ban (0: off)")
     stream_steps: StrictBool | None = Field(None, description="the per-step unmasking stream instead of "
                                             "OpenAI chunks")
     draft_depth: StrictInt | None = Field(None, description="exact parallel decoding: guessed next steps "

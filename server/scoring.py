@@ -9,15 +9,14 @@ otherwise the continuation is tokenised alone.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from fastapi import Request
 
 from sampler.likelihood import MAX_MC_SAMPLES, ScoreJob
-from sampler.params import MAX_SEED
 from sampler.scheduler import EngineError
-from server.errors import ApiError, clip
-from server.requests import _fits_context, in_vocabulary, need_tokenizer
+from server import checks
+from server.errors import ApiError
+from server.guards import outcome_of
 from server.schemas import LoglikelihoodRequest
 
 DEFAULT_MC_SAMPLES = 32
@@ -26,45 +25,37 @@ DISCONNECT_POLL_S = 0.25
 
 def _ids(svc, value, what: str, allow_empty: bool) -> list[int]:
     if isinstance(value, str):
-        return need_tokenizer(svc, f"a text {what}").encode(value) if value else []
-    return in_vocabulary(svc, value, what)
+        return checks.need_tokenizer(svc, f"a text {what}").encode(value) if value else []
+    return checks.in_vocabulary(svc, value, what)
 
 
 def pair_ids(svc, pair, index: int) -> tuple[list[int], list[int]]:
     where = f"pairs.{index}"
     both = (pair.context, pair.continuation)
     if all(isinstance(x, str) for x in both):  # cheap bound before any encoding
-        _fits_context(svc, where, chars=sum(len(x) for x in both))
+        checks.fits_context(svc, where, chars=sum(len(x) for x in both))
     elif all(isinstance(x, list) for x in both):
-        _fits_context(svc, where, tokens=sum(len(x) for x in both))
+        checks.fits_context(svc, where, tokens=sum(len(x) for x in both))
     ctx = _ids(svc, pair.context, f"{where}.context", True)
     if isinstance(pair.context, str) and isinstance(pair.continuation, str) and pair.continuation:
-        joint = need_tokenizer(svc, "text").encode(pair.context + pair.continuation)
+        joint = checks.need_tokenizer(svc, "text").encode(pair.context + pair.continuation)
         cont = joint[len(ctx):] if joint[:len(ctx)] == ctx else _ids(svc, pair.continuation, where, False)
     else:
         cont = _ids(svc, pair.continuation, f"{where}.continuation", False)
     if not cont:
         raise ApiError(400, f"{where}.continuation is empty: there is nothing to score",
                        param=f"{where}.continuation", code="empty_prompt")
-    mask = svc.bundle.special.mask
     for part, ids in (("context", ctx), ("continuation", cont)):
-        if mask in ids:
-            raise ApiError(400, f"{where}.{part} holds the mask token (id {mask}) at position {ids.index(mask)}; "
-                           "scored text must be plain text", param=f"{where}.{part}", code="invalid_token_id")
-    limit = svc.config.max_sequence_length
-    if len(ctx) + len(cont) > limit:
-        raise ApiError(400, f"{where}: context ({len(ctx)} tokens) + continuation ({len(cont)}) exceeds the "
-                       f"model's max_sequence_length {limit}", param=where, code="context_length_exceeded")
+        checks.no_mask(svc, ids, f"{where}.{part}", scored=True)
+    checks.pair_fits(svc, where, ctx, cont)
     return ctx, cont
 
 
 def build_job(svc, body: LoglikelihoodRequest, sink) -> ScoreJob:
-    if body.model is not None and body.model != svc.name:
-        raise ApiError(404, f"the model {clip(body.model)} does not exist; this server serves {svc.name!r}",
-                       param="model", code="model_not_found")
+    checks.model(svc, body.model)
     if not body.pairs:
         raise ApiError(400, "pairs is empty", param="pairs", code="empty_prompt")
-    # More than MAX_SCORING_PAIRS pairs were refused before validation (requests.check_raw_sizes).
+    # More than MAX_SCORING_PAIRS pairs were refused before validation (checks.raw_sizes).
     mc = DEFAULT_MC_SAMPLES if body.mc_samples is None else body.mc_samples
     if not 1 <= mc <= MAX_MC_SAMPLES:
         raise ApiError(400, f"mc_samples must be between 1 and {MAX_MC_SAMPLES}, got {mc}", param="mc_samples",
@@ -74,16 +65,13 @@ def build_job(svc, body: LoglikelihoodRequest, sink) -> ScoreJob:
         raise ApiError(400, f"cfg_scale must be a finite number >= 0, got {cfg}", param="cfg_scale",
                        code="invalid_value")
     seed = 0 if body.seed is None else body.seed
-    if not 0 <= seed <= MAX_SEED:
-        raise ApiError(400, f"seed must be an integer in [0, 2**63), got {seed}", param="seed", code="invalid_value")
+    checks.seed(seed)
     pairs = [pair_ids(svc, p, i) for i, p in enumerate(body.pairs)]
     return ScoreJob(pairs=pairs, mc_samples=mc, seed=seed, cfg_scale=cfg, sink=sink)
 
 
 async def serve_loglikelihood(request: Request, body: LoglikelihoodRequest) -> dict:
     svc = request.app.state.service
-    endpoint = request.url.path
-    t0 = time.monotonic()
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
 
@@ -103,7 +91,6 @@ async def serve_loglikelihood(request: Request, body: LoglikelihoodRequest) -> d
             if await request.is_disconnected():
                 job.cancel()
                 svc.engine.wake()
-                svc.metrics.request_done(endpoint, 499)
                 return None
     if kind == "error":
         raise ApiError.from_engine(payload)
@@ -112,7 +99,9 @@ async def serve_loglikelihood(request: Request, body: LoglikelihoodRequest) -> d
         data.append({"index": i, "logprob": r.logprob, "stderr": r.stderr, "is_greedy": r.is_greedy,
                      "forwards": r.forwards, "context_tokens": len(ctx), "continuation_tokens": r.tokens})
     tokens = sum(len(c) + len(y) for c, y in job.pairs)
-    svc.metrics.request_done(endpoint, 200, time.monotonic() - t0)
+    rec = outcome_of(request)  # the guard counts and logs the response from it
+    rec.usage = {"prompt_tokens": tokens}
+    rec.detail = f"{len(data)} pair(s), {tokens} tokens, {job.mc_samples} samples each"
     return {"object": "loglikelihood", "model": svc.name, "mc_samples": job.mc_samples, "seed": job.seed,
             "cfg_scale": job.cfg_scale, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens,

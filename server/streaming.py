@@ -7,11 +7,9 @@ that the request is counted, logged and its engine work cancelled however the st
 from __future__ import annotations
 
 import json
-import logging
 import math
-import time
 
-log = logging.getLogger("llada.server")
+from server.errors import ApiError
 
 DONE = b"data: [DONE]\n\n"
 
@@ -23,22 +21,6 @@ def event(obj) -> bytes:
 def finite(x: float):
     """JSON has no infinities: non-finite confidences become null."""
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
-
-
-def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
-                     finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-
-
-def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict,
-               finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-
-
-def usage_chunk(rid: str, created: int, model: str, obj: str, usage: dict) -> dict:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
 
 
 def step_event(index: int, ev, decoder) -> dict:
@@ -62,67 +44,51 @@ def error_event(status: int, message: str, type_: str, code=None, param=None) ->
     return {"error": {"message": message, "type": type_, "param": param, "code": code, "status": status}}
 
 
-def _end_with_error(job, state, err):
+def _end_with_error(job, state, engine_error):
     """A stream's last events after a failure: the OpenAI error body, then [DONE]."""
+    err = ApiError.from_engine(engine_error)
     job.cancel()
-    state["status"] = err.status
+    state.status = err.status
     return [event(error_event(err.status, err.message, err.type, err.code, err.param)), DONE]
 
 
-def log_done(endpoint: str, status: int, job, t0: float, how: str = "") -> None:
-    u = job.usage()
-    log.info("%s %d%s: %d choice(s), %d prompt + %d generated tokens, %.3fs", endpoint, status, how,
-             len(job.choices), u["prompt_tokens"], u["completion_tokens"], time.monotonic() - t0)
-
-
-async def metered(gen, job, endpoint: str, t0: float):
-    """Run a stream body; whatever ends it, cancel the job's leftovers and count the request."""
-    metrics = job.svc.metrics
-    state = {"status": 499}
+async def metered(gen, job, rec):
+    """Run a stream body; whatever ends it, cancel the job's leftovers. `rec` (the request's
+    Outcome) holds how it ended: 499 until the stream completes or fails."""
+    rec.status, rec.how = 499, " (stream)"
     try:
-        async for chunk in gen(state):
+        async for chunk in gen(rec):
             yield chunk
     finally:
         job.cancel()
-        status = state["status"]
-        metrics.request_done(endpoint, status, time.monotonic() - t0)
-        log_done(endpoint, status, job, t0, " (stream)")
-        if status == 200:
-            u = job.usage()
-            metrics.usage(u["prompt_tokens"], u["completion_tokens"])
 
 
 def openai_stream(job, request):
     """OpenAI chunks: text deltas as they become final, one finish chunk per choice, usage, [DONE]."""
-    name = job.svc.name
-
+    name, ep = job.svc.name, job.endpoint
     opts = job.req.stream_options
     continuous = opts is not None and bool(opts.continuous_usage_stats)
 
-    async def gen(state):
-        chat = job.kind == "chat"
-        make = chat_chunk if chat else completion_chunk
+    def mk(chunk):
+        if continuous:
+            chunk["usage"] = job.usage()
+        return event(chunk)
 
-        def mk(*args, **kw):
-            chunk = make(*args, **kw)
-            if continuous:
-                chunk["usage"] = job.usage()
-            return chunk
-        if chat:
+    async def gen(state):
+        if ep.opens_with_role:
             for c in job.choices:
-                yield event(mk(job.id, job.created, name, c.index, {"role": "assistant", "content": ""}))
+                yield mk(ep.role_chunk(job.id, job.created, name, c.index))
         finished = set()
 
         def text_chunk(idx, text):
             # logprobs of the tokens whose text this chunk completes (see Job.logprobs_delta)
-            return event(mk(job.id, job.created, name, idx, {"content": text} if chat else text,
-                            logprobs=job.logprobs_delta(idx)))
+            return mk(ep.chunk(job.id, job.created, name, idx, text, logprobs=job.logprobs_delta(idx)))
 
         def finish_chunk(idx):
             finished.add(idx)
             a = job.choices[idx].answer
-            return event(mk(job.id, job.created, name, idx, {} if chat else "", a.finish_reason,
-                            logprobs=job.logprobs_delta(idx)))
+            return mk(ep.chunk(job.id, job.created, name, idx, None, a.finish_reason,
+                               logprobs=job.logprobs_delta(idx)))
 
         async for idx, kind, payload in job.events(request):
             if kind == "ping":
@@ -146,9 +112,8 @@ def openai_stream(job, request):
         if len(finished) < len(job.choices):
             return  # disconnected
         if opts is not None and opts.include_usage:
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            yield event(usage_chunk(job.id, job.created, name, obj, job.usage()))
-        state["status"] = 200
+            yield event(ep.usage_chunk(job.id, job.created, name, job.usage()))
+        state.status = 200
         yield DONE
     return gen
 
@@ -188,6 +153,6 @@ def steps_stream(job, request):
         if done < len(job.choices):
             return
         yield event({"object": "diffusion.usage", "id": job.id, "usage": job.usage()})
-        state["status"] = 200
+        state.status = 200
         yield DONE
     return gen

@@ -99,3 +99,40 @@ def live_server():
     yield start
     for srv in started:
         srv.stop()
+
+
+# ---------------------------------------------------------------- models and live servers, shared by the test files
+@pytest.fixture(scope="module")
+def bundle(golden_dir):
+    """The golden tiny checkpoint loaded in float32 (token-id prompts only), one per test module."""
+    from weights.checkpoint import load_checkpoint
+
+    return load_checkpoint(golden_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def chat_bundle(tiny_tokenizer_model):
+    """The tiny checkpoint with a tokenizer and a chat template, loaded in float32."""
+    from weights.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_tokenizer_model, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def serve(live_server):
+    """Factory: `serve(bundle, name="tiny", max_batch_tokens=2048, **options)` builds the app around
+    `bundle` (options that are EngineConfig fields configure the engine, the rest go to create_app)
+    and starts it; returns the LiveServer (its `.app`, `.url`)."""
+    from dataclasses import fields
+
+    from sampler.scheduler import EngineConfig
+    from server.app import create_app
+
+    engine_fields = {f.name for f in fields(EngineConfig)}
+
+    def start(bundle, name: str | None = "tiny", max_batch_tokens: int = 2048, **options) -> LiveServer:
+        engine = {k: options.pop(k) for k in list(options) if k in engine_fields}
+        app = create_app(bundle, EngineConfig(max_batch_tokens=max_batch_tokens, **engine),
+                         served_model_name=name, **options)
+        return live_server(app)
+    return start

@@ -47,3 +47,14 @@ def case_random(request) -> random.Random:
     print(f"KERNEL_TEST_SEED={SEED} (case seed {seed})")
     torch.manual_seed(seed)
     return random.Random(seed)
+
+
+def dtypes(interpreting: bool):
+    """(parameters, runnable): the dtypes a kernel test covers, bf16 (the serving dtype) included
+    and skipped under the interpreter (which cannot run bf16: it is compiled on CUDA only), and
+    the list of those that run here, for tests that loop over dtypes."""
+    bf16 = pytest.param(torch.bfloat16, id="bfloat16", marks=pytest.mark.skipif(
+        interpreting, reason="bf16 runs compiled on CUDA only (the Triton interpreter cannot run it)"))
+    params = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float16, id="float16"), bf16]
+    runnable = [torch.float32, torch.float16] + ([] if interpreting else [torch.bfloat16])
+    return params, runnable

@@ -25,6 +25,7 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 sys.path.insert(0, str(DEPLOY))
 import local_stack  # noqa: E402
+import system_tools  # noqa: E402
 
 # The server's contract (docs/ARCHITECTURE.md, issue "serving"): port, probe paths, metrics, env.
 SERVER_PORT = 8000
@@ -43,6 +44,13 @@ SERVER_METRICS = {
     "llada_tokens_per_forward": "histogram",
     "llada_gpu_memory_bytes": "gauge",
     "llada_step_failures_total": "counter",
+    "llada_kv_buffer_usage_ratio": "gauge",
+    "llada_request_queue_time_seconds": "histogram",
+    "llada_time_to_first_token_seconds": "histogram",
+    "llada_request_prompt_tokens": "histogram",
+    "llada_request_generation_tokens": "histogram",
+    "llada_request_finished_total": "counter",
+    "llada_build_info": "gauge",
 }
 # env var -> CLI flag
 SERVER_ENV = {
@@ -95,9 +103,8 @@ ComposeLoader.add_constructor(
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"`{name}` is not installed (CI installs it: see docs/deploy.md)"
-    return path
+    """A system binary: skips without it (fails under CI=true), saying how to install it."""
+    return system_tools.require(name)
 
 
 # --------------------------------------------------------------------------------- Dockerfile

@@ -2,10 +2,14 @@
 
 On the CPU the step normally runs at exact shapes and reads results at once; these tests force the
 CUDA behaviour (padded bucket shapes, events read one step late, no data-dependent shortcuts) and
-check that every answer and every NFE is what the plain path gives.
+check that every answer and every NFE is what the plain path gives. With LLADA_TEST_DEVICE=cuda the
+model lives on the GPU (CUDA graphs on, the compiled kernels), and the module skips without one.
 """
 
+import gc
+import os
 import random
+import weakref
 
 import pytest
 import torch
@@ -17,6 +21,10 @@ from sampler import device_step as ds
 from sampler.params import SamplingParams
 from sampler.strategies import make_batch, rows_needed
 from weights.checkpoint import load_checkpoint
+
+DEVICE = os.environ.get("LLADA_TEST_DEVICE", "cpu")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("LLADA_TEST_DEVICE=cuda and no CUDA device", allow_module_level=True)
 
 MODES = [
     dict(),
@@ -45,7 +53,7 @@ def model(tmp_path_factory):
     """Other dimensions than the golden set (GQA, head dim 16, 3 layers)."""
     d = make_checkpoint(tmp_path_factory.mktemp("ds") / "m", d_model=64, n_layers=3, n_heads=4,
                         n_kv_heads=2, mlp_hidden_size=72, vocab_size=150, seed=21)
-    return load_checkpoint(d, device="cpu", dtype="float32")
+    return load_checkpoint(d, device=DEVICE, dtype="float32")
 
 
 def _run(bundle, reqs, arrivals=None, pad=False, late=False, max_requests=None):
@@ -237,9 +245,11 @@ def test_logprobs_of_one_request_are_the_same_at_fixed_shapes(model, monkeypatch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_replay_matches_eager(model):
-    """On a GPU: the captured-and-replayed step gives the same answers as the eager step."""
-    gpu = load_checkpoint(model.path, device="cuda", dtype="float32")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_replay_matches_eager(model, dtype):
+    """On a GPU: the captured-and-replayed step gives the same answers as the eager step, in fp32
+    and in bf16 (the serving dtype), and no bucket is refused capture."""
+    gpu = load_checkpoint(model.path, device="cuda", dtype=dtype)
     rnd = random.Random(9)
     reqs = []
     for extra in MODES:
@@ -259,7 +269,9 @@ def test_cuda_graph_replay_matches_eager(model):
                     batch.remove(ev.request_id)
         outs.append(res)
         if graphs:
-            assert batch.graphs.replays > 0
+            counts = batch.graphs.counts()
+            print(f"{dtype}: steps {counts}, refused buckets {sorted(map(str, batch.graphs.refused))}")
+            assert counts["replayed"] > 0 and counts["refused"] == 0 and not batch.graphs.refused, counts
     assert outs[0] == outs[1]
 
 
@@ -294,3 +306,26 @@ def test_pack_slot_fills_every_named_field():
     assert (floats.threshold, floats.cfg_scale, floats.temperature) == (0.5, 1.5, pytest.approx(0.3))
     assert list(ints)[INT.gen_length] == 24 and list(floats)[FLT.top_p] == 1.0
     assert pack_slot(SamplingParams(gen_length=8, steps=4), 0, 1, 9)[0].n_logprobs == -1
+def test_a_batch_with_step_graphs_is_freed_without_a_collection(model):
+    """StepGraphs holds the batch's step method weakly: dropping the batch frees it (its KV buffers,
+    its graphs and their pool) at once, not at the next full garbage collection."""
+    from sampler.cuda_graphs import StepGraphs
+
+    from sampler.llada_batch import LLaDABatch
+
+    batch = LLaDABatch(model.model, model.special, capacity_tokens=64, max_requests=2)
+    if batch.graphs is None:
+        batch.graphs = StepGraphs(batch._device_step, batch.dummy_slot, batch.device)
+    assert batch.graphs.step_fn == batch._device_step  # resolves while the batch lives
+    graphs = batch.graphs
+    batch.add(0, [5, 9, 2], SamplingParams(gen_length=8, block_length=4, steps=4))
+    refs = [weakref.ref(batch), weakref.ref(batch.tokens), weakref.ref(batch.state)]
+    gc.collect()
+    gc.disable()
+    try:
+        del batch
+        assert all(r() is None for r in refs), "the batch outlived its last reference"
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="gone"):
+        graphs.step_fn  # noqa: B018

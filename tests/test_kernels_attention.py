@@ -12,14 +12,14 @@ import math
 import pytest
 import torch
 
-from kernel_testing import SEED, case_random, kernel_module  # first: chooses the interpreter
+from kernel_testing import SEED, case_random, dtypes, kernel_module  # first: chooses the interpreter
 from kernels.attention import attention_reference  # noqa: E402
 
 attn_mod, DEVICE = kernel_module("kernels.attention_triton", "_attn_fwd")
 INTERPRET = DEVICE == "cpu"
 
 
-DTYPES = [torch.float32, torch.float16]
+DTYPE_PARAMS, DTYPES = dtypes(INTERPRET)  # bf16 on CUDA only
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
 
 
@@ -73,7 +73,7 @@ def _rand(shape, dtype):
     return torch.randn(shape, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_packed_self_attention_ragged_gqa(dtype, gen):
     """Each segment attends to its own packed rows; lengths 1, tile +- 1 and random; GQA 4:2."""
     h, kh, d = 4, 2, 32
@@ -87,7 +87,7 @@ def test_packed_self_attention_ragged_gqa(dtype, gen):
     _check(q, k, v, cu_q, k_start, k_len, extra_rows=3, ctx=f"{dtype}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_query_slices_over_longer_keys(dtype, gen):
     """Block queries (a slice) over a longer, arbitrary key range; ranges overlap; MQA."""
     h, kh, d = 4, 1, 16

@@ -50,14 +50,15 @@ SCRIPT = textwrap.dedent(
         for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                   "stride_ot", "stride_oh"):
             sig[n] = "i32"
-        sig.update(qk_scale="fp32", q_bucket="i32", GROUP="constexpr", HEAD_DIM="constexpr",
+        sig.update(qk_scale="fp32", q_bucket="i32", b_bucket="i32", GROUP="constexpr", HEAD_DIM="constexpr",
                    BLOCK_D="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", IEEE="constexpr")
         return sig
 
     def sample_sig(dt):
         return {"logits_ptr": "*" + dt, "stride_row": "i32", "vocab": "i32", "temp_ptr": "*fp32",
                 "seed_ptr": "*i64", "nonce_ptr": "*i64", "pos_ptr": "*i64", "ban_ptr": "*i32",
-                "ban_rows_ptr": "*i8", "x0_ptr": "*i64", "conf_ptr": "*fp32", "N_BAN": "constexpr",
+                "ban_rows_ptr": "*i8", "x0_ptr": "*i64", "conf_ptr": "*fp32", "n_class": "i32",
+                "N_BAN": "constexpr",
                 "BAN_ROWS": "constexpr", "BLOCK_V": "constexpr", "FAST": "constexpr"}
 
     transfer_sig = {"conf_ptr": "*fp32", "cu_ptr": "*i32", "k_ptr": "*i64", "thr_ptr": "*fp32",

@@ -10,7 +10,7 @@ Inputs are fresh random draws every run; the seed is printed and named in every 
 import pytest
 import torch
 
-from kernel_testing import SEED, case_random, kernel_module  # first: chooses the interpreter
+from kernel_testing import SEED, case_random, dtypes, kernel_module  # first: chooses the interpreter
 
 import triton  # noqa: E402
 from kernels import rng  # noqa: E402
@@ -30,7 +30,7 @@ pytestmark = [
 ]
 
 
-DTYPES = [torch.float32, torch.float16]
+DTYPE_PARAMS, DTYPES = dtypes(INTERPRET)  # bf16 on CUDA only
 NEG_INF = float("-inf")
 
 
@@ -133,7 +133,7 @@ def _awkward_logits(n, vocab, dtype, gen):
     return l
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_greedy_rows_match_reference(dtype, gen):
     vocab = gen.choice([203, 257, 330])  # not a multiple of the 64-token chunk
     n = 9
@@ -142,7 +142,7 @@ def test_greedy_rows_match_reference(dtype, gen):
     _compare_sample(l, temp, seed, nonce, pos, None, ctx=f"{dtype} greedy")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_banned_ids_are_excluded(dtype, gen):
     vocab, n = 190, 7
     l = _awkward_logits(n, vocab, dtype, gen)
@@ -155,7 +155,7 @@ def test_banned_ids_are_excluded(dtype, gen):
     assert not any(int(t) in ban for t in x0[[0, 1, 2, 5, 6]].tolist()), f"seed {SEED}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_temperature_rows_draw_the_reference_token(dtype, gen):
     """Mixed temperatures in one batch: every hot row samples exactly the reference's token."""
     vocab, n = gen.choice([150, 321]), 12
@@ -174,7 +174,7 @@ def test_temperature_rows_draw_the_reference_token(dtype, gen):
     _compare_sample(l, temp, seed, nonce, pos, None, ctx=f"{dtype} hot")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_ban_limited_to_flagged_rows(dtype, gen):
     """Per-row suppression: the same as the reference run on logits with -inf in flagged rows."""
     vocab, n = 211, 8
@@ -350,7 +350,7 @@ def test_cached_config_finds_the_autotuners_choice(gen):
     from kernels.attention_triton import cached_config
 
     configs = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv, w in ((64, 4), (128, 2))]
-    tuner = triton.autotune(configs=configs, key=["vocab", "N_BAN", "BAN_ROWS"])(
+    tuner = triton.autotune(configs=configs, key=["vocab", "n_class", "N_BAN", "BAN_ROWS"])(
         sel_mod._sample_kernel)
     # No timing on CPU: pretend the larger chunk is faster.
     tuner._bench = lambda *a, config, **k: [1.0 / config.kwargs["BLOCK_V"]]
@@ -360,12 +360,13 @@ def test_cached_config_finds_the_autotuners_choice(gen):
     x0 = torch.full((n,), -7, dtype=torch.int64, device=DEVICE)
     conf = torch.full((n,), float("nan"), device=DEVICE)
     ban_t = sel_mod._ban_tensor([], DEVICE)
-    args = (logits, logits.stride(0), vocab, temp, seed, nonce, pos, ban_t, ban_t, x0, conf)
+    args = (logits, logits.stride(0), vocab, temp, seed, nonce, pos, ban_t, ban_t, x0, conf, 4)
     kw = dict(N_BAN=0, BAN_ROWS=False, FAST=not INTERPRET)
     assert cached_config(tuner, args, kw) is None
     tuner[(n,)](*args, **kw)
     cfg = cached_config(tuner, args, kw)
     assert cfg is not None and cfg.kwargs["BLOCK_V"] == 128 and cfg.num_warps == 2
     assert cached_config(tuner, args, dict(kw, N_BAN=1)) is None  # another key
+    assert cached_config(tuner, args[:-1] + (64,), kw) is None  # another row-count class
     rx0, _ = sample_candidates_reference(logits, temp, seed, nonce, pos)
     assert torch.equal(x0, rx0), f"seed {SEED}"

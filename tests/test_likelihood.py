@@ -117,9 +117,9 @@ def test_engine_serves_scoring_requests_beside_generation(golden):
 
 
 def test_engine_refuses_pairs_larger_than_the_batch(golden):
-    from sampler.scheduler import EngineError
+    from sampler.scheduler import EngineError, RequestTooLarge
 
     engine = Engine(golden.model, golden.special, EngineConfig(max_batch_tokens=16))
     with pytest.raises(EngineError) as e:
         engine.submit_score(ScoreJob(pairs=[([1] * 10, [2] * 10)], mc_samples=1, seed=0, cfg_scale=0.0, sink=None))
-    assert e.value.status == 400 and "max_batch_tokens" in e.value.message
+    assert isinstance(e.value, RequestTooLarge) and "max_batch_tokens" in e.value.message

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from sampler.scheduler import EngineConfig
-from server.app import create_app
 from test_server_helpers import metric, metrics, post
 from weights.checkpoint import load_checkpoint
 
@@ -21,7 +19,7 @@ TASK = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, live_server):
+def server(tmp_path_factory, serve):
     from ckpt_factory import add_tokenizer, make_checkpoint
 
     path = tmp_path_factory.mktemp("ctx512") / "tiny-512"
@@ -29,7 +27,7 @@ def server(tmp_path_factory, live_server):
                     vocab_size=320, max_sequence_length=512, seed=3)
     add_tokenizer(path)
     bundle = load_checkpoint(path, device="cpu", dtype="float32")
-    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=2048), served_model_name="tiny-512"))
+    return serve(bundle, "tiny-512")
 
 
 def test_lm_eval_generate_until_on_both_endpoints(server, tmp_path):

@@ -5,6 +5,7 @@ default model. The tasks and their documents are in tests/lm_eval_tasks/ (nothin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,6 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is the optional [eval] extra (.ci/run installs it)")
 
 from evaluation import lm_eval_adapter  # noqa: E402
-from sampler.scheduler import EngineConfig  # noqa: E402
-from server.app import create_app  # noqa: E402
 from weights import default_model_path  # noqa: E402
 from weights.checkpoint import load_checkpoint  # noqa: E402
 
@@ -21,9 +20,9 @@ TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 
 @pytest.fixture(scope="module")
-def server(live_server):
+def server(serve):
     bundle = load_checkpoint(default_model_path(), device="cpu", dtype="float32")
-    return live_server(create_app(bundle, EngineConfig(max_batch_size=32, max_batch_tokens=8192)))
+    return serve(bundle, None, max_batch_size=32, max_batch_tokens=8192)
 
 
 def test_adapter_runs_choice_and_generation_tasks(server, tmp_path, capsys):
@@ -41,7 +40,7 @@ def test_adapter_runs_choice_and_generation_tasks(server, tmp_path, capsys):
     assert 0.0 < em <= 1.0
     assert "llada_toy_choice" in printed and "llada_toy_generate" in printed
     m = server.app.state.metrics.render().decode()
-    assert 'llada_requests_total{endpoint="/v1/loglikelihood",status="200"}' in m
+    assert re.search(r'^llada_requests_total\{(?=[^}]*endpoint="/v1/loglikelihood")(?=[^}]*status="200")[^}]*\} [1-9]', m, re.M), m
 
 
 def test_adapter_reports_a_missing_server(free_port, capsys):

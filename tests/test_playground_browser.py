@@ -18,6 +18,7 @@ import pytest
 
 from sampler.scheduler import EngineConfig
 from server.app import create_app
+import system_tools
 from weights import default_model_path
 from weights.checkpoint import load_checkpoint
 
@@ -26,9 +27,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 DRIVER = shutil.which("chromedriver")
 KEY = "play-key"
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or DRIVER is None,
-    reason="needs Chromium and its driver (Debian: apt-get install -y chromium chromium-driver)")
+@pytest.fixture(autouse=True, scope="module")
+def _needs_chromium():
+    """Skips the module without Chromium and its driver (fails under CI=true), saying how to install them."""
+    system_tools.require("chromium", "chromium-browser", "google-chrome")
+    system_tools.require("chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +41,9 @@ def model_dir(tiny_tokenizer_model):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, live_server):
+def server(model_dir, serve):
     bundle = load_checkpoint(model_dir, device="cpu", dtype="float32")
-    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=4096), served_model_name="playground",
-                                  api_key=KEY))
+    return serve(bundle, "playground", max_batch_tokens=4096, api_key=KEY)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 
 from sampler.generate import cut_answer, generate
 from sampler.params import SamplingParams
-from sampler.scheduler import Engine, EngineConfig, EngineError, EngineStopped, Handle, QueueFull
+from sampler.scheduler import Engine, EngineConfig, EngineError, EngineStopped, Handle, QueueFull, RequestTooLarge
+from sampler.scheduler import InternalError, RequestTimeout
 from weights.checkpoint import load_checkpoint
 
 
@@ -130,7 +131,7 @@ def test_batch_size_and_token_limits_are_respected(engine_factory):
     assert max(eng2.rec.batch_sizes) == 3
     with pytest.raises(EngineError) as e:
         eng2.submit([handle([1] * 60, SamplingParams(gen_length=16, block_length=16))])
-    assert e.value.status == 400 and "max_batch_tokens" in e.value.message
+    assert isinstance(e.value, RequestTooLarge) and "max_batch_tokens" in e.value.message
 
 
 def test_first_come_first_served(engine_factory, bundle):
@@ -155,7 +156,7 @@ def test_queue_limit(engine_factory, bundle):
     queued = eng.submit([handle([2], sp), handle([3], sp)])
     with pytest.raises(QueueFull) as e:
         eng.submit([handle([4], sp)])
-    assert e.value.status == 429
+    assert e.value.code == "queue_full" and e.value.retry_after > 0
     for h in first + queued:
         h.cancel()
     eng.wake()
@@ -199,7 +200,7 @@ def test_a_failing_step_fails_only_its_requests(engine_factory, bundle):
     sp = SamplingParams(gen_length=8, block_length=8)
     bad = eng.submit([handle([1, 299], sp), handle([2, 3], sp)])
     kinds = [result(h) for h in bad]
-    assert all(k == "error" and e.status == 500 for k, e in kinds)
+    assert all(k == "error" and isinstance(e, InternalError) for k, e in kinds)
     assert eng.rec.failures >= 1
     good = eng.submit([handle([2, 3], sp)])[0]
     assert result(good)[0] == "done"
@@ -210,7 +211,7 @@ def test_request_timeout(engine_factory, bundle):
     eng = engine_factory(model=Slow(bundle.model, delay=0.02), request_timeout=0.2)
     h = eng.submit([handle([1], SamplingParams(gen_length=64, block_length=64))])[0]
     kind, err = result(h)
-    assert kind == "error" and err.status == 504
+    assert kind == "error" and isinstance(err, RequestTimeout)
 
 
 def test_shutdown_drains_then_refuses(engine_factory, bundle):
@@ -231,7 +232,7 @@ def test_shutdown_past_the_grace_fails_what_is_left(engine_factory, bundle):
     hs = eng.submit([handle([1], SamplingParams(gen_length=64, block_length=64)) for _ in range(2)])
     eng.shutdown(grace=0.1)
     kinds = [result(h, timeout=5) for h in hs]
-    assert all(k == "error" and e.status == 503 for k, e in kinds)
+    assert all(k == "error" and isinstance(e, EngineStopped) for k, e in kinds)
 
 
 class PrefersMask:

@@ -10,24 +10,14 @@ import pytest
 
 from sampler.generate import cut_answer, generate
 from sampler.params import SamplingParams
-from sampler.scheduler import EngineConfig
-from server.app import create_app
 from test_server_helpers import metric, metrics, post, sse_events
-from weights.checkpoint import load_checkpoint
 
 PROMPT = [5, 17, 42, 7, 99, 3]
 
 
 @pytest.fixture(scope="module")
-def bundle(golden_dir):
-    return load_checkpoint(golden_dir, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(bundle, live_server):
-    app = create_app(bundle, EngineConfig(max_batch_size=32, max_batch_tokens=4096, max_queue=256),
-                     served_model_name="tiny")
-    return live_server(app)
+def server(bundle, serve):
+    return serve(bundle, max_batch_size=32, max_batch_tokens=4096, max_queue=256)
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +250,26 @@ def test_per_step_stream_with_n_and_threshold(server):
         assert len(steps) <= 16 and steps[-1]["nfe"] == len(steps)
         done = next(e for e in events if e["object"] == "diffusion.done" and e["index"] == i)
         assert done["token_ids"] == whole["choices"][i]["token_ids"]
+
+
+def test_eos_bias_through_the_api(server, bundle):
+    """eos_bias reaches the sampler: the ids equal generate's with the same bias (EOS id 301 on the
+    golden model), a bias of -100 keeps EOS out (the answer runs to max_tokens), +100 makes the first
+    position EOS (an empty answer), and a value out of range is a 400 naming the field."""
+    body = {"model": "tiny", "prompt": [250, 251, 252], "max_tokens": 16, "block_length": 8, "steps": 16}
+    for bias in (-100, -2.5, 0, 100):
+        r = post(server.url, "/v1/completions", dict(body, eos_bias=bias))
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"][0]
+        sp = SamplingParams(gen_length=16, block_length=8, steps=16, eos_bias=float(bias))
+        want = cut_answer(generate(bundle, [[250, 251, 252]], sp)[0].gen_ids, bundle.special.stop, 16)
+        assert ch["token_ids"] == want
+        if bias == -100:
+            assert len(want) == 16 and ch["finish_reason"] == "length"
+        if bias == 100:
+            assert want == [] and ch["finish_reason"] == "stop"
+    for bad in (-100.5, 101):
+        r = post(server.url, "/v1/completions", dict(body, eos_bias=bad))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "eos_bias", r.text
+    r = post(server.url, "/v1/completions", dict(body, eos_bias="1"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "eos_bias"

@@ -17,13 +17,8 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_tokenizer_model):
-    return load_checkpoint(tiny_tokenizer_model, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(bundle, live_server):
-    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=2048), served_model_name="tiny-chat"))
+def server(chat_bundle, serve):
+    return serve(chat_bundle, "tiny-chat")
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +26,14 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
-def test_chat_matches_the_sampler_on_the_template(client, bundle):
+def test_chat_matches_the_sampler_on_the_template(client, chat_bundle):
     out = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=16,
                                          extra_body={"block_length": 8})
-    ids = bundle.tokenizer.apply_chat_template(MESSAGES)
-    ref = generate(bundle, [ids], SamplingParams(gen_length=16, block_length=8, steps=16))[0]
-    want = cut_answer(ref.gen_ids, bundle.special.stop)
+    ids = chat_bundle.tokenizer.apply_chat_template(MESSAGES)
+    ref = generate(chat_bundle, [ids], SamplingParams(gen_length=16, block_length=8, steps=16))[0]
+    want = cut_answer(ref.gen_ids, chat_bundle.special.stop)
     msg = out.choices[0].message
-    assert msg.role == "assistant" and msg.content == bundle.tokenizer.decode(want)
+    assert msg.role == "assistant" and msg.content == chat_bundle.tokenizer.decode(want)
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(want)
     assert out.object == "chat.completion"
 
@@ -56,7 +51,7 @@ def test_chat_stream_equals_whole(client):
         assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
-def test_text_completion_and_stop_string(client, bundle):
+def test_text_completion_and_stop_string(client, chat_bundle):
     kw = dict(model="tiny-chat", prompt="the quick brown", max_tokens=24, extra_body={"ban_eos": True})
     full = client.completions.create(**kw).choices[0].text
     assert full
@@ -71,14 +66,14 @@ def test_text_completion_and_stop_string(client, bundle):
     assert [c.index for c in chat_n.choices] == [0, 1]
 
 
-def test_chat_per_step_stream_has_text_pieces(server, bundle):
+def test_chat_per_step_stream_has_text_pieces(server, chat_bundle):
     body = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 16, "block_length": 8,
             "stream_steps": True}
     events = sse_events(server.url + "/v1/chat/completions", body)
     steps = [e for e in events if isinstance(e, dict) and e.get("object") == "diffusion.step"]
     assert steps[-1]["masks_remaining"] == 0
     for e in steps:
-        assert e["tokens"] == [bundle.tokenizer.decode([t], skip_special_tokens=False) for t in e["token_ids"]]
+        assert e["tokens"] == [chat_bundle.tokenizer.decode([t], skip_special_tokens=False) for t in e["token_ids"]]
     done = next(e for e in events if isinstance(e, dict) and e.get("object") == "diffusion.done")
     whole = post(server.url, "/v1/chat/completions", {k: v for k, v in body.items() if k != "stream_steps"})
     assert done["text"] == whole.json()["choices"][0]["message"]["content"]
@@ -112,3 +107,19 @@ def test_default_model_serves_chat_out_of_the_box(live_server):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=name, messages=msgs, max_tokens=32, stream=True) if c.choices)
     assert streamed == out.choices[0].message.content
+
+
+def test_chat_honours_eos_bias(server, chat_bundle):
+    """The chat endpoint takes eos_bias too: its ids equal the sampler's with the same bias."""
+    messages = [{"role": "user", "content": "hello there"}]
+    prompt = chat_bundle.tokenizer.chat_ids(messages, add_generation_prompt=True)
+    for bias in (-100.0, 100.0):
+        r = post(server.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "block_length": 8,
+                                                      "eos_bias": bias})
+        assert r.status_code == 200, r.text
+        sp = SamplingParams(gen_length=8, block_length=8, eos_bias=bias)
+        ids = cut_answer(generate(chat_bundle, [prompt], sp)[0].gen_ids, chat_bundle.special.stop, 8)
+        ch = r.json()["choices"][0]
+        assert ch["message"]["content"] == chat_bundle.tokenizer.decode(ids, skip_special_tokens=True)
+        assert ch["finish_reason"] == ("length" if bias < 0 else "stop")
+        assert len(ids) == (8 if bias < 0 else 0)

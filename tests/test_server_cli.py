@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from test_server_helpers import metric, metrics
 from weights import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,7 @@ def env(**extra) -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith("LLADA_")}
     e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e["PYTHONUNBUFFERED"] = "1"
+    e["LLADA_DRAIN_DELAY"] = "0"  # SIGTERM closes the listener at once (tests of the delay set it)
     e.update({k: str(v) for k, v in extra.items()})
     return e
 
@@ -145,7 +147,7 @@ def test_env_configuration_and_sigterm_drain(golden_dir, free_port, tmp_path):
             r=httpx.post(base + "/v1/completions", json=body, headers=auth, timeout=60)))
         t.start()
         deadline = time.monotonic() + 15
-        while "llada_running_requests 1.0" not in httpx.get(base + "/metrics", timeout=5).text:
+        while metric(metrics(base), "llada_running_requests") != 1:
             assert time.monotonic() < deadline and "r" not in result, "the request was never admitted"
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGTERM)

@@ -13,7 +13,6 @@ import pytest
 from sampler.scheduler import EngineConfig
 from server.app import create_app
 from test_server_helpers import metric, metrics, post
-from weights.checkpoint import load_checkpoint
 
 POISON = 299  # a prompt holding this id makes the wrapped model raise inside the step
 
@@ -34,19 +33,13 @@ class SlowModel:
 
 
 @pytest.fixture(scope="module")
-def bundle(golden_dir):
-    return load_checkpoint(golden_dir, device="cpu", dtype="float32")
+def server(bundle, serve):
+    return serve(bundle)
 
 
 @pytest.fixture(scope="module")
-def server(bundle, live_server):
-    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=2048), served_model_name="tiny"))
-
-
-@pytest.fixture(scope="module")
-def keyed(bundle, live_server):
-    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=1024), served_model_name="tiny",
-                                  api_key="sekrit"))
+def keyed(bundle, serve):
+    return serve(bundle, max_batch_tokens=1024, api_key="sekrit")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,13 @@ def sse_events(url: str, body: dict, headers: dict | None = None, timeout: float
 
 
 def metrics(base: str) -> dict:
-    """{(sample name, frozenset(labels)): value} from GET /metrics."""
+    """{(sample name, frozenset(labels)): value} from GET /metrics. The `model_name` label every
+    llada_ series carries (one value per server) is left out of the keys."""
     text = httpx.get(base + "/metrics", timeout=10).text
     values = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            values[(s.name, frozenset(s.labels.items()))] = s.value
+            values[(s.name, frozenset((k, v) for k, v in s.labels.items() if k != "model_name"))] = s.value
     return values
 
 

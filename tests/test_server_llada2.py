@@ -118,7 +118,7 @@ def test_step_stream_reports_edits(l21):
     ({"cfg_scale": 1.0}, "cfg_scale"), ({"max_post_steps": -1}, "max_post_steps"),
     ({"num_to_transfer": "2"}, "num_to_transfer"), ({"remasking": "random"}, "remasking"),
     ({"logprobs": 2}, "logprobs"), ({"temperature": 1.0, "top_p": 0.5}, "top_p"),
-    ({"infill": True, "prompt": [5, 499, 7], "max_tokens": None}, "infill"),
+    ({"infill": True, "prompt": [5, 499, 7], "max_tokens": None}, "infill"), ({"eos_bias": -1.0}, "eos_bias"),
 ])
 def test_bad_llada2_parameters_are_400s(l20, body, param):
     _, srv = l20

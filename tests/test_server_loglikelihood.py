@@ -10,8 +10,6 @@ import pytest
 
 from sampler.likelihood import sample_masks
 from sampler.reference import reference_loglikelihood
-from sampler.scheduler import EngineConfig
-from server.app import create_app
 from test_server_helpers import post
 from weights.checkpoint import load_checkpoint
 
@@ -22,14 +20,14 @@ def golden(golden_dir):
 
 
 @pytest.fixture(scope="module")
-def server(golden, live_server):
-    return live_server(create_app(golden, EngineConfig(max_batch_tokens=512), served_model_name="tiny"))
+def server(golden, serve):
+    return serve(golden, max_batch_tokens=512)
 
 
 @pytest.fixture(scope="module")
-def text_server(tiny_tokenizer_model, live_server):
+def text_server(tiny_tokenizer_model, serve):
     bundle = load_checkpoint(tiny_tokenizer_model, device="cpu", dtype="float64")
-    return bundle, live_server(create_app(bundle, EngineConfig(max_batch_tokens=512), served_model_name="chat"))
+    return bundle, serve(bundle, "chat", max_batch_tokens=512)
 
 
 def score(url, **body):

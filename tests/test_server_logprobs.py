@@ -23,8 +23,8 @@ def golden(golden_dir):
 
 
 @pytest.fixture(scope="module")
-def server(golden, live_server):
-    return live_server(create_app(golden, EngineConfig(max_batch_tokens=2048), served_model_name="tiny"))
+def server(golden, serve):
+    return serve(golden)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,12 @@ import sys
 import httpx
 import pytest
 
-from sampler.scheduler import EngineConfig
-from server.app import create_app
 from server.schemas import ChatCompletionRequest, CompletionRequest
-from weights.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def server(golden_dir, live_server):
-    bundle = load_checkpoint(golden_dir, device="cpu", dtype="float32")
-    return live_server(create_app(bundle, EngineConfig(max_batch_tokens=4096), served_model_name="tiny"))
+def server(bundle, serve):
+    return serve(bundle, max_batch_tokens=4096)
 
 
 @pytest.fixture(scope="module")

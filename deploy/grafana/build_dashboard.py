@@ -9,7 +9,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "dashboards" / "llada-serve.json"
 DS = {"type": "prometheus", "uid": "prometheus"}
-SEL = 'instance=~"$instance"'
+SEL = 'instance=~"$instance",model_name=~"$model_name"'
 RI = "$__rate_interval"
 
 def t(expr, legend, ref):
@@ -51,6 +51,23 @@ panels = [
     t(f'sum(rate(llada_step_failures_total{{{SEL}}}[{RI}]))', "failed steps/s", "B")]),
   ("GPU memory", "GPU memory held by the server process, per instance (absent or 0 on CPU).", "bytes", [
     t(f'llada_gpu_memory_bytes{{{SEL}}}', "{{instance}}", "A")]),
+  ("Queue time", "Per generation: time from submission until it joined the running batch, p50 / p99.", "s", [
+    t(q("0.5", "llada_request_queue_time_seconds"), "p50", "A"),
+    t(q("0.99", "llada_request_queue_time_seconds"), "p99", "B")]),
+  ("Time to first token", "Per generation: time from submission until its first answer token is final (what a streaming client waits for), p50 / p99.", "s", [
+    t(q("0.5", "llada_time_to_first_token_seconds"), "p50", "A"),
+    t(q("0.99", "llada_time_to_first_token_seconds"), "p99", "B")]),
+  ("KV-buffer usage", "Share of the KV/canvas buffer rows (--max-batch-tokens) the running batch holds, per instance.", "percentunit", [
+    t(f'llada_kv_buffer_usage_ratio{{{SEL}}}', "{{instance}}", "A")]),
+  ("Finished reasons", "Generations ending per second by reason: stop (EOS or a stop string), length (max_tokens), abort (client went away), error.", "ops", [
+    t(f'sum by (reason) (rate(llada_request_finished_total{{{SEL}}}[{RI}]))', "{{reason}}", "A")]),
+  ("Tokens per request", "Prompt and generated tokens per successful request, p50 / p90.", "short", [
+    t(q("0.5", "llada_request_prompt_tokens"), "prompt p50", "A"),
+    t(q("0.9", "llada_request_prompt_tokens"), "prompt p90", "B"),
+    t(q("0.5", "llada_request_generation_tokens"), "generated p50", "C"),
+    t(q("0.9", "llada_request_generation_tokens"), "generated p90", "D")]),
+  ("Process memory", "Resident memory of each server process (process_resident_memory_bytes), labelled with the model and version it serves (llada_build_info).", "bytes", [
+    t(f'process_resident_memory_bytes{{instance=~"$instance"}} * on (instance) group_left (model_name, version) llada_build_info{{{SEL}}}', "{{instance}} {{model_name}} {{version}}", "A")]),
 ]
 
 out = []
@@ -70,9 +87,14 @@ dash = {
     "tags": ["llada-serve", "llm"], "timezone": "browser", "editable": True, "graphTooltip": 1,
     "schemaVersion": 39, "version": 1, "refresh": "10s", "time": {"from": "now-30m", "to": "now"},
     "templating": {"list": [{
+        "name": "model_name", "label": "model", "type": "query", "datasource": DS,
+        "query": {"query": "label_values(llada_build_info, model_name)", "refId": "model_name"},
+        "definition": "label_values(llada_build_info, model_name)",
+        "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}, {
         "name": "instance", "label": "instance", "type": "query", "datasource": DS,
-        "query": {"query": "label_values(llada_requests_total, instance)", "refId": "instance"},
-        "definition": "label_values(llada_requests_total, instance)",
+        "query": {"query": "label_values(llada_build_info{model_name=~\"$model_name\"}, instance)", "refId": "instance"},
+        "definition": "label_values(llada_build_info{model_name=~\"$model_name\"}, instance)",
         "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
         "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}]},
     "annotations": {"list": []},
