@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -144,12 +144,13 @@ class Result:
     peak_bytes: int
     requests: int
     host_seconds: float = 0.0  # host time in the step calls, waiting for the device excluded
+    draft_rows: int = 0        # draft rows forwarded (exact parallel decoding)
     graphs: str = "off"  # timed steps "replayed/eager/refused" (sampler.cuda_graphs), or "off"
     refused: int = 0     # timed steps whose bucket was refused capture (ran eagerly)
 
 
 def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pipelined=None,
-              warm_pass=None) -> Result:
+              warm_pass=None, draft_budget: int = 0) -> Result:
     """Run (prompt, params) pairs through one batch; arrivals[i] = step at which i joins.
 
     When the batch replays CUDA graphs the run goes twice through the same batch and the second is
@@ -160,8 +161,9 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
     dev = bundle.model.device
     blocks = bool(bundle.config.block_diffusion)
     rows = sum(rows_needed(len(p), sp, blocks) for p, sp in reqs)
+    extra = {} if blocks else dict(draft_budget=draft_budget)
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows,
-                       max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs)
+                       max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs, **extra)
     pipelined = dev.type == "cuda" if pipelined is None else pipelined
     graphs = batch.graphs
     if warm_pass is None:
@@ -172,14 +174,14 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
         torch.cuda.reset_peak_memory_stats()
     sync(dev)
     before = graphs.counts() if graphs is not None else None
-    forwards0, host0 = batch.forwards, batch.host_seconds
+    forwards0, host0, drafts0 = batch.forwards, batch.host_seconds, getattr(batch, "draft_rows_run", 0)
     t = time.perf_counter()
     tokens, q_tokens = _drive(batch, reqs, arrivals, pipelined)
     sync(dev)
     secs = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
     res = Result("", tokens, secs, batch.forwards - forwards0, q_tokens, peak, len(reqs),
-                 batch.host_seconds - host0)
+                 batch.host_seconds - host0, getattr(batch, "draft_rows_run", 0) - drafts0)
     if graphs is not None:
         now = graphs.counts()
         d = {k: now[k] - before[k] for k in now}
@@ -333,6 +335,7 @@ def _bench(args, tp) -> int:
             vs_baseline=round(tps / (base.tokens / base.seconds), 2) if base else None,
             vs_roofline=round(tps / roof_tps, 4), roofline_ms=round(floor * 1e3, 2),
             host_ms_per_step=round(res.host_seconds / max(res.forwards, 1) * 1e3, 3),
+            draft_rows_per_forward=round(res.draft_rows / max(res.forwards, 1), 2),
             graphs=res.graphs, seconds=round(res.seconds, 2))
         rows.append(row)
         print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |", flush=True)
@@ -367,7 +370,8 @@ def _bench(args, tp) -> int:
 
 
 COLUMNS = ["config", "requests", "tokens_per_s", "ms_per_forward", "host_ms_per_step",
-           "forwards_per_token", "peak_gib", "vs_baseline", "vs_roofline", "roofline_ms", "graphs"]
+           "forwards_per_token", "draft_rows_per_forward", "peak_gib", "vs_baseline", "vs_roofline",
+           "roofline_ms", "graphs"]
 
 
 def write_json(path, data) -> None:
@@ -443,6 +447,19 @@ def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev)
            run_batch(bundle, [(prompt(), one(gen=long_g, cache="dual"))], cuda_graphs=graphs), base)
     record("6. batch 1, threshold 0.9, dual cache",
            run_batch(bundle, [(prompt(), one(threshold=0.9, cache="dual"))], cuda_graphs=graphs), base)
+    # Exact parallel decoding (draft_depth 4): the same ids as 1 / 2 / 3, fewer forwards where the
+    # guesses hold (random weights guess worse than a trained model: see docs/default_model_eval.md).
+    # Rows 7 and 8 have room for every draft; row 9 runs under the server's default budget (2048
+    # query tokens per step), which a full batch already uses: it drafts little or nothing.
+    d4 = lambda **kw: one(draft_depth=4, **kw)
+    room = 5 * (P + G) * 2
+    record("7. batch 1, exact, draft depth 4",
+           run_batch(bundle, [(base_req[0][0], d4())], draft_budget=room), base)
+    record("8. batch 1, dual cache, draft depth 4",
+           run_batch(bundle, [(base_req[0][0], d4(cache="dual"))], cuda_graphs=graphs, draft_budget=room), base)
+    record(f"9. {n_many} requests, dual cache, draft depth 4, budget 2048",
+           run_batch(bundle, [(p, replace(sp, draft_depth=4)) for p, sp in many], max_requests=n_many,
+                     cuda_graphs=graphs, draft_budget=2048), base)
 
 
 if __name__ == "__main__":

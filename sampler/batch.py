@@ -39,7 +39,8 @@ class Batch(ABC):
     block_diffusion = False  # the strategy's parameter meanings (SamplingParams.validate)
     graphs = None            # captured step graphs (sampler.cuda_graphs), where the strategy has them
 
-    def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64):
+    def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64,
+                 draft_rows: int = 0):
         self.model = model
         self.config = model.config
         self.mask_id = special.mask
@@ -49,7 +50,7 @@ class Batch(ABC):
         self.stop_ids_d = torch.tensor(self.stop_ids, dtype=torch.int64, device=self.device)
         self.capacity = capacity_tokens
         self.max_requests = max_requests
-        self.store = CanvasStore(model, capacity_tokens, self.mask_id)
+        self.store = CanvasStore(model, capacity_tokens, self.mask_id, draft_rows)
         self.requests: dict = {}
         self.free_slots = list(range(max_requests - 1, -1, -1))
         self.forwards = 0        # model forwards run by this batch (one per step)

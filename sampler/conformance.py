@@ -1,7 +1,7 @@
 """Replay a cases file in the golden format against a checkpoint.
 
     python -m sampler.conformance --model DIR --cases FILE [--dtype float32|float64] [--device cpu|cuda]
-        [--batched] [--tensor-parallel-size N]
+        [--batched] [--tensor-parallel-size N] [--draft-depth N]
 
 One line per case (name, match or the first differing position, NFE against expected), the
 forward-logits check when the directory holds forward_logits.safetensors, then `N passed, M failed`.
@@ -9,7 +9,10 @@ Exits non-zero on any failure.
 
 Samplers: `reference` and `fast_dllm` (LLaDA's generate.py and Fast-dLLM, on LLaDA-8B or
 LLaDA-MoE checkpoints), `llada2.0` and `llada2.1` (LLaDA2.x `generate`, block diffusion, on LLaDA2.x
-checkpoints; `expected_ids` are cut after the first EOS). Forward logits: `logits` (with the
+checkpoints; `expected_ids` are cut after the first EOS). `--draft-depth N` runs the LLaDA cases
+with exact parallel decoding: the ids must still match, each line adds the forwards run against
+the reference's NFE, and a case that took more forwards than the reference fails (block-diffusion
+sets refuse drafting by name: their step has no drafting stage). Forward logits: `logits` (with the
 block-causal mask when the file's metadata names a `block_length`), `logits_no_mask` (fully
 bidirectional) when present; the tolerance comes from the file's metadata (`atol_float32`), else 1e-4.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,6 +80,11 @@ def check_logits(bundle, path: Path, dtype: str) -> list[tuple[str, bool, str]]:
     return out
 
 
+def draft_summary(forwards: int, reference_nfe: int, depth: int) -> str:
+    return (f"forwards {forwards}, reference {reference_nfe} "
+            f"({forwards / max(reference_nfe, 1):.3f} of the reference) at draft depth {depth}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sampler.conformance", description=__doc__.split("\n")[1])
     ap.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
@@ -86,6 +95,8 @@ def main(argv=None) -> int:
                     help="run all cases in one batch (checks batch invariance too)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                     help="shard the model over N local ranks (default 1)")
+    ap.add_argument("--draft-depth", type=int, default=0,
+                    help="exact parallel decoding: guessed steps verified per forward (0: off)")
     args = ap.parse_args(argv)
     if args.tensor_parallel_size > 1:
         from weights.parallel import run_ranks
@@ -132,6 +143,10 @@ def _run(tp, args) -> tuple[list[tuple[str, str]], int]:
                                  f"does not run on a {bundle.config.family} checkpoint")
             p = p.for_block_diffusion() if blocks else p
             p.validate(len(c["prompt_ids"]), bundle.config.max_sequence_length, blocks)
+        if args.draft_depth:
+            params = [replace(p, draft_depth=args.draft_depth) for p in params]
+            for c, p in zip(cases, params):
+                p.validate(len(c["prompt_ids"]), bundle.config.max_sequence_length, blocks)
     except (ParamError, KeyError) as e:
         say(f"error: bad case: {e}", "err")
         return lines, 2
@@ -139,6 +154,7 @@ def _run(tp, args) -> tuple[list[tuple[str, str]], int]:
         results = generate(bundle, [c["prompt_ids"] for c in cases], params)
     else:
         results = [generate(bundle, [c["prompt_ids"]], p)[0] for c, p in zip(cases, params)]
+    forwards = reference_nfe = 0
     for c, res in zip(cases, results):
         want = c["expected_ids"]
         got = res.gen_ids
@@ -154,6 +170,12 @@ def _run(tp, args) -> tuple[list[tuple[str, str]], int]:
                 problems.append(f"nfe {res.nfe} != expected {c['expected_nfe']}")
         else:
             nfe_note = f", nfe {res.nfe}"
+        if args.draft_depth:
+            nfe_note += f", forwards {res.forwards} (reference {res.nfe})"
+            forwards += res.forwards
+            reference_nfe += res.nfe
+            if res.forwards > res.nfe:
+                problems.append(f"{res.forwards} forwards, more than the reference's {res.nfe}")
         name = c.get("name", "?")
         if problems:
             failed += 1
@@ -161,6 +183,8 @@ def _run(tp, args) -> tuple[list[tuple[str, str]], int]:
         else:
             passed += 1
             say(f"PASS {name}: {len(got)} ids match{nfe_note}")
+    if args.draft_depth:
+        say(draft_summary(forwards, reference_nfe, args.draft_depth))
     say(f"{passed} passed, {failed} failed")
     return lines, 1 if failed else 0
 

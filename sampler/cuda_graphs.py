@@ -69,10 +69,8 @@ class StepGraphs:
         return dict(replayed=self.replays, eager=self.eager_steps, refused=self.refused_steps)
 
     def _idle_plan(self, bucket) -> torch.Tensor:
-        plan = torch.zeros((bucket.requests + 1, 3), dtype=torch.int64, device=self.device)
-        plan[:, 0] = self.dummy_slot
-        plan[:, 1] = -1
-        return plan
+        from sampler.device_step import idle_plan
+        return idle_plan(bucket.requests + 1, self.dummy_slot, self.device)
 
     def capturable(self, bucket) -> bool:
         return (bucket.tokens <= self.max_tokens and len(self.graphs) < self.max_graphs

@@ -15,3 +15,5 @@ class EngineConfig:
     idle_wait: float = 0.05           # seconds the loop sleeps when there is nothing to do
     cuda_graphs: bool = True          # replay captured CUDA graphs of the step (CUDA only)
     pipelined: bool | None = None     # read step n's events while step n+1 runs (default: on CUDA)
+    draft_depth: int = 0              # exact parallel decoding for requests that leave theirs unset
+    draft_budget: int = 2048          # per step: query tokens with drafts, and rows of the draft pool

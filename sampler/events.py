@@ -28,3 +28,9 @@ class StepEvent:
     # this step and the params.logprobs most likely [(token, log-probability)] (None otherwise).
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Exact parallel decoding: the forwards this request has taken (NFE as run, not as the
+    # reference counts it), the steps the forward that produced this event advanced (1 + its
+    # accepted drafts; each step still gets its own event) and the draft rows it ran.
+    forwards: int | None = None
+    forward_steps: int = 1
+    draft_rows: int = 0

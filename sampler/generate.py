@@ -14,15 +14,18 @@ class Generation:
     gen_ids: list[int]
     nfe: int
     events: list[StepEvent] = field(default_factory=list)
+    forwards: int = 0  # forwards it took part in (== nfe without drafting, fewer with it)
 
 
 def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, suffixes=None,
-             spans=None) -> list[Generation]:
+             spans=None, draft_depth: int = 0, draft_budget: int | None = None) -> list[Generation]:
     """Denoise every prompt (a list of id lists) together in one batch.
 
     `params` is one SamplingParams for all or a list, one per prompt. `bundle` is a ModelBundle
     (anything with .model and .special). Infilling: `suffixes` (fixed context after the span) and
-    `spans` (the span with mask ids where tokens are filled; None for all masks), one per prompt."""
+    `spans` (the span with mask ids where tokens are filled; None for all masks), one per prompt.
+    `draft_depth`: the depth of requests whose params leave it unset; `draft_budget` (default:
+    room for every request's drafts) bounds the draft rows of a step."""
     prompts = [list(p) for p in prompts]
     suffixes = [list(x or ()) for x in suffixes] if suffixes is not None else [[] for _ in prompts]
     spans = list(spans) if spans is not None else [None] * len(prompts)
@@ -33,8 +36,12 @@ def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, 
     blocks = is_block_diffusion(bundle.model.config)
     rows = sum(rows_needed(len(p) + len(x), sp, blocks)
                for p, sp, x in zip(prompts, params, suffixes))
+    depth = max((draft_depth if sp.draft_depth is None else sp.draft_depth for sp in params), default=0)
+    if draft_budget is None:
+        draft_budget = (depth + 1) * rows if depth and not blocks else 0
+    kw = {} if blocks else dict(draft_depth=draft_depth, draft_budget=draft_budget)
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=max(rows, 1),
-                       max_requests=max(len(prompts), 1))
+                       max_requests=max(len(prompts), 1), **kw)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         batch.add(i, p, sp, suffix_ids=suffixes[i], span_ids=spans[i])
     results: dict[int, Generation] = {}
@@ -46,7 +53,8 @@ def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, 
             if keep_events:
                 events[ev.request_id].append(ev)
             if ev.finished:
-                results[ev.request_id] = Generation(ev.gen_ids, ev.nfe, events[ev.request_id])
+                results[ev.request_id] = Generation(ev.gen_ids, ev.nfe, events[ev.request_id],
+                                                    ev.forwards if ev.forwards is not None else ev.nfe)
                 batch.remove(ev.request_id)
     return [results[i] for i in range(len(prompts))]
 

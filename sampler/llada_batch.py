@@ -55,6 +55,10 @@ class _Request:
     in_flight: bool = False  # constrained: a launched step not collected yet (plan after it only)
     pending: list = field(default_factory=list)  # constrained: (position, token) the host committed
                                                  # before any forward, reported with the next event
+    depth: int = 0          # draft depth (exact parallel decoding; 0: off)
+    guessed: int = 0        # draft rows the last step's drafting stage allows in the next step
+    forwards: int = 0       # forwards this request took part in
+    draft_rows: int = 0     # draft rows it was given in all
 
     @property
     def length(self) -> int:
@@ -82,7 +86,7 @@ class _Request:
 class _Launched:
     """A step on its way: who was in it, what each expected, and where its results will land."""
 
-    rows: list            # (request, planned block index, planned step, predicted next) per request row
+    rows: list            # (request, planned block index, planned step, predicted next, draft j) per request row
     row_start: list       # first logit row of each request row
     layout: ReadBack      # the sections of `results`
     results: torch.Tensor  # the step's results on the host (pinned on CUDA)
@@ -93,8 +97,18 @@ class LLaDABatch(Batch):
     """Running LLaDA requests and their device state; `step()` advances all of them with one forward."""
 
     def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64,
-                 cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None):
-        super().__init__(model, special, capacity_tokens, max_requests)
+                 cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None,
+                 draft_depth: int = 0, draft_budget: int = 0):
+        # Exact parallel decoding: `draft_depth` is the depth of requests that leave theirs unset;
+        # `draft_budget` rows of keys/values are lent to draft rows each step, and a step runs
+        # draft rows only while its query tokens stay within that many (a full batch never drafts).
+        if getattr(model, "tp", None) is not None:
+            draft_budget = 0  # the drafting stage selects over the whole vocabulary: not under tensor parallelism
+        super().__init__(model, special, capacity_tokens, max_requests, draft_rows=draft_budget)
+        self.draft_depth = draft_depth
+        self.draft_budget = draft_budget
+        self.draft_rows_run = 0     # draft rows forwarded, in all
+        self.steps_accepted = 0     # steps advanced beyond one per forward (accepted drafts), in all
         dev = self.device
         # Per-slot state on the device (sampler.step_state); the last slot is the dummy padding
         # rows point at: its region is the scratch row.
@@ -137,7 +151,11 @@ class LLaDABatch(Batch):
         p = len(prompt_ids)
         req = _Request(rid, slot, off, rows, params, p, CACHE_MODE[params.cache], canvas=list(span),
                        suffix_len=len(suffix_ids), masks=masks)
-        ints, floats = pack_slot(params, off, p, req.length)
+        depth = self.draft_depth if params.draft_depth is None else params.draft_depth
+        # A constrained request commits on the host (the frontier rule) and never drafts; the ids
+        # do not depend on the depth, so leaving it at 0 changes forwards only.
+        req.depth = depth if self.draft_budget > 0 and params.constraint is None else 0
+        ints, floats = pack_slot(params, off, p, req.length, req.depth)
         # One staged copy each for the canvas and the state rows, queued behind any step in flight.
         canvas = torch.tensor(prompt_ids + span + suffix_ids, dtype=torch.int64)
         srow = torch.tensor(ints, dtype=torch.int64)
@@ -167,9 +185,12 @@ class LLaDABatch(Batch):
 
     # ---------------------------------------------------------------- planning
     def _plan(self):
-        """(request rows, bucket) for the next step from the host's expectations."""
-        rows, tokens, logit_rows, max_q, cfg, filters, logprobs = [], 0, 0, 0, False, False, False
-        constrained = False
+        """(request rows, bucket) for the next step from the host's expectations. Each request
+        gets its committed row, then draft rows 1..j (as many as its last drafting stage guessed),
+        given level by level (every request's first draft before any second) while the step's
+        query tokens stay within the draft budget and the draft pool has room."""
+        reqs, tokens, logit_rows, max_q, cfg, filters, logprobs = [], 0, 0, 0, False, False, False
+        depth, constrained = 0, False
         for req in self.requests.values():
             if req.finished or req.in_flight:
                 continue
@@ -186,11 +207,32 @@ class LLaDABatch(Batch):
             filters |= req.params.filtered
             logprobs |= req.params.logprobs is not None
             constrained |= req.grammar is not None
-            rows.append(req)
-        if not rows:
+            depth = max(depth, req.depth)
+            reqs.append(req)
+        if not reqs:
             return [], None
+        drafts = {id(r): [] for r in reqs}  # per request: pool offsets of its draft rows
+        pool_used, copy_rows = 0, 0
+        for level in range(1, max((r.guessed for r in reqs), default=0) + 1):
+            for req in reqs:
+                if req.guessed < level or len(drafts[id(req)]) != level - 1:
+                    continue
+                lo, hi = ds.query_range(req.mode, req.prompt_len, req.length, req.params.block,
+                                        req.block_index, req.step_in_block + level)
+                n = hi - lo + (req.length if req.params.cfg_scale > 0 else 0)
+                region = req.rows
+                if tokens + n > self.draft_budget or pool_used + region > self.draft_budget:
+                    continue
+                drafts[id(req)].append(self.store.draft_base + pool_used)
+                pool_used += region
+                tokens += n
+                logit_rows += req.params.block
+                if req.mode != CACHE_MODE["none"]:
+                    copy_rows += req.length
+        rows = [(req, j, off) for req in reqs for j, off in enumerate([None] + drafts[id(req)])]
         return rows, ds.Bucket.fit(len(rows), tokens, logit_rows, max_q, cfg, self.pad_to_buckets,
-                                   filters, logprobs, constrained)
+                                   filters, logprobs, constrained, depth if self.store.guess is not None else 0,
+                                   copy_rows)
 
     def planned_query_tokens(self) -> int:
         total = 0
@@ -205,35 +247,50 @@ class LLaDABatch(Batch):
     def _device_step(self, plan, bucket):
         return ds.device_step(self.model, self.kv, self.tokens, self.state, self.fstate, plan, bucket,
                               self.mask_id, self.eos_id, self.stop_ids_d, self.capacity,
-                              grammar_mask=self.grammar_mask if bucket.constrained else None)
+                              grammar_mask=self.grammar_mask if bucket.constrained else None,
+                              guess=self.store.guess)
+
+    @property
+    def drafting(self) -> bool:
+        """Whether some running request drafts (its steps then run one at a time: the next plan
+        needs to know how far the last forward advanced)."""
+        return any(r.depth > 0 and not r.finished for r in self.requests.values())
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
     def launch(self) -> _Launched | None:
         """Queue one step for every running request; returns where its results will land."""
         t0 = time.perf_counter()
-        reqs, bucket = self._plan()
+        rows_, bucket = self._plan()
         if bucket is None:
             return None
-        plan = torch.empty((bucket.requests + 1, 3), dtype=torch.int64, pin_memory=self.pinned)
-        plan[:, 0] = self.dummy_slot
-        plan[:, 1] = -1
-        plan[:, 2] = 0
-        rows, row_start, r0 = [], [], 0
-        for j, req in enumerate(reqs):
+        plan = ds.idle_plan(bucket.requests + 1, self.dummy_slot, "cpu")
+        if self.pinned:
+            plan = plan.pin_memory()
+        rows, row_start, r0, base = [], [], 0, 0
+        for j, (req, d, kv_off) in enumerate(rows_):
             here = (req.block_index, req.step_in_block)
-            plan[j, 0], plan[j, 1], plan[j, 2] = req.slot, here[0], here[1]
-            if req.grammar is not None:  # the host commits for it when the step is read
+            if d == 0:
+                base = j
+            plan[j, 0], plan[j, 1], plan[j, 2], plan[j, 3] = req.slot, here[0], here[1] + d, d
+            plan[j, 4] = -1 if kv_off is None else kv_off
+            plan[j, 5] = base
+            if req.grammar is not None:  # the host commits for it when the step is read (never drafts)
                 req.in_flight = True
-                rows.append((req, here[0], here[1], here))
+                rows.append((req, here[0], here[1], here, 0))
                 row_start.append(r0)
                 r0 += req.params.block
                 continue
             nxt = req.advance(*here, req.predict_done(here[1]))
-            rows.append((req, here[0], here[1], nxt))
+            rows.append((req, here[0], here[1] + d, nxt, d))
             row_start.append(r0)
             r0 += req.params.block
-            req.block_index, req.step_in_block = nxt
+        for req, _, _, nxt, d in rows:
+            if d == 0:
+                req.block_index, req.step_in_block = nxt
+            else:
+                self.draft_rows_run += 1
+                req.draft_rows += 1
         plan_d = plan.to(self.device, non_blocking=self.pinned)
         if self.graphs is not None:
             out = self.graphs.run(bucket, plan_d)
@@ -262,7 +319,10 @@ class LLaDABatch(Batch):
         t0 = time.perf_counter()
         out = launched.layout.unpack(launched.results)
         events = ready
-        for j, (req, block_index, step_in_block, predicted) in enumerate(launched.rows):
+        rows = launched.rows
+        for j, (req, block_index, step_in_block, predicted, d) in enumerate(rows):
+            if d != 0:
+                continue
             rq = RequestOut(*(int(v) for v in out["requests"][j]))
             if req.grammar is not None:
                 req.in_flight = False
@@ -271,10 +331,30 @@ class LLaDABatch(Batch):
             if req.grammar is not None:
                 events.append(self._constrained_event(req, block_index, rq, out, launched.row_start[j]))
                 continue
-            actual = req.advance(block_index, step_in_block, bool(rq.block_done))
-            if actual != predicted:  # a threshold block finished early: plan from the truth
+            # the rows of its accepted chain: the committed state's step, then each accepted draft's
+            chain = [j]
+            while (chain[-1] + 1 < len(rows) and rows[chain[-1] + 1][4] == len(chain)
+                   and out["requests"][chain[-1] + 1][6]):
+                chain.append(chain[-1] + 1)
+            adv = len(chain)
+            req.forwards += 1
+            self.steps_accepted += adv - 1
+            req.guessed = rq.guessed
+            actual = (block_index + 1, 0) if rq.block_done else (block_index, step_in_block + adv)
+            if actual != predicted:  # a threshold block finished early, or drafts were accepted
                 req.block_index, req.step_in_block = actual
-            events.append(self._event(req, block_index, rq, out, launched.row_start[j]))
+            counts = [int(out["rows"][launched.row_start[k]:launched.row_start[k] + req.params.block, 0].sum())
+                      for k in chain]
+            drafted = sum(1 for k in range(j + 1, len(rows)) if rows[k][0] is req)
+            for n, k in enumerate(chain):
+                later = adv - 1 - n
+                step_rq = rq._replace(steps_done=rq.steps_done - later, nfe=rq.nfe - later,
+                                      unmasked=rq.unmasked - sum(counts[n + 1:]),
+                                      finished=rq.finished if later == 0 else 0,
+                                      block_done=rq.block_done if later == 0 else 0)
+                ev = self._event(req, block_index, step_rq, out, launched.row_start[k])
+                ev.forwards, ev.forward_steps, ev.draft_rows = req.forwards, adv, drafted
+                events.append(ev)
         self.host_seconds += time.perf_counter() - t0
         return events
 
@@ -310,7 +390,11 @@ class LLaDABatch(Batch):
 
     def step_async(self) -> list[StepEvent]:
         """Launch the next step, then return the events of the one launched before it: the host
-        reads step n's results while the device runs step n+1 (an empty list the first time)."""
+        reads step n's results while the device runs step n+1 (an empty list the first time).
+        While a request drafts, steps run one at a time (the next plan depends on how many steps
+        the last forward advanced)."""
+        if self.drafting:
+            return self.step()
         launched = self.launch()
         previous, self._pending = self._pending, launched
         return self.collect(previous)

@@ -10,6 +10,7 @@ REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 MAX_SEED = 2**63 - 1
 MAX_TOP_LOGPROBS = 20
+MAX_DRAFT_DEPTH = 8  # exact parallel decoding: steps guessed ahead per forward, at most
 # LLaDA2.0's and LLaDA2.1's `generate` defaults (the released remote code).
 LLADA2_DEFAULTS = dict(block_length=32, steps=32, threshold=0.95, minimal_topk=1, eos_early_stop=False)
 LLADA21_DEFAULTS = dict(LLADA2_DEFAULTS, editing_threshold=0.9, max_post_steps=16, num_to_transfer=1)
@@ -53,6 +54,8 @@ class SamplingParams:
     top_k / top_p / min_p restrict the candidate distribution of sampled rows (temperature > 0;
     neutral values 0 / 1 / 0; see kernels.selection.restrict_logits). logprobs set (0..20) asks for
     each committed token's log-probability in its committing step and that many alternatives.
+    draft_depth d > 0 turns on exact parallel decoding: each forward also verifies up to d guessed
+    next states and advances as many steps as were guessed right; the ids are the same as with 0.
 
     On a block-diffusion checkpoint (LLaDA2.x) the same fields take LLaDA2 `generate`'s meanings
     (see `for_block_diffusion`): blocks laid from canvas position 0, `steps` per block, `threshold`
@@ -79,6 +82,7 @@ class SamplingParams:
     # Structured output: a compiled `sampler.constraint.Constraint`, or None. The answer is then
     # committed left to right under the grammar (sampler.llada_batch, "constrained requests").
     constraint: object = None
+    draft_depth: int | None = None  # exact parallel decoding (0: off; None: the batch's default)
 
     # LLaDA2.x block diffusion only.
     minimal_topk: int = 1
@@ -172,6 +176,11 @@ class SamplingParams:
         self._validate_common(prompt_len, max_sequence_length)
 
     def _validate_common(self, prompt_len: int, max_sequence_length: int | None) -> None:
+        if self.draft_depth is not None:
+            integer("draft_depth", self.draft_depth, 0)
+            if self.draft_depth > MAX_DRAFT_DEPTH:
+                raise ParamError("draft_depth", f"draft_depth must be at most {MAX_DRAFT_DEPTH}, "
+                                 f"got {self.draft_depth}")
         for name, top in (("temperature", MAX_TEMPERATURE), ("cfg_scale", MAX_CFG_SCALE)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= top:
@@ -244,6 +253,10 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         self._validate_common(prompt_len, max_sequence_length)
+        if self.draft_depth:
+            raise ParamError("draft_depth", "exact parallel decoding (draft_depth > 0) is not available "
+                             "for block-diffusion (LLaDA2.x) checkpoints: their step is planned on the "
+                             "host and has no drafting stage; leave draft_depth at 0")
         if self.cfg_scale:
             raise ParamError("cfg_scale", "classifier-free guidance is not part of block diffusion "
                              "(LLaDA2.x); leave cfg_scale at 0")

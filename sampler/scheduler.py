@@ -119,6 +119,7 @@ class Result:
     queued_s: float           # submission -> admission
     duration_s: float         # submission -> completion
     first_block_s: float | None
+    forwards: int = 0         # forwards it took part in (fewer than nfe when drafts were accepted)
     # With params.logprobs set: per generated position, (step that committed it, its log-probability
     # in that step, [(token, log-probability)] alternatives); None where nothing was committed.
     token_info: list | None = None
@@ -147,6 +148,7 @@ class Handle:
     prefix: int = 0
     steps: int = 0
     nfe: int = 0
+    forwards: int = 0
     done: bool = False
     cancelled: bool = False
     stop_seen: bool = False
@@ -179,7 +181,9 @@ class Engine:
         self.mask_id = special.mask
         self.batch = make_batch(model, special, capacity_tokens=self.config.max_batch_tokens,
                                 max_requests=self.config.max_batch_size,
-                                cuda_graphs=self.config.cuda_graphs)
+                                cuda_graphs=self.config.cuda_graphs,
+                                draft_depth=self.config.draft_depth,
+                                draft_budget=self.config.draft_budget)
         pipe = self.config.pipelined
         self.pipelined = self.batch.device.type == "cuda" if pipe is None else bool(pipe)
         self.scorer = ScoreBatch(model, special.mask)
@@ -420,6 +424,11 @@ class Engine:
         self.steps_run += 1
         if self.metrics is not None:
             self.metrics.observe_step(n, dt)
+            seen = set()
+            for ev in events:  # one observation per request per forward (its events share the forward)
+                if ev.forwards is not None and (ev.request_id, ev.forwards) not in seen:
+                    seen.add((ev.request_id, ev.forwards))
+                    self.metrics.observe_request_forward(ev.forward_steps, ev.draft_rows)
         with self._cv:
             for ev in events:
                 h = self.running.get(ev.request_id)
@@ -523,6 +532,7 @@ class Engine:
     def _route(self, h: Handle, ev: StepEvent) -> None:
         h.steps = ev.step
         h.nfe = ev.nfe
+        h.forwards = ev.forwards if ev.forwards is not None else ev.nfe
         canvas = h.canvas
         for p, t in zip(ev.positions, ev.token_ids):
             canvas[p] = t
@@ -561,7 +571,7 @@ class Engine:
             now = time.monotonic()
             res = Result(gen_ids=list(gen), nfe=ev.nfe, steps=ev.step, early=not ev.finished,
                          queued_s=(h.admitted or now) - h.submitted, duration_s=now - h.submitted,
-                         first_block_s=h.first_block_s, token_info=h.token_info)
+                         first_block_s=h.first_block_s, token_info=h.token_info, forwards=h.forwards)
             d = res.duration_s
             self._recent_duration = d if self._recent_duration is None else 0.9 * self._recent_duration + 0.1 * d
             if self.metrics is not None:

@@ -47,6 +47,9 @@ class SlotInts(NamedTuple):
     top_k: Any            # 0: off
     n_logprobs: Any       # alternatives a logprobs request wants; -1: no logprobs
     frontier: Any         # constrained requests: the span position the grammar mask is for; -1: none
+    draft_depth: Any      # steps the drafting stage guesses ahead (0: off)
+    guessed: Any          # steps guessed by the last drafting stage (draft rows 1..guessed valid)
+    guess_nonce: Any      # steps_done when they were guessed (drafts are valid at that state only)
 
 
 class SlotFloats(NamedTuple):
@@ -65,7 +68,8 @@ INT = SlotInts(*range(N_INT))    # column of each integer field
 FLT = SlotFloats(*range(N_FLT))  # column of each float field
 
 
-def pack_slot(params, offset: int, prompt_len: int, length: int) -> tuple[SlotInts, SlotFloats]:
+def pack_slot(params, offset: int, prompt_len: int, length: int,
+              draft_depth: int = 0) -> tuple[SlotInts, SlotFloats]:
     """A newly admitted request's state rows (nothing decoded yet)."""
     ints = SlotInts(
         offset=offset, prompt_len=prompt_len, length=length, block_len=params.block,
@@ -76,7 +80,8 @@ def pack_slot(params, offset: int, prompt_len: int, length: int) -> tuple[SlotIn
         ban_eos=int(bool(params.ban_eos)), defer_eos=int(bool(params.defer_eos)),
         gen_length=params.gen_length, block_masked=0, top_k=params.top_k,
         n_logprobs=-1 if params.logprobs is None else params.logprobs,
-        frontier=0 if params.constraint is not None else -1)
+        frontier=0 if params.constraint is not None else -1,
+        draft_depth=draft_depth, guessed=0, guess_nonce=-1)
     floats = SlotFloats(
         temperature=float(params.temperature),
         threshold=float(params.threshold) if params.threshold is not None else 0.0,
@@ -111,6 +116,8 @@ class RequestOut(NamedTuple):
     unmasked: Any
     block_done: Any
     finished: Any
+    accepted: Any    # 1: the row's state is in the accepted chain (a request's first row: when active)
+    guessed: Any     # steps the drafting stage guessed for the next step (draft rows it allows)
 
 
 @dataclass(frozen=True)

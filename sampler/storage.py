@@ -3,7 +3,9 @@ buffers of the same rows, and a first-fit allocator of contiguous row ranges in 
 
 A request owns one contiguous region [off, off + rows). Both buffers have one row more than the
 regions use: row `capacity` is scratch, read and written by the padded rows of a step and never by
-a real request.
+a real request. With a draft pool (exact parallel decoding) the K/V buffers have `draft_rows` more
+rows after the scratch row: each step lends regions of them to its draft rows (their keys/values
+live for that step only), and `guess` holds per canvas row the drafting stage's guess (step, token).
 """
 
 from __future__ import annotations
@@ -52,9 +54,13 @@ class RegionAllocator:
 class CanvasStore:
     """The token buffer (mask ids where nothing is written), the K/V buffers and their regions."""
 
-    def __init__(self, model, capacity: int, mask_id: int):
+    def __init__(self, model, capacity: int, mask_id: int, draft_rows: int = 0):
         self.capacity = capacity
+        self.draft_rows = draft_rows
+        self.draft_base = capacity + 1  # first row of the draft pool
         dev = model.device
-        self.kv = KVBuffers(model.config, capacity + 1, dev, model.dtype, getattr(model, "n_kv_heads", None))
+        self.kv = KVBuffers(model.config, capacity + 1 + draft_rows, dev, model.dtype,
+                            getattr(model, "n_kv_heads", None))
         self.tokens = torch.full((capacity + 1,), mask_id, dtype=torch.int64, device=dev)
+        self.guess = torch.zeros((capacity + 1, 2), dtype=torch.int64, device=dev) if draft_rows else None
         self.regions = RegionAllocator(capacity)

@@ -22,14 +22,18 @@ def batch_class(config) -> type[Batch]:
 
 
 def make_batch(model, special, capacity_tokens: int = 16384, max_requests: int = 64,
-               cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None) -> Batch:
+               cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None,
+               draft_depth: int = 0, draft_budget: int = 0) -> Batch:
     """A batch of the model's strategy with `capacity_tokens` canvas rows and `max_requests` slots.
     `cuda_graphs` (default: on CUDA) and `pad_to_buckets` (default: on CUDA) concern the LLaDA
-    step, whose device step is captured per bucket; block diffusion has neither."""
+    step, whose device step is captured per bucket; block diffusion has neither. `draft_depth`
+    (the default of requests that leave it unset) and `draft_budget` (per-step query tokens and
+    draft pool rows) concern the LLaDA step's exact parallel decoding; block diffusion refuses
+    drafting requests."""
     if is_block_diffusion(model.config):
         return BlockDiffusionBatch(model, special, capacity_tokens, max_requests)
     return LLaDABatch(model, special, capacity_tokens, max_requests, cuda_graphs=cuda_graphs,
-                      pad_to_buckets=pad_to_buckets)
+                      pad_to_buckets=pad_to_buckets, draft_depth=draft_depth, draft_budget=draft_budget)
 
 
 def rows_needed(prompt_len: int, params: SamplingParams, block_diffusion: bool = False) -> int:

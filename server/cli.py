@@ -9,7 +9,10 @@ import signal
 import sys
 import time
 
+from sampler.params import MAX_DRAFT_DEPTH
+
 log = logging.getLogger("llada.cli")
+
 DRAIN_BACKSTOP_S = 2.0  # uvicorn waits this long past the grace before it cancels handlers
 
 
@@ -39,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="running requests per step (default: %(default)s)")
     a("--max-batch-tokens", type=int, default=_env("max_batch_tokens", 16384),
       help="canvas tokens (prompt + generated) held by the running batch (default: %(default)s)")
+    a("--draft-depth", type=int, default=_env("draft_depth", 0),
+      help="exact parallel decoding for requests that leave draft_depth unset: guessed next steps "
+           "verified per forward, 0 (off) to 8; the same ids, fewer forwards (default: %(default)s)")
+    a("--draft-budget", type=int, default=_env("draft_budget", 2048),
+      help="query tokens a step may reach with draft rows, and key/value rows lent to them; a batch "
+           "already at it runs no drafts (default: %(default)s)")
     a("--max-queue", type=int, default=_env("max_queue", 256),
       help="waiting requests before new ones are refused with 429 (default: %(default)s)")
     a("--request-timeout", type=float, default=_env("request_timeout", 600.0),
@@ -185,6 +194,8 @@ def _check_args(args) -> None:
         _fail("--max-connections must be >= 1", 2)
     if args.drain_delay < 0:
         _fail("--drain-delay must be >= 0", 2)
+    if not 0 <= args.draft_depth <= MAX_DRAFT_DEPTH or args.draft_budget < 0:
+        _fail(f"--draft-depth must be in [0, {MAX_DRAFT_DEPTH}] and --draft-budget >= 0", 2)
     if args.header_timeout <= 0:
         _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
@@ -336,7 +347,8 @@ def main(argv=None) -> None:
     econf = EngineConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                          max_queue=args.max_queue,
                          request_timeout=args.request_timeout if args.request_timeout > 0 else None,
-                         cuda_graphs=args.cuda_graphs)
+                         cuda_graphs=args.cuda_graphs, draft_depth=args.draft_depth,
+                         draft_budget=args.draft_budget)
     if args.allowed_hosts:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     else:

@@ -65,7 +65,8 @@ class Job:
     def usage(self) -> dict:
         comp = sum(c.answer.completion_tokens if c.answer else c.tokens for c in self.choices)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": comp,
-                "total_tokens": self.prompt_tokens + comp}
+                "total_tokens": self.prompt_tokens + comp,
+                "forwards": sum(h.forwards for h in self.handles)}
 
     async def events(self, request: Request | None = None):
         """Yield (index, kind, payload) until every sub-request is done; cancel on disconnect."""

@@ -25,6 +25,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TPF_BUCKETS = (0.5, 0.9, 1.1, 1.5, 1.9, 2.1, 2.9, 3.1, 3.9, 4.1, 6, 7.9, 8.1, 12, 16, 32)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 FINISH_REASONS = ("stop", "length", "abort", "error")
+SPF_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # steps per request per forward (exact parallel decoding)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -101,6 +102,7 @@ class Metrics:
                                             registry=r))
         self.score_tokens = bound(Counter("llada_score_tokens", "Canvas tokens evaluated by likelihood scoring", m,
                                           registry=r))
+        self._drafting_metrics(bound, m, r)
         self.build_info = Gauge("llada_build_info", "Always 1: the server's version, the served model and where "
                                 "it runs", m + ["version", "family", "device", "dtype", "torch_version"], registry=r)
         for reason in FINISH_REASONS:  # every reason exposed from the start (0 until it happens)
@@ -115,6 +117,17 @@ class Metrics:
         self.rank_memory = Gauge("llada_rank_memory_bytes", "Per tensor-parallel rank: GPU memory "
                                  "allocated (resident memory on a CPU), as last reported", m + ["rank"], registry=r)
         self.ranks = None  # tensor parallel: a callable giving {rank: memory bytes}
+
+    def _drafting_metrics(self, bound, m, r) -> None:
+        """Exact parallel decoding (draft_depth)."""
+        self.draft_steps_accepted = bound(Counter("llada_draft_steps_accepted",
+                                                  "Exact parallel decoding: steps advanced by accepted drafts "
+                                                  "(beyond one per request per forward)", m, registry=r))
+        self.draft_rows = bound(Counter("llada_draft_rows", "Exact parallel decoding: draft rows forwarded", m,
+                                        registry=r))
+        self.steps_per_forward = bound(Histogram("llada_steps_per_forward",
+                                                 "Per request per forward: sampler steps it advanced", m,
+                                                 buckets=SPF_BUCKETS, registry=r))
 
     def describe(self, bundle) -> None:
         """Fill llada_build_info from the loaded model."""
@@ -131,6 +144,11 @@ class Metrics:
         self.batch_size.observe(batch_size)
         self.step_duration.observe(seconds)
         self.forwards.inc()
+
+    def observe_request_forward(self, steps: int, draft_rows: int) -> None:
+        self.steps_per_forward.observe(steps)
+        self.draft_steps_accepted.inc(steps - 1)
+        self.draft_rows.inc(draft_rows)
 
     def observe_score_forward(self, tokens: int, seconds: float) -> None:
         self.score_forwards.inc()

@@ -224,7 +224,7 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         eos_bias=0.0 if req.eos_bias is None else float(req.eos_bias),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
         min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),
-        constraint=request_constraint(svc, req), **extra)
+        constraint=request_constraint(svc, req), draft_depth=req.draft_depth, **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     checks.seed(req.seed)

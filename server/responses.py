@@ -13,6 +13,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    forwards: int = Field(description="model forwards the answers took (fewer than the sampler's steps "
+                          "when draft_depth accepted drafts)")
 
 
 class CompletionChoice(BaseModel):

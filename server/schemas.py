@@ -53,6 +53,9 @@ class DiffusionFields(BaseModel):
                                                      "negative: EOS less likely, without a ban (0: off)")
     stream_steps: StrictBool | None = Field(None, description="the per-step unmasking stream instead of "
                                             "OpenAI chunks")
+    draft_depth: StrictInt | None = Field(None, description="exact parallel decoding: guessed next steps "
+                                          "verified per forward, 0 (off) to 8; the same ids, fewer forwards "
+                                          "(default: the server's --draft-depth)")
     # Block diffusion (LLaDA2.x checkpoints only; defaults: the checkpoint's released generate).
     minimal_topk: StrictInt | None = Field(None, description="LLaDA2: caps steps per block at "
                                            "max_tokens // minimal_topk (default 1)")

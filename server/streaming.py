@@ -31,6 +31,8 @@ def step_event(index: int, ev, decoder) -> dict:
         "tokens": [decoder.piece(t) for t in ev.token_ids],
         "confidences": [finite(round(c, 6)) for c in ev.confidences],
         "masks_remaining": ev.masks_remaining, "nfe": ev.nfe,
+        # Exact parallel decoding: forwards so far and the steps the forward behind this step advanced.
+        "forwards": ev.forwards if ev.forwards is not None else ev.nfe, "forward_steps": ev.forward_steps,
         # Token editing (LLaDA2.1): decoded positions that took a new token this step.
         "edited_positions": list(ev.edited_positions), "edited_token_ids": list(ev.edited_token_ids),
         "edited_tokens": [decoder.piece(t) for t in ev.edited_token_ids],
@@ -142,6 +144,7 @@ def steps_stream(job, request):
                 yield event({"object": "diffusion.done", "index": idx, "text": a.text,
                              "token_ids": a.ids, "finish_reason": a.finish_reason,
                              "completion_tokens": a.completion_tokens, "nfe": payload.nfe,
+                             "forwards": payload.forwards,
                              "steps": payload.steps, "gen_ids": payload.gen_ids})
             elif kind == "error":
                 for chunk in _end_with_error(job, state, payload):

@@ -343,3 +343,22 @@ def test_guidance_filters_and_eos_bias_keep_answers_valid(default_bundle):
     for (ids, text, _), p in zip(answers(default_bundle, params, prompt), params):
         jsonschema.validate(json.loads(text), NUMBERS)
         assert replay_accepts(c, ids)
+
+
+def test_constrained_requests_never_draft_and_keep_their_answers(default_bundle):
+    """Exact parallel decoding beside structured output: a constrained request commits on the host
+    (the frontier rule) and runs at depth 0 whatever it asks; its answer and NFE are those of depth
+    0, and a drafting plain batchmate keeps its own ids while drafting."""
+    vocab = GrammarVocab.of(default_bundle)
+    c = compile_constraint("json_schema", PERSON, vocab)
+    prompt = prompt_of(default_bundle)
+    params = [SamplingParams(gen_length=96, constraint=c, temperature=1.0, seed=3),
+              SamplingParams(gen_length=32, block_length=32, steps=32)]
+    base = generate(default_bundle, [prompt] * 2, params)
+    drafted = generate(default_bundle, [prompt] * 2, params, draft_depth=4)
+    for a, b in zip(base, drafted):
+        assert a.gen_ids == b.gen_ids and a.nfe == b.nfe
+    assert drafted[0].forwards == drafted[0].nfe  # the constrained one did not draft
+    assert drafted[1].forwards < base[1].forwards  # the plain one did
+    jsonschema.validate(json.loads(default_bundle.tokenizer.decode(
+        cut_answer(drafted[0].gen_ids, default_bundle.special.stop))), PERSON)

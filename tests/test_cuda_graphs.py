@@ -13,6 +13,7 @@ import torch
 
 from kernels import launch
 from sampler.cuda_graphs import StepGraphs
+from sampler.device_step import PLAN_COLUMNS
 
 
 class _Stream:
@@ -103,28 +104,28 @@ def _step(state):
 def test_the_last_warm_up_takes_the_capture_path(cuda):
     graphs = StepGraphs(_step(cuda), dummy_slot=3, device="cpu")
     b = _Bucket()
-    out = graphs.run(b, torch.zeros((2, 3), dtype=torch.int64))
+    out = graphs.run(b, torch.zeros((2, PLAN_COLUMNS), dtype=torch.int64))
     assert cuda["calls"] == [("side", "tuned"), ("side", "stored choice"), ("capture", "stored choice")]
     assert b in graphs.graphs and not graphs.refused
     assert cuda["current"].name == "default"
     assert graphs.counts() == dict(replayed=1, eager=0, refused=0)
-    assert graphs.run(b, torch.zeros((2, 3), dtype=torch.int64)) is out  # static outputs, replayed
+    assert graphs.run(b, torch.zeros((2, PLAN_COLUMNS), dtype=torch.int64)) is out  # static outputs, replayed
     assert graphs.counts()["replayed"] == 2 and len(cuda["calls"]) == 3
 
 
 def test_a_refused_capture_restores_the_stream_and_runs_eagerly(cuda):
     graphs = StepGraphs(_step(cuda), dummy_slot=3, device="cpu")
     bad = _Bucket(requests=2, breaks=True)
-    res = graphs.run(bad, torch.zeros((3, 3), dtype=torch.int64))
+    res = graphs.run(bad, torch.zeros((3, PLAN_COLUMNS), dtype=torch.int64))
     assert bad in graphs.refused and bad not in graphs.graphs
     assert cuda["current"].name == "default", "the capture stream was left current"
     assert cuda["calls"][-1] == ("default", "tuned")  # the step ran eagerly, on the caller's stream
     assert torch.is_tensor(res)
-    graphs.run(bad, torch.zeros((3, 3), dtype=torch.int64))
+    graphs.run(bad, torch.zeros((3, PLAN_COLUMNS), dtype=torch.int64))
     assert graphs.counts() == dict(replayed=0, eager=0, refused=2)
     big = _Bucket(tokens=graphs.max_tokens + 1)
-    graphs.run(big, torch.zeros((2, 3), dtype=torch.int64))
+    graphs.run(big, torch.zeros((2, PLAN_COLUMNS), dtype=torch.int64))
     assert graphs.counts() == dict(replayed=0, eager=1, refused=2)
     # A capturable bucket still captures after the refusal.
-    graphs.run(_Bucket(requests=4), torch.zeros((5, 3), dtype=torch.int64))
+    graphs.run(_Bucket(requests=4), torch.zeros((5, PLAN_COLUMNS), dtype=torch.int64))
     assert graphs.counts() == dict(replayed=1, eager=1, refused=2) and cuda["current"].name == "default"

@@ -210,6 +210,19 @@ def test_conformance_under_two_ranks(name, capsys):
     assert "PASS forward_logits" in out and " 0 failed" in out
 
 
+def test_drafting_asked_under_two_ranks_keeps_the_ids(capsys):
+    """Under tensor parallelism requests run at draft depth 0 (the drafting stage selects over the
+    whole vocabulary): asking for drafts changes nothing, every case still matches."""
+    from sampler.conformance import main
+
+    path = GOLDEN_DIR / "tiny-llada"
+    rc = main(["--model", str(path), "--cases", str(path / "cases.json"), "--dtype", "float64",
+               "--batched", "--tensor-parallel-size", "2", "--draft-depth", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert " 0 failed" in out
+
+
 # ---------------------------------------------------------------- the engine over two ranks
 def _engine(tp, pipelined):
     """Rank 0: an engine with staggered submissions and a scoring job; rank 1: its follower."""

@@ -25,6 +25,10 @@ class Recorder:
         self.batch_sizes = []
         self.failures = 0
         self.first_blocks = 0
+        self.forwards = []  # (steps advanced, draft rows) per request per forward
+
+    def observe_request_forward(self, steps, draft_rows):
+        self.forwards.append((steps, draft_rows))
 
     def observe_step(self, n, dt):
         self.batch_sizes.append(n)

@@ -49,7 +49,7 @@ def test_completion_equals_the_sampler(server, bundle):
     assert choice["text"] == "".join(f"<{t}>" for t in want)
     assert choice["finish_reason"] == ("length" if len(want) == 16 else "stop")
     assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": len(want),
-                            "total_tokens": len(PROMPT) + len(want)}
+                            "total_tokens": len(PROMPT) + len(want), "forwards": ref.nfe}
     assert out["object"] == "text_completion" and out["model"] == "tiny"
 
 

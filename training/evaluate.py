@@ -8,6 +8,11 @@ answer. Writes a markdown table (`docs/default_model_eval.md`) and a plot of acc
 forwards per generated token (`docs/default_model_accuracy.png`).
 
     python training/evaluate.py [--model weights/default] [--per-task 50]
+    python training/evaluate.py --drafting-only   # only the exact parallel decoding section
+
+Exact parallel decoding (`draft_depth`): at one token per step, greedy and sampled, forwards per
+token with drafting against the same run without, answers compared id for id; the section
+"Exact parallel decoding" of the table.
 """
 
 from __future__ import annotations
@@ -89,6 +94,85 @@ def run_setting(bundle, heldout, setting: Setting, chunk: int = 128):
         "forwards_per_answer_token": sum(n / a for n, a in zip(nfes, ans_tokens)) / len(nfes),
         "samples": [(n, e.prompt, e.answer, o) for n, e, o in zip(names, exs, outs)],
     }
+
+
+DRAFT_DEPTHS = (4, 8)
+DRAFT_RUNS = (("greedy", dict()), ("temperature 1", dict(temperature=1.0, seed=1234)),
+              ("temperature 3", dict(temperature=3.0, seed=1234)))
+
+
+def run_drafting(bundle, heldout, gen_length: int, chunk: int = 128) -> list[dict]:
+    """Per task and run (greedy; sampled with a fixed seed), at one token per step (one
+    block, cache none): mean forwards per generated token without drafting and at each depth of
+    DRAFT_DEPTHS, and how many prompts' generated ids are identical to the run without."""
+    out = []
+    greedy: dict[str, list] = {}
+    for run, extra in DRAFT_RUNS:
+        for name, exs in heldout.items():
+            prompts = prompts_for(bundle, exs)
+            row = {"run": run, "task": name, "n": len(exs)}
+            base_ids = None
+            for depth in (0,) + DRAFT_DEPTHS:
+                sp = SamplingParams(gen_length=gen_length, steps=gen_length, draft_depth=depth, **extra)
+                gens = []
+                for i in range(0, len(prompts), chunk):
+                    gens += generate(bundle, prompts[i:i + chunk], sp)
+                fwd = sum(g.forwards for g in gens) / len(gens) / gen_length
+                row[f"fpt_{depth}"] = fwd
+                row[f"nfe_{depth}"] = sum(g.nfe for g in gens) / len(gens) / gen_length
+                if depth == 0:
+                    base_ids = [g.gen_ids for g in gens]
+                    greedy.setdefault(name, base_ids)
+                    row["sampled"] = sum(b != g for b, g in zip(base_ids, greedy[name]))
+                else:
+                    row[f"same_{depth}"] = sum(g.gen_ids == b for g, b in zip(gens, base_ids))
+            out.append(row)
+    return out
+
+
+def drafting_markdown(rows, args) -> str:
+    depths = DRAFT_DEPTHS
+    head = ("| run | task | prompts | ids differ from greedy | forwards / token, off | "
+            + " | ".join(f"depth {d}: forwards / token | ratio | identical answers" for d in depths) + " |")
+    sep = "|---" * (5 + 3 * len(depths)) + "|"
+    lines = []
+    for run in dict.fromkeys(r["run"] for r in rows):
+        rs = [r for r in rows if r["run"] == run]
+        total = dict(run=run, task="**all**", n=sum(r["n"] for r in rs), sampled=sum(r["sampled"] for r in rs))
+        for d in (0,) + depths:
+            total[f"fpt_{d}"] = sum(r[f"fpt_{d}"] * r["n"] for r in rs) / total["n"]
+            if d:
+                total[f"same_{d}"] = sum(r[f"same_{d}"] for r in rs)
+        for r in rs + [total]:
+            cells = " | ".join(f"{r[f'fpt_{d}']:.3f} | {r[f'fpt_{d}'] / r['fpt_0']:.3f} | {r[f'same_{d}']}/{r['n']}"
+                               for d in depths)
+            lines.append(f"| {r['run']} | {r['task']} | {r['n']} | {r['sampled']} | {r['fpt_0']:.3f} | {cells} |")
+    return f"""## Exact parallel decoding
+
+Produced by `python training/evaluate.py --drafting-only --per-task {args.per_task} --gen-length {args.gen_length}`.
+One block of {args.gen_length} tokens, {args.gen_length} steps (one token per step), cache none, the
+held-out prompts above. "greedy" is temperature 0; "temperature T" samples with seed 1234
+(counter-based noise: the same draw for the same seed, step and position, drafting or not); "ids
+differ from greedy" counts the prompts whose sampled span is not the greedy one (this small model
+is sharp). `draft_depth` d: each forward also runs up to d draft rows (guessed next states) and
+advances as many steps as the sampler itself confirms. "forwards / token" = forwards actually run
+per generated position (the reference's NFE stays {args.gen_length}: one per step); "ratio" =
+forwards with drafting / forwards without; "identical answers" = prompts whose generated ids equal
+the run without drafting, id for id.
+
+{head}
+{sep}
+{chr(10).join(lines)}
+"""
+
+
+def splice_drafting(table: Path, section: str) -> None:
+    """Replace (or append) the drafting section of an existing table file."""
+    text = table.read_text() if table.exists() else ""
+    mark = "## Exact parallel decoding"
+    if mark in text:
+        text = text[:text.index(mark)].rstrip() + "\n"
+    table.write_text(text + ("\n" if text else "") + section)
 
 
 def run_infill(bundle, examples) -> list[dict]:
@@ -221,11 +305,22 @@ def main(argv=None) -> None:
     ap.add_argument("--table", type=Path, default=ROOT / "docs" / "default_model_eval.md")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "default_model_accuracy.png")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    ap.add_argument("--drafting-only", action="store_true",
+                    help="only measure exact parallel decoding and rewrite that section of --table")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     bundle = load_checkpoint(args.model, device="cpu", dtype="float32")
     heldout = TaskSet().heldout(args.per_task)
+    if args.drafting_only:
+        rows = run_drafting(bundle, heldout, args.gen_length)
+        section = drafting_markdown(rows, args)
+        print(section)
+        splice_drafting(args.table, section)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        print(f"wrote the drafting section of {args.table} ({time.time() - t0:.0f} s)")
+        return
     results = []
     for s in settings(args.gen_length):
         r = run_setting(bundle, heldout, s)
@@ -235,12 +330,13 @@ def main(argv=None) -> None:
     infill = run_infill(bundle, heldout["alphabet"])
     for r in infill:
         print(f"infill, {r['label']}: {r['accuracy']:.0%} of {r['n']}", flush=True)
+    drafting = drafting_markdown(run_drafting(bundle, heldout, args.gen_length), args)
     seconds = time.time() - t0
     try:
         args.model = args.model.resolve().relative_to(ROOT)
     except ValueError:
         pass
-    args.table.write_text(markdown(results, heldout, args, seconds, infill))
+    args.table.write_text(markdown(results, heldout, args, seconds, infill) + "\n" + drafting)
     plot(results, heldout, args.plot, args.gen_length)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "samples"}
