@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import torch
 
+from bench.bench_constrained import PERSON
 from sampler.constraint import ConstraintError, GrammarVocab, compile_constraint
 from sampler.device_step import Bucket, Layout, apply_grammar
 from sampler.generate import cut_answer, generate
@@ -19,19 +20,6 @@ from sampler.params import ParamError, SamplingParams
 from weights import default_model_path
 from weights.checkpoint import load_checkpoint
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "pattern": "^[a-z]{1,6}$"},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {"type": "object",
-                    "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-                                   "city": {"type": "string", "maxLength": 6}},
-                    "required": ["zip", "city"], "additionalProperties": False},
-    },
-    "required": ["name", "age", "role", "address"], "additionalProperties": False,
-}
 SCORES = {
     "type": "object",
     "properties": {

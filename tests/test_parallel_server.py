@@ -143,19 +143,26 @@ def test_two_ranks_answer_as_one(free_port, tmp_path):
         assert f'llada_rank_memory_bytes{{model_name="default",rank="{rank}"}}' in metrics
 
 
+def _one_running(proc, base, length: int):
+    """The follower's pid, and a request of `length` steps in flight (its thread and result dict),
+    once the engine has admitted it."""
+    (follower,) = children(proc.pid)
+    result = {}
+    body = {"prompt": [1, 2, 3], "max_tokens": length, "block_length": length, "steps": length}
+    t = threading.Thread(target=lambda: result.update(
+        r=httpx.post(base + "/v1/completions", json=body, timeout=60)))
+    t.start()
+    deadline = time.monotonic() + 15
+    while 'llada_running_requests{model_name="tiny-llada"} 1.0' not in httpx.get(base + "/metrics", timeout=5).text:
+        assert time.monotonic() < deadline and "r" not in result, ("never admitted", result)
+        time.sleep(0.01)
+    return follower, t, result
+
+
 def test_a_lost_rank_fails_requests_with_503_and_the_server_exits(golden_dir, free_port, tmp_path):
     proc, base, log = start(free_port, tmp_path, "fault", "--tensor-parallel-size", "2", model=golden_dir)
     try:
-        (follower,) = children(proc.pid)
-        result = {}
-        body = {"prompt": [1, 2, 3], "max_tokens": 256, "block_length": 256, "steps": 256}
-        t = threading.Thread(target=lambda: result.update(
-            r=httpx.post(base + "/v1/completions", json=body, timeout=60)))
-        t.start()
-        deadline = time.monotonic() + 15
-        while 'llada_running_requests{model_name="tiny-llada"} 1.0' not in httpx.get(base + "/metrics", timeout=5).text:
-            assert time.monotonic() < deadline and "r" not in result, ("never admitted", result)
-            time.sleep(0.01)
+        follower, t, result = _one_running(proc, base, 256)
         os.kill(follower, signal.SIGKILL)
         t.join(30)
         assert result["r"].status_code == 503, result["r"].text
@@ -173,16 +180,7 @@ def test_a_lost_rank_fails_requests_with_503_and_the_server_exits(golden_dir, fr
 def test_sigterm_drains_and_stops_every_rank(golden_dir, free_port, tmp_path):
     proc, base, log = start(free_port, tmp_path, "term", "--tensor-parallel-size", "2", model=golden_dir)
     try:
-        (follower,) = children(proc.pid)
-        result = {}
-        body = {"prompt": [1, 2, 3], "max_tokens": 128, "block_length": 128, "steps": 128}
-        t = threading.Thread(target=lambda: result.update(
-            r=httpx.post(base + "/v1/completions", json=body, timeout=60)))
-        t.start()
-        deadline = time.monotonic() + 15
-        while 'llada_running_requests{model_name="tiny-llada"} 1.0' not in httpx.get(base + "/metrics", timeout=5).text:
-            assert time.monotonic() < deadline and "r" not in result, ("never admitted", result)
-            time.sleep(0.01)
+        follower, t, result = _one_running(proc, base, 128)
         os.killpg(proc.pid, signal.SIGTERM)  # the whole group, followers included
         t.join(60)
         assert result["r"].status_code == 200, result["r"].text
