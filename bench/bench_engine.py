@@ -451,6 +451,8 @@ def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev)
     # guesses hold (random weights guess worse than a trained model: see docs/default_model_eval.md).
     # Rows 7 and 8 have room for every draft; row 9 runs under the server's default budget (2048
     # query tokens per step), which a full batch already uses: it drafts little or nothing.
+    if getattr(bundle.model, "tp", None) is not None:
+        return  # requests run at draft depth 0 under tensor parallelism: drafting rows would repeat 1-3
     d4 = lambda **kw: one(draft_depth=4, **kw)
     room = 5 * (P + G) * 2
     record("7. batch 1, exact, draft depth 4",
