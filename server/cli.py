@@ -36,9 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="where to run (default auto: cuda when available)")
     a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"),
       help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
-    a("--cpu-threads", type=int, default=_env("cpu_threads", 0),
-      help="intra-op threads on a CPU (default 0: for a small model, one thread or every available "
-           "core, whichever a forward at start-up measures faster)")
+    a("--cpu-threads", type=int, default=_env("cpu_threads", 0), help="intra-op threads on a CPU "
+      "(default 0: for a small model, 1 or every core, whichever a forward at start-up runs faster)")
     a("--served-model-name", default=_env("served_model_name"),
       help="model id clients use (default: the checkpoint directory's name)")
     a("--max-batch-size", type=int, default=_env("max_batch_size", 32),
