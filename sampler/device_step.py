@@ -126,12 +126,15 @@ PLAN_COLUMNS = 6  # slot, block index, step in block, draft j, K/V offset (-1: t
 
 def idle_plan(n_rows: int, dummy_slot: int, device) -> torch.Tensor:
     """A plan whose every row is padding (points at the dummy slot)."""
-    plan = torch.zeros((n_rows, PLAN_COLUMNS), dtype=torch.int64, device=device)
-    plan[:, 0] = dummy_slot
-    plan[:, 1] = -1
-    plan[:, 4] = -1
-    plan[:, 5] = -1
-    return plan
+    return plan_of([], n_rows, dummy_slot, device)
+
+
+def plan_of(rows: list, n_rows: int, dummy_slot: int, device="cpu") -> torch.Tensor:
+    """A plan [n_rows, PLAN_COLUMNS] from `rows` (lists of PLAN_COLUMNS ints), padded with rows that
+    point at the dummy slot: one tensor made from Python ints (a write per field would be an
+    operation each, the step's main fixed cost on a CPU at batch 1)."""
+    pad = [dummy_slot, -1, 0, 0, -1, -1]
+    return torch.tensor(rows + [pad] * (n_rows - len(rows)), dtype=torch.int64, device=device)
 
 
 def gather(state, fstate, plan) -> Requests:

@@ -264,17 +264,12 @@ class LLaDABatch(Batch):
         rows_, bucket = self._plan()
         if bucket is None:
             return None
-        plan = ds.idle_plan(bucket.requests + 1, self.dummy_slot, "cpu")
-        if self.pinned:
-            plan = plan.pin_memory()
-        rows, row_start, r0, base = [], [], 0, 0
+        plan_rows, rows, row_start, r0, base = [], [], [], 0, 0
         for j, (req, d, kv_off) in enumerate(rows_):
             here = (req.block_index, req.step_in_block)
             if d == 0:
                 base = j
-            plan[j, 0], plan[j, 1], plan[j, 2], plan[j, 3] = req.slot, here[0], here[1] + d, d
-            plan[j, 4] = -1 if kv_off is None else kv_off
-            plan[j, 5] = base
+            plan_rows.append([req.slot, here[0], here[1] + d, d, -1 if kv_off is None else kv_off, base])
             if req.grammar is not None:  # the host commits for it when the step is read (never drafts)
                 req.in_flight = True
                 rows.append((req, here[0], here[1], here, 0))
@@ -291,6 +286,9 @@ class LLaDABatch(Batch):
             else:
                 self.draft_rows_run += 1
                 req.draft_rows += 1
+        plan = ds.plan_of(plan_rows, bucket.requests + 1, self.dummy_slot)
+        if self.pinned:
+            plan = plan.pin_memory()
         plan_d = plan.to(self.device, non_blocking=self.pinned)
         if self.graphs is not None:
             out = self.graphs.run(bucket, plan_d)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="where to run (default auto: cuda when available)")
     a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"),
       help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
+    a("--cpu-threads", type=int, default=_env("cpu_threads", 0), help="intra-op threads on a CPU "
+      "(default 0: for a small model, 1 or every core, whichever a forward at start-up runs faster)")
     a("--served-model-name", default=_env("served_model_name"),
       help="model id clients use (default: the checkpoint directory's name)")
     a("--max-batch-size", type=int, default=_env("max_batch_size", 32),
@@ -190,6 +192,8 @@ def _check_args(args) -> None:
             _fail(f"--{name.replace('_', '-')} must be >= 1", 2)
     if args.max_body_bytes is not None and int(args.max_body_bytes) < 1024:
         _fail("--max-body-bytes must be >= 1024", 2)
+    if args.cpu_threads < 0:
+        _fail("--cpu-threads must be >= 0 (0: measured at start-up)", 2)
     if args.max_connections < 1:
         _fail("--max-connections must be >= 1", 2)
     if args.drain_delay < 0:
@@ -291,7 +295,8 @@ def _load(args, model_dir, tp=None):
 
     try:
         bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype, tp=tp)
-        threads = pick_cpu_threads(bundle.config, bundle.device)
+        threads = pick_cpu_threads(bundle.config, bundle.device, model=bundle.model if tp is None else None,
+                                   override=args.cpu_threads or None)
     except (CheckpointError, OSError, ValueError) as e:
         _fail(f"cannot load the model from {model_dir}: {e}")
     cfg = bundle.config

@@ -23,8 +23,11 @@ from golden_sets import TINY_LLADA as GOLDEN  # noqa: E402
 
 # Every model in the tests is tiny: one intra-op thread, as the entry points choose for small models
 # (weights.checkpoint.pick_cpu_threads), keeps the suite fast when other processes hold a core.
+# The servers and tools the tests start (in this process or as children) get the same count instead
+# of measuring one at start-up; tests of the measurement clear this.
 if not os.environ.get("OMP_NUM_THREADS"):
     torch.set_num_threads(1)
+    os.environ.setdefault("LLADA_CPU_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -329,3 +329,14 @@ def test_a_batch_with_step_graphs_is_freed_without_a_collection(model):
         gc.enable()
     with pytest.raises(RuntimeError, match="gone"):
         graphs.step_fn  # noqa: B018
+
+
+def test_plan_of_pads_like_the_idle_plan():
+    """The plan built in one tensor: the given rows, then rows pointing at the dummy slot exactly as
+    an idle plan's (block -1, K/V offset -1, base -1)."""
+    rows = [[3, 0, 2, 0, -1, 0], [3, 0, 3, 1, 40, 0]]
+    plan = ds.plan_of(rows, 4, dummy_slot=7)
+    assert plan.dtype == torch.int64 and plan.shape == (4, ds.PLAN_COLUMNS)
+    assert plan[:2].tolist() == rows
+    idle = ds.idle_plan(4, 7, "cpu")
+    assert plan[2:].tolist() == idle[2:].tolist() == [[7, -1, 0, 0, -1, -1]] * 2

@@ -79,6 +79,10 @@ def test_without_a_model_it_serves_the_default(free_port, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+    # no thread count given: a small model's count is measured at start-up and the timings logged
+    text = (tmp_path / "server.log").read_text()
+    if (os.cpu_count() or 1) > 1:
+        assert "CPU threads: a 64-token forward takes" in text, text
 
 
 def test_an_unloadable_model_exits_non_zero(tmp_path, free_port):
@@ -122,6 +126,8 @@ def test_bad_flag_values_are_refused():
     assert r.returncode == 2 and "--max-batch-size" in r.stderr
     r = run_cli(["--device", "tpu"])
     assert r.returncode == 2
+    r = run_cli(["--cpu-threads", "-1", "--model", "x"])
+    assert r.returncode == 2 and "--cpu-threads" in r.stderr
 
 
 def test_env_configuration_and_sigterm_drain(golden_dir, free_port, tmp_path):
@@ -130,7 +136,7 @@ def test_env_configuration_and_sigterm_drain(golden_dir, free_port, tmp_path):
         [sys.executable, "-m", "server.cli"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env=env(LLADA_MODEL=golden_dir, LLADA_PORT=free_port, LLADA_API_KEY="k1",
                 LLADA_SERVED_MODEL_NAME="from-env", LLADA_DEVICE="cpu", LLADA_SHUTDOWN_GRACE=10,
-                LLADA_MAX_BATCH_TOKENS=2048),
+                LLADA_MAX_BATCH_TOKENS=2048, LLADA_CPU_THREADS=1),
         start_new_session=True)
     base = f"http://127.0.0.1:{free_port}"
     auth = {"Authorization": "Bearer k1"}
@@ -163,5 +169,6 @@ def test_env_configuration_and_sigterm_drain(golden_dir, free_port, tmp_path):
         log.close()
     text = (tmp_path / "server.log").read_text()
     for needle in ("parameters", "device cpu", "dtype float32", "KV buffers", "listening on http://127.0.0.1",
-                   "draining"):
+                   "draining", "2048 canvas tokens, 1 CPU thread"):
         assert needle in text, needle
+    assert "CPU threads: a" not in text  # the count came from LLADA_CPU_THREADS: nothing measured

@@ -167,25 +167,58 @@ def _weight_files(path: Path) -> dict[str, Path]:
 SMALL_MODEL_PARAMS = 100_000_000
 
 
-def pick_cpu_threads(config, device: torch.device) -> int:
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pick_cpu_threads(config, device: torch.device, model=None, override: int | None = None) -> int:
     """Set torch's intra-op threads for serving this model on this device; returns the count.
 
-    Small models on a CPU run fastest on one thread: each operation is too small to split, and
-    OpenMP's barrier spinning collapses when another process holds a core (measured on the 2-core
-    machine with one other busy process: a 16-step answer of the default model took 47 ms on one
-    thread and 5.1 s on two). Large models keep torch's default. An explicit OMP_NUM_THREADS or
-    LLADA_CPU_THREADS wins."""
-    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+    An explicit count wins: `override` (the server's --cpu-threads), else LLADA_CPU_THREADS, else
+    OMP_NUM_THREADS (torch has already read it). Otherwise small models are measured when `model` is
+    given (`measure_cpu_threads`: one thread against every available core, the faster is kept), and
+    guessed without it: one thread, as each operation is too small to split and OpenMP's barrier
+    spinning collapses when another process holds a core. Large models keep torch's default."""
+    if device.type != "cpu":
         return torch.get_num_threads()
-    want = os.environ.get("LLADA_CPU_THREADS")
+    want = override or os.environ.get("LLADA_CPU_THREADS")
     if want:
         n = max(1, int(want))
-    elif config.num_parameters < SMALL_MODEL_PARAMS:
-        n = 1
-    else:
+    elif os.environ.get("OMP_NUM_THREADS") or config.num_parameters >= SMALL_MODEL_PARAMS:
         return torch.get_num_threads()
+    elif model is not None and available_cores() > 1:
+        n = measure_cpu_threads(model, available_cores())
+    else:
+        n = 1
     torch.set_num_threads(n)
     return n
+
+
+def measure_cpu_threads(model, cores: int, tokens: int = 64, rounds: int = 5) -> int:
+    """Time a forward of `model` over one canvas of `tokens` tokens on 1 and on `cores` intra-op
+    threads, alternating (best of `rounds` each, after a warm-up), and return the faster count. More
+    threads must win by 10%: on a shared machine one thread degrades gracefully and more do not."""
+    import time
+
+    tokens = max(1, min(tokens, int(model.config.max_sequence_length)))
+    ids = torch.zeros(1, tokens, dtype=torch.int64)
+    best = {1: float("inf"), cores: float("inf")}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for n in best:
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                model.full_logits(ids)
+                if r:  # round 0 warms up each count
+                    best[n] = min(best[n], time.perf_counter() - t0)
+    pick = cores if best[cores] < 0.9 * best[1] else 1
+    log.info("CPU threads: a %d-token forward takes %.2f ms on 1 thread, %.2f ms on %d; using %d "
+             "(--cpu-threads overrides)", tokens, best[1] * 1e3, best[cores] * 1e3, cores, pick)
+    return pick
 
 
 def _copy_tensors(path: Path, by_file: dict, targets: dict, shards: dict, tp, dev, dt, progress) -> None:
