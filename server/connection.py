@@ -19,36 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from server.logsafe import LOG_WINDOW_S, Collapsed
 
 log = logging.getLogger("llada.server")
 
 DEFAULT_MAX_CONNECTIONS = 1024
 FD_RESERVE = 64            # descriptors kept for the model files, the log, the engine, ...
 OVER_CAP_TIMEOUT_S = 1.0   # a connection over the cap that sends no request is closed this soon
-LOG_WINDOW_S = 10.0        # repeated events of one kind: one log line per window
-
-
-class Collapsed:
-    """Repeated events of one kind logged at most once per window: the first at once, the rest as
-    a count on the next line after the window (so a storm writes a line per window, not per event)."""
-
-    def __init__(self, window: float = LOG_WINDOW_S):
-        self.window = window
-        self.last: dict[str, float] = {}
-        self.held: dict[str, int] = {}
-
-    def should_log(self, key: str) -> tuple[bool, int]:
-        """(log this one?, how many were held back since the last line)."""
-        now = time.monotonic()
-        if key in self.last and now - self.last[key] < self.window:
-            self.held[key] = self.held.get(key, 0) + 1
-            return False, 0
-        self.last[key] = now
-        return True, self.held.pop(key, 0)
 
 
 _refusals = Collapsed()

@@ -10,6 +10,8 @@
   (logger, level, message template and exception type) through per `window` seconds; the first
   record of a kind in the next window says how many were suppressed. Info records (one line per
   response) are not rate-limited: they are bounded by the requests served, like an access log.
+- `Collapsed`: for event storms that are not log records yet (failed accept() calls, connections
+  refused past the cap): one line per kind per `LOG_WINDOW_S`, with a count of what was held back.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 ECHO_CHARS = 64           # at most this much of a client's value is quoted (in bodies and logs)
 MAX_LINE_CHARS = 2000     # and no log message is longer than this (its traceback aside)
 MAX_TRACEBACK_CHARS = 20000
+LOG_WINDOW_S = 10.0       # Collapsed: repeated events of one kind, one log line per window
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -103,3 +106,22 @@ def install(guard: LogGuard | None = None, loggers=("", "uvicorn", "uvicorn.erro
             if guard not in h.filters:
                 h.addFilter(guard)
     return guard
+
+
+class Collapsed:
+    """Repeated events of one kind logged at most once per window: the first at once, the rest as
+    a count on the next line after the window (so a storm writes a line per window, not per event)."""
+
+    def __init__(self, window: float = LOG_WINDOW_S):
+        self.window = window
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def should_log(self, key: str) -> tuple[bool, int]:
+        """(log this one?, how many were held back since the last line)."""
+        now = time.monotonic()
+        if key in self.last and now - self.last[key] < self.window:
+            self.held[key] = self.held.get(key, 0) + 1
+            return False, 0
+        self.last[key] = now
+        return True, self.held.pop(key, 0)
