@@ -48,6 +48,7 @@ class Answer:
     text: str
     finish_reason: str
     completion_tokens: int
+    tool_calls: list[dict] | None = None  # a chat answer read as calls (server.tools.ToolChoice)
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:

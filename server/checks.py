@@ -14,6 +14,7 @@ from sampler.params import MAX_SEED, ParamError
 from sampler.scheduler import EngineError, check_fits
 from server.errors import ApiError, clip
 from server.schemas import refused_field, unknown_fields
+from server.tools import tool_request
 
 log = logging.getLogger("llada.server")
 MAX_SCORING_PAIRS = 256  # pairs per /v1/loglikelihood request
@@ -40,6 +41,7 @@ def fields(svc, req) -> None:
     refused = refused_field(req)
     if refused:
         raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
+    tool_request(req)  # tools, tool_choice, parallel_tool_calls: 400 naming the field (server.tools)
     model(svc, req.model)
 
 

@@ -78,6 +78,9 @@ class Chat(Endpoint):
     opens_with_role = True  # a first chunk per choice: {"role": "assistant", "content": ""}
 
     def delta(self, text):
+        """A text delta, or a delta object a choice made itself (tool calls: server.tools)."""
+        if isinstance(text, dict):
+            return text
         return {} if text is None else {"content": text}
 
     def role_chunk(self, rid: str, created: int, model: str, index: int) -> dict:
@@ -87,8 +90,10 @@ class Chat(Endpoint):
 
     def choice(self, c, logprobs):
         a = c.answer
-        return {"index": c.index, "message": {"role": "assistant", "content": a.text}, "logprobs": logprobs,
-                "finish_reason": a.finish_reason}
+        message = {"role": "assistant", "content": a.text}
+        if a.tool_calls:  # OpenAI's shape: content null when the answer is only calls
+            message.update(content=None, tool_calls=a.tool_calls)
+        return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": a.finish_reason}
 
     def logprobs(self, decoder, ids, info, prefix_ids):
         return chat_logprobs(decoder, ids, info)

@@ -13,6 +13,7 @@ from sampler.params import LLADA2_FIELDS, MAX_SEED, MAX_TOP_LOGPROBS, RELEASED_D
 from sampler.scheduler import Handle
 from server import checks
 from server.constraints import request_constraint
+from server.tools import choice_class, prompt_messages, tool_constraint
 from server.answer import BaseChoice, Choice, Decoder
 from server.errors import ApiError, clip
 from server.infill import InfillChoice
@@ -77,7 +78,6 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
                 parts.append(part.text or "")
             c = "".join(parts)
         msgs.append({"role": m.role, "content": c or ""})
-    checks.fits_context(svc, "messages", chars=sum(len(m["content"]) for m in msgs))
     from weights.tokenizer import TemplateError, check_template_kwargs
 
     kwargs = req.chat_template_kwargs
@@ -86,6 +86,10 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
             check_template_kwargs(kwargs, tok.reserved_template_names)
         except TemplateError as e:
             raise ApiError(400, str(e), param="chat_template_kwargs", code="invalid_value") from None
+    # tools, tool calls and tool results: the template's own way, or the documented fallback
+    msgs, tool_vars = prompt_messages(tok, req, msgs, svc.chat_special_tokens)
+    kwargs = {**(kwargs or {}), **tool_vars} or None
+    checks.fits_context(svc, "messages", chars=sum(len(m["content"] or "") for m in msgs))
 
     cont = bool(req.continue_final_message)
     if cont and msgs[-1]["role"] != "assistant":
@@ -224,7 +228,7 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         eos_bias=0.0 if req.eos_bias is None else float(req.eos_bias),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
         min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),
-        constraint=request_constraint(svc, req), draft_depth=req.draft_depth, **extra)
+        constraint=tool_constraint(svc, req) or request_constraint(svc, req), draft_depth=req.draft_depth, **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     checks.seed(req.seed)
@@ -255,6 +259,7 @@ def plan(svc, req, prompts: list[list[int]], n: int, max_tokens: int | None, suf
     decoder = svc.decoder if req.skip_special_tokens is not False else Decoder(svc.tokenizer, skip_special=False)
     progress, steps = bool(stops) or bool(req.stream), bool(req.stream_steps)
     handles, choices = [], []
+    answer_choice = (choice_class(req) if isinstance(req, ChatCompletionRequest) else None) or Choice
     for pi, p in enumerate(prompts):
         ip = infills[pi] if infills is not None else None
         for j in range(n):
@@ -268,7 +273,7 @@ def plan(svc, req, prompts: list[list[int]], n: int, max_tokens: int | None, suf
             sp = sampling(svc, req, max_tokens, len(p) + len(suffix), idx, base_seed,
                           exact_length=suffix_ids is not None)
             limit = min(max_tokens if max_tokens is not None else sp.gen_length, sp.gen_length)
-            choices.append(Choice(idx, decoder, svc.stop_ids, limit, stops))
+            choices.append(answer_choice(idx, decoder, svc.stop_ids, limit, stops))
             handles.append(Handle(prompt_ids=p, params=sp, sink=None, want_steps=steps, want_progress=progress,
                                   answer_limit=limit, suffix_ids=suffix))
     if infills is not None:

@@ -128,7 +128,7 @@ class ChatMessage(BaseModel):
     """A message as clients send it, including an SDK's own assistant message dumped back."""
 
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[StrictStr, list[ContentPart], None] = None
     name: StrictStr | None = None
     # Set (to null) on the SDK's assistant message objects; a real value asks for what we lack.
@@ -136,7 +136,8 @@ class ChatMessage(BaseModel):
     annotations: list[Any] | None = None
     audio: dict[str, Any] | None = None
     function_call: dict[str, Any] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[Any] | None = None  # an assistant's calls (server.tools)
+    tool_call_id: StrictStr | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(DiffusionFields):
@@ -144,11 +145,12 @@ class ChatCompletionRequest(DiffusionFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = Field(None, description="commit-time log-probabilities of the answer tokens")
     top_logprobs: StrictInt | None = Field(None, description="alternatives per token (0..20; needs logprobs)")
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    tools: list[Any] | None = Field(None, description="function tools (server.tools)")
+    tool_choice: Any | None = Field(None, description="none, auto (default with tools), required or "
+                                    "{\"type\": \"function\", \"function\": {\"name\": ...}}")
     functions: list[Any] | None = None
     function_call: Any | None = None
-    parallel_tool_calls: StrictBool | None = None
+    parallel_tool_calls: StrictBool | None = Field(None, description="default true: one or more calls")
     modalities: list[StrictStr] | None = None
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
@@ -190,7 +192,7 @@ ECHO_REFUSAL = ("echo (prompt log-probabilities) is not supported: a masked-diff
 
 # Accepted and ignored (documented in the README): they change nothing this server computes.
 IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
-           "parallel_tool_calls", "prediction", "reasoning_effort", "verbosity")
+           "prediction", "reasoning_effort", "verbosity")
 
 # field -> (is the value neutral?, why a non-neutral value is refused)
 NEUTRAL = {
@@ -203,10 +205,9 @@ NEUTRAL = {
     "logit_bias": (lambda v: not v, "logit_bias is not supported; use ban_eos to forbid EOS"),
     "best_of": (lambda v: v is None or v == 1, "best_of is not supported (there is no sequence "
                 "likelihood to rank by); use n"),
-    "tools": (lambda v: not v, "tools are not supported"),
-    "tool_choice": (lambda v: v is None or v == "none", "tool_choice is not supported"),
-    "functions": (lambda v: not v, "functions are not supported"),
-    "function_call": (lambda v: v is None or v == "none", "function_call is not supported"),
+    "functions": (lambda v: not v, "functions (the deprecated form) are not supported; send tools"),
+    "function_call": (lambda v: v is None or v == "none", "function_call (the deprecated form) is not "
+                      "supported; send tool_choice"),
     "modalities": (lambda v: v is None or set(v) <= {"text"}, "only the text modality is supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),
     "web_search_options": (lambda v: v is None, "web search is not available on this server"),
@@ -214,7 +215,6 @@ NEUTRAL = {
 
 # message field -> (is the value neutral?, why not)
 MESSAGE_NEUTRAL = {
-    "tool_calls": (lambda v: not v, "tool calls are not supported"),
     "function_call": (lambda v: v is None, "function calls are not supported"),
     "audio": (lambda v: v is None, "audio messages are not supported"),
 }
