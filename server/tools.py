@@ -79,14 +79,14 @@ def _function(i: int, tool) -> Function:
         raise _bad(where, f"{where} must be an object {{\"type\": \"function\", \"function\": {{...}}}}")
     if tool.get("type") != "function":
         raise _bad(f"{where}.type", f"{where}.type must be \"function\" (the only tool type this server "
-                   f"runs), got {clip(json.dumps(tool.get('type')), 64)}")
+                   f"runs), got {clip(tool.get('type'), 64)}")
     fn = tool.get("function")
     if not isinstance(fn, dict):
         raise _bad(f"{where}.function", f"{where}.function must be an object with a name")
     name = fn.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise _bad(f"{where}.function.name", f"{where}.function.name must be 1 to 64 letters, digits, "
-                   f"underscores or dashes, got {clip(json.dumps(name), 80)}")
+                   f"underscores or dashes, got {clip(name, 80)}")
     desc = fn.get("description")
     if desc is not None and not isinstance(desc, str):
         raise _bad(f"{where}.function.description", f"{where}.function.description must be a string")
@@ -110,7 +110,7 @@ def _choice(value, names: list[str]) -> tuple[str, str | None]:
     if isinstance(value, str):
         if value not in CHOICES:
             raise _bad("tool_choice", f"tool_choice must be none, auto, required or "
-                       f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {clip(json.dumps(value), 64)}")
+                       f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {clip(value, 64)}")
         if value != "none" and not names:
             raise _bad("tool_choice", f"tool_choice {value!r} needs tools")
         return value, None
@@ -120,7 +120,7 @@ def _choice(value, names: list[str]) -> tuple[str, str | None]:
         raise _bad("tool_choice", "tool_choice names a function as {\"type\": \"function\", "
                    "\"function\": {\"name\": ...}}")
     if name not in names:
-        raise _bad("tool_choice", f"tool_choice names the function {clip(json.dumps(name), 80)}, which is not "
+        raise _bad("tool_choice", f"tool_choice names the function {clip(name, 80)}, which is not "
                    f"among the tools ({', '.join(names) or 'none given'})")
     return "function", name
 
