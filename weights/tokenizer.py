@@ -357,13 +357,15 @@ class Tokenizer:
         tool results itself; otherwise the server's fallback format does: server.tools)."""
         if not self.chat_template:
             return False
-        from jinja2 import meta
+        if getattr(self, "_supports_tools", None) is None:
+            from jinja2 import meta
 
-        try:
-            names = meta.find_undeclared_variables(self._template().environment.parse(self.chat_template))
-        except (jinja2.TemplateError, TemplateError):
-            return False  # a template that does not compile is refused when it renders
-        return "tools" in names
+            try:
+                names = meta.find_undeclared_variables(self._template().environment.parse(self.chat_template))
+            except (jinja2.TemplateError, TemplateError):
+                names = ()  # a template that does not compile is refused when it renders
+            self._supports_tools = "tools" in names
+        return self._supports_tools
 
     @property
     def reserved_template_names(self) -> set[str]:
