@@ -38,7 +38,8 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
     `span_ids` (mask ids where tokens are to be filled, fixed tokens elsewhere). Blocks cover the
     span only; each block's schedule counts its masked positions and a block without any is
     skipped (no forward). The suffix is context every step attends to; with CFG the unconditional
-    canvas masks the prompt and the suffix.
+    canvas masks the prompt and the suffix. `params.min_tokens`: the span's first min_tokens
+    positions never take one of `stop_ids` (their logits are -inf there).
 
     Sampling filters (params.top_k/top_p/min_p) restrict the sampled rows' logits before the draw;
     the confidence is the candidate's probability under the restricted, renormalised distribution.
@@ -63,6 +64,8 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
             if counts is not None and i >= len(counts):
                 break
             logits = guided_logits(model, x, params, p, g, mask_id)
+            if params.min_tokens:  # the span's first min_tokens positions cannot take a stop id
+                logits[p:p + params.min_tokens, list(stop_ids)] = float("-inf")
             forwards += 1
             positions = torch.arange(x.numel(), device=dev)
             dist = restricted(logits, params, lo, hi)
