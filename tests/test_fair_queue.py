@@ -63,3 +63,19 @@ def test_fair_queue_order():
     fq.finished("a")
     assert fq.peek() == ("a", "a3")   # a has none running and was served before c arrived
     assert len(fq) == 2 and sorted(fq.clear()) == ["a3", "c1"] and len(fq) == 0
+
+
+def test_fair_queue_priority_orders_admission():
+    from sampler.fair_queue import FairQueue
+
+    fq = FairQueue()
+    fq.push("late", ["l1", "l2"], priority=5)
+    fq.push("plain", ["p1"])
+    fq.push("urgent", ["u1", "u2"], priority=-3)
+    got = []
+    while len(fq):
+        g, item = fq.peek()
+        fq.admitted(g, item)
+        got.append(item)
+    # lower first whatever is running; equal priorities keep the fair rule among themselves
+    assert got == ["u1", "u2", "p1", "l1", "l2"]
