@@ -135,6 +135,7 @@ class CompletionRequest(DiffusionFields):
     suffix: StrictStr | None = Field(None, description="text after the answer (fill-in-the-middle)")
     infill: StrictBool | None = Field(None, description="fill the positions the prompt marks with "
                                       "<|mdm_mask|> (or the mask id), one token each")
+    prompt_embeds: Any | None = None  # vLLM's; refused (VLLM_REFUSED)
 
 
 class ContentPart(BaseModel):
@@ -179,6 +180,10 @@ class ChatCompletionRequest(DiffusionFields):
     add_generation_prompt: StrictBool | None = Field(None, description="default true: open the assistant's turn")
     continue_final_message: StrictBool | None = Field(
         None, description="continue the final (assistant) message instead of starting a new turn")
+    # vLLM chat fields this server knows and does not honour (VLLM_REFUSED).
+    chat_template: StrictStr | None = None
+    documents: list[Any] | None = None
+    add_special_tokens: StrictBool | None = None
 
 
 class ScoringPair(BaseModel):
@@ -252,6 +257,12 @@ VLLM_REFUSED = {
     "truncate_prompt_tokens": (lambda v: v is None, "truncate_prompt_tokens is not supported: a prompt longer "
                                "than the context is refused"),
     "logits_processors": (lambda v: not v, "logits_processors are not supported"),
+    "chat_template": (lambda v: v is None, "chat_template: a client's template is not run; this server renders "
+                      "the checkpoint's own (use chat_template_kwargs for its variables)"),
+    "documents": (lambda v: not v, "documents are not supported; put the text in the messages"),
+    "add_special_tokens": (lambda v: not v, "add_special_tokens: this server adds no tokenizer special tokens "
+                           "to a prompt (a chat template writes its own); leave it out or send false"),
+    "prompt_embeds": (lambda v: v is None, "prompt_embeds are not supported; send text or token ids"),
 }
 NEUTRAL.update(VLLM_REFUSED)
 

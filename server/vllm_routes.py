@@ -6,7 +6,7 @@ or `messages` (chat: the checkpoint's chat template, `add_generation_prompt`,
 `continue_final_message`, `chat_template_kwargs`), checked by the same rules (server/checks.py:
 empty, context, model name, unknown fields). This server never adds the tokenizer's own special
 tokens to a prompt (a chat template writes its own), so `add_special_tokens: true` is refused by
-name. `/detokenize` decodes ids (special tokens kept, so that tokenize -> detokenize round-trips),
+name (server.schemas.VLLM_REFUSED, as on chat). `/detokenize` decodes ids (special tokens kept, so that tokenize -> detokenize round-trips),
 each checked against the vocabulary.
 """
 
@@ -71,10 +71,6 @@ vllm = APIRouter(tags=["vLLM API"], dependencies=[Depends(require_api_key)], rou
 
 
 def _tokenize(svc, body: TokenizeRequest) -> list[int]:
-    if body.add_special_tokens:
-        raise ApiError(400, "add_special_tokens: this server adds no tokenizer special tokens to a prompt (the "
-                       "chat template writes its own); leave it out or send false", param="add_special_tokens",
-                       code="unsupported_parameter")
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "send either prompt or messages", param="prompt" if body.prompt is None else "messages",
                        code="invalid_value")

@@ -185,13 +185,22 @@ def test_return_tokens_as_token_ids(client):
 
 @pytest.mark.parametrize("field,value", [
     ("prompt_logprobs", 1), ("use_beam_search", True), ("length_penalty", 0.5), ("allowed_token_ids", [1]),
-    ("bad_words", ["x"]), ("truncate_prompt_tokens", 5), ("logits_processors", ["x"])])
+    ("bad_words", ["x"]), ("truncate_prompt_tokens", 5), ("logits_processors", ["x"]), ("prompt_embeds", "x")])
 def test_known_vllm_fields_we_do_not_honour_are_400(client, field, value):
     with pytest.raises(openai.BadRequestError) as e:
         complete(client, extra_body={field: value})
     assert e.value.body["param"] == field
     if field == "prompt_logprobs":
         assert "/v1/loglikelihood" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("chat_template", "{{ messages }}"), ("documents", [{"text": "x"}]), ("add_special_tokens", True),
+    ("prompt_logprobs", 0), ("min_tokens", -1)])
+def test_chat_refuses_by_name_too(client, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-chat", messages=[USER], max_tokens=4, extra_body={field: value})
+    assert e.value.body["param"] == field
 
 
 def test_neutral_vllm_values_and_unknown_fields_are_accepted(client, caplog):
@@ -242,3 +251,18 @@ def test_version(server):
 
     r = httpx.get(server.url + "/version")
     assert r.status_code == 200 and r.json() == {"version": _version()} and r.json()["version"]
+
+
+def test_streamed_answers_equal_whole_ones(server):
+    base = {"prompt": "hello", "max_tokens": 16}
+    ids = post(server.url, "/v1/completions", base).json()["choices"][0]
+    stop = ids["text"][3:5]
+    for extra in ({"stop": [stop]}, {"stop": [stop], "include_stop_str_in_output": True},
+                  {"stop": [stop], "min_tokens": 8}, {"stop_token_ids": [ids["token_ids"][4]], "min_tokens": 2},
+                  {"ignore_eos": True, "eos_bias": 40.0}):
+        whole = post(server.url, "/v1/completions", dict(base, **extra)).json()["choices"][0]
+        events = [e for e in sse_events(server.url + "/v1/completions", dict(base, stream=True, **extra))
+                  if isinstance(e, dict) and e["choices"]]
+        assert "".join(e["choices"][0]["text"] for e in events) == whole["text"], extra
+        last = events[-1]["choices"][0]
+        assert (last["finish_reason"], last["stop_reason"]) == (whole["finish_reason"], whole["stop_reason"])
