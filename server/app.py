@@ -24,7 +24,7 @@ from server.guards import Guards, default_max_body_bytes, outcome_of
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
 from server.routes import HEAD_PATHS, api, check_auth, ops
-from server.vllm_routes import vllm
+from server.vllm_routes import vllm, vllm_open
 
 __all__ = ["ApiError", "Service", "ServerLimits", "create_app", "derive_seed"]
 
@@ -126,5 +126,6 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     app.include_router(ops)
     app.include_router(api)
     app.include_router(vllm)
+    app.include_router(vllm_open)
     app.openapi = _openapi_without_422(app)
     return app

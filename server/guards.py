@@ -4,7 +4,7 @@
   stops DNS-rebinding pages from reaching a server bound to loopback. The header is parsed as RFC
   3986 `host[:port]` (IPv6 in brackets); anything else in it is refused; an entry with a port allows
   that port only.
-- API bodies (POST under /v1/): the API key is checked before anything is read (401);
+- API bodies (POST under /v1/, and vLLM's /tokenize and /detokenize): the API key is checked before anything is read (401);
   `Content-Type: application/json` is required (415 otherwise; a web page
   cannot send that cross-origin without a CORS preflight, which this server never grants); the body is
   read here, before any handler runs, and is refused with 413 past `--max-body-bytes` (at once when
@@ -41,6 +41,7 @@ from server.logsafe import shown
 
 log = logging.getLogger("llada.server")
 
+BODY_PATHS = ("/tokenize", "/detokenize")  # API bodies outside /v1/ (vLLM's routes), guarded alike
 MIN_BODY_BYTES = 1 << 20
 BODY_BYTES_PER_TOKEN = 2048   # 64 prompts of the full context at 32 bytes of JSON per token
 
@@ -229,7 +230,7 @@ class Guards:
                 why = f"the Host header {clip(host)} is not one this server answers to (see --allowed-hosts)"
                 return await self._refuse(scope, receive, send, 400, why, "invalid_host")
 
-        if scope.get("method") == "POST" and path.startswith("/v1/"):
+        if scope.get("method") == "POST" and (path.startswith("/v1/") or path in BODY_PATHS):
             if self.authenticate is not None:  # no body is read for a client without the key
                 try:
                     self.authenticate(Request(scope))

@@ -6,7 +6,9 @@ or `messages` (chat: the checkpoint's chat template, `add_generation_prompt`,
 `continue_final_message`, `chat_template_kwargs`), checked by the same rules (server/checks.py:
 empty, context, model name, unknown fields). This server never adds the tokenizer's own special
 tokens to a prompt (a chat template writes its own), so `add_special_tokens: true` is refused by
-name (server.schemas.VLLM_REFUSED, as on chat). `/detokenize` decodes ids (special tokens kept, so that tokenize -> detokenize round-trips),
+name (server.schemas.VLLM_REFUSED, as on chat). /tokenize and /detokenize need the API key (when the
+server has one) and are guarded like /v1/ bodies (server.guards.BODY_PATHS); /version, like /health,
+does not. `/detokenize` decodes ids (special tokens kept, so that tokenize -> detokenize round-trips),
 each checked against the vocabulary.
 """
 
@@ -68,6 +70,7 @@ class VersionResponse(BaseModel):
 
 vllm = APIRouter(tags=["vLLM API"], dependencies=[Depends(require_api_key)], route_class=SizeCheckedRoute,
                  responses=API_ERRORS)
+vllm_open = APIRouter(tags=["vLLM API"])  # /version: no API key, like /health
 
 
 def _tokenize(svc, body: TokenizeRequest) -> list[int]:
@@ -103,6 +106,6 @@ async def detokenize(request: Request, body: DetokenizeRequest):
     return {"prompt": await asyncio.to_thread(tok.decode, ids, False)}
 
 
-@vllm.get("/version", response_model=VersionResponse)
+@vllm_open.get("/version", response_model=VersionResponse)
 async def version():
     return {"version": _version()}

@@ -266,3 +266,14 @@ def test_streamed_answers_equal_whole_ones(server):
         assert "".join(e["choices"][0]["text"] for e in events) == whole["text"], extra
         last = events[-1]["choices"][0]
         assert (last["finish_reason"], last["stop_reason"]) == (whole["finish_reason"], whole["stop_reason"])
+
+
+def test_tokenize_bodies_are_guarded_like_the_api(server, chat_bundle, serve):
+    r = httpx.post(server.url + "/tokenize", content=b'{"prompt": "hi"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    keyed = serve(chat_bundle, "tiny-chat", api_key="k1", max_body_bytes=1 << 20)
+    assert post(keyed.url, "/tokenize", {"prompt": "hi"}).status_code == 401
+    assert post(keyed.url, "/tokenize", {"prompt": "hi"}, headers={"authorization": "Bearer k1"}).status_code == 200
+    big = post(keyed.url, "/detokenize", {"tokens": [1] * 600_000}, headers={"authorization": "Bearer k1"})
+    assert big.status_code == 413
+    assert httpx.get(keyed.url + "/version").status_code == 200  # like /health
