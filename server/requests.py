@@ -213,9 +213,9 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         if value is not None:
             extra[name] = value
     top_k = 0 if req.top_k in (None, -1) else req.top_k
-    # ignore_eos / min_tokens: the span's first positions take no stop id (not in an infill span;
-    # LLaDA2.x: ignore_eos bans EOS only)
-    fixed = None if span is not None or (blocks and not req.min_tokens) else gen_length
+    # ignore_eos on a LLaDA answer: no stop id anywhere in the span (min_tokens = the span); an infill
+    # span and LLaDA2.x keep ignore_eos = ban_eos (and refuse min_tokens)
+    fixed_length = bool(req.ignore_eos) and span is None and not blocks
     if span is not None and req.min_tokens:
         raise ApiError(400, "min_tokens does not apply to infill (the span is not an answer that ends)",
                        param="min_tokens", code="invalid_value")
@@ -227,8 +227,8 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         cfg_scale=0.0 if req.cfg_scale is None else req.cfg_scale,
         threshold=req.threshold if req.threshold is not None else released.get("threshold"),
         cache=req.cache or "none", seed=derive_seed(base_seed, index),
-        ban_eos=bool(req.ban_eos or (req.ignore_eos and fixed is None)), defer_eos=bool(req.defer_eos),
-        min_tokens=(gen_length if req.ignore_eos else req.min_tokens or 0) if fixed else 0,
+        ban_eos=bool(req.ban_eos or (req.ignore_eos and not fixed_length)), defer_eos=bool(req.defer_eos),
+        min_tokens=gen_length if fixed_length else req.min_tokens or 0,
         eos_bias=0.0 if req.eos_bias is None else float(req.eos_bias),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
         min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),

@@ -277,3 +277,22 @@ def test_tokenize_bodies_are_guarded_like_the_api(server, chat_bundle, serve):
     big = post(keyed.url, "/detokenize", {"tokens": [1] * 600_000}, headers={"authorization": "Bearer k1"})
     assert big.status_code == 413
     assert httpx.get(keyed.url + "/version").status_code == 200  # like /health
+
+
+def test_where_min_tokens_does_not_apply(server, serve):
+    from golden_sets import TINY_LLADA2
+    from weights.checkpoint import load_checkpoint
+
+    r = post(server.url, "/v1/completions", {"prompt": "a<|mdm_mask|>b", "infill": True, "min_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    l2 = serve(load_checkpoint(TINY_LLADA2, "cpu", "float32"), "l2")
+    body = {"prompt": [374, 324, 142, 441], "max_tokens": 8}
+    r = post(l2.url, "/v1/completions", dict(body, min_tokens=2))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    a = post(l2.url, "/v1/completions", dict(body, ignore_eos=True)).json()["choices"][0]  # LLaDA2.x: ban_eos
+    b = post(l2.url, "/v1/completions", dict(body, ban_eos=True)).json()["choices"][0]
+    assert a["token_ids"] == b["token_ids"]
+    plain = post(l2.url, "/v1/completions", body).json()["choices"][0]["token_ids"]
+    assert len(plain) >= 2, "the answer must be long enough to cut"
+    s = post(l2.url, "/v1/completions", dict(body, stop_token_ids=[plain[1]])).json()["choices"][0]
+    assert s["stop_reason"] == plain[1] and s["token_ids"] == plain[:plain.index(plain[1])]
