@@ -143,13 +143,15 @@ def seed(value: int | None) -> None:
         raise ApiError(400, f"seed must be an integer in [0, 2**63), got {value}", param="seed", code="invalid_value")
 
 
-def params(svc, sp, prompt_len: int) -> None:
-    """SamplingParams the strategy accepts, and a canvas that fits the batch (the request fit)."""
+def params(svc, sp, prompt_len: int, sent_as: dict | None = None) -> None:
+    """SamplingParams the strategy accepts, and a canvas that fits the batch (the request fit).
+    `sent_as`: the request field a parameter came from where the names differ (ignore_eos ->
+    min_tokens), so the 400 names what the client sent."""
     try:
         sp.validate(prompt_len, svc.config.max_sequence_length, svc.block_diffusion)
         check_fits(prompt_len, sp, svc.max_batch_tokens, svc.block_diffusion)
     except ParamError as e:
-        raise ApiError(400, str(e), param=e.field, code="invalid_value") from None
+        raise ApiError(400, str(e), param=(sent_as or {}).get(e.field, e.field), code="invalid_value") from None
     except EngineError as e:
         raise ApiError.from_engine(e) from None
 

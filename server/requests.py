@@ -236,7 +236,7 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
     if blocks:
         sp = sp.for_block_diffusion()
     checks.seed(req.seed)
-    checks.params(svc, sp, prompt_len)
+    checks.params(svc, sp, prompt_len, {"min_tokens": "ignore_eos"} if fixed_length else None)
     return sp
 
 
