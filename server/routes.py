@@ -198,9 +198,11 @@ async def loglikelihood(request: Request, body: LoglikelihoodRequest):
 
 
 def take_request_id(request: Request, body) -> None:
-    """The body's request_id (checked) becomes the response's x-request-id (server.guards)."""
-    if body.request_id is not None:
-        outcome_of(request).request_id = checks.request_id(body.request_id)
+    """The body's request_id (checked), when its model has one, becomes the response's x-request-id
+    (server.guards; without it the header's or a generated id is sent)."""
+    rid = getattr(body, "request_id", None)
+    if rid is not None:
+        outcome_of(request).request_id = checks.request_id(rid)
 
 
 async def _serve(request: Request, req, endpoint, planned):
