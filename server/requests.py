@@ -217,6 +217,13 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         if value is not None:
             extra[name] = value
     top_k = 0 if req.top_k in (None, -1) else req.top_k
+    # ignore_eos on a LLaDA answer: no stop id anywhere in the span (min_tokens = the span); an infill
+    # span and LLaDA2.x keep ignore_eos = ban_eos (and refuse min_tokens)
+    fixed_length = bool(req.ignore_eos) and span is None and not blocks
+    if span is not None and req.min_tokens:
+        raise ApiError(400, "min_tokens does not apply to infill (the span is not an answer that ends)",
+                       param="min_tokens", code="invalid_value")
+    checks.vllm_extras(svc, req, gen_length if max_tokens is None else min(max_tokens, gen_length))
     sp = SamplingParams(
         gen_length=gen_length, block_length=block, steps=steps,
         temperature=0.0 if req.temperature is None else req.temperature,
@@ -224,7 +231,8 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         cfg_scale=0.0 if req.cfg_scale is None else req.cfg_scale,
         threshold=req.threshold if req.threshold is not None else released.get("threshold"),
         cache=req.cache or "none", seed=derive_seed(base_seed, index),
-        ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos),
+        ban_eos=bool(req.ban_eos or (req.ignore_eos and not fixed_length)), defer_eos=bool(req.defer_eos),
+        min_tokens=gen_length if fixed_length else req.min_tokens or 0,
         eos_bias=0.0 if req.eos_bias is None else float(req.eos_bias),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
         min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),
@@ -232,7 +240,7 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
     if blocks:
         sp = sp.for_block_diffusion()
     checks.seed(req.seed)
-    checks.params(svc, sp, prompt_len)
+    checks.params(svc, sp, prompt_len, {"min_tokens": "ignore_eos"} if fixed_length else None)
     return sp
 
 
@@ -268,14 +276,19 @@ def plan(svc, req, prompts: list[list[int]], n: int, max_tokens: int | None, suf
                 sp = sampling(svc, req, None, len(ip.prefix) + len(ip.suffix), idx, base_seed, span=ip.span)
                 choices.append(InfillChoice(idx, decoder, ip))
                 handles.append(Handle(prompt_ids=p, params=sp, sink=None, want_steps=steps,
-                                      suffix_ids=list(ip.suffix), span_ids=list(ip.span)))
+                                      suffix_ids=list(ip.suffix), span_ids=list(ip.span),
+                                      priority=req.priority or 0))
                 continue
             sp = sampling(svc, req, max_tokens, len(p) + len(suffix), idx, base_seed,
                           exact_length=suffix_ids is not None)
             limit = min(max_tokens if max_tokens is not None else sp.gen_length, sp.gen_length)
-            choices.append(answer_choice(idx, decoder, svc.stop_ids, limit, stops))
+            model_stops = [] if req.ignore_eos and sp.min_tokens else svc.stop_ids  # ignore_eos: none
+            choices.append(answer_choice(idx, decoder, model_stops, limit, stops, req.stop_token_ids or (),
+                                  req.min_tokens or 0, bool(req.include_stop_str_in_output)))
             handles.append(Handle(prompt_ids=p, params=sp, sink=None, want_steps=steps, want_progress=progress,
-                                  answer_limit=limit, suffix_ids=suffix))
+                                  answer_limit=limit, suffix_ids=suffix, priority=req.priority or 0,
+                                  stop_ids=frozenset(choices[-1].stop_ids) if req.stop_token_ids
+                                  or req.ignore_eos else None, stop_from=req.min_tokens or 0))
     if infills is not None:
         tokens = sum(len(ip.prefix) + len(ip.span) - ip.masks + len(ip.suffix) for ip in infills)
     else:

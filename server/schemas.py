@@ -82,7 +82,26 @@ class DiffusionFields(BaseModel):
                                                       "choice, grammar, json_object")
 
     # vLLM-style extras.
-    ignore_eos: StrictBool | None = Field(None, description="same as ban_eos")
+    ignore_eos: StrictBool | None = Field(None, description="no EOS/EoT ends the answer: exactly max_tokens "
+                                          "tokens (LLaDA2.x: same as ban_eos)")
+    stop_token_ids: list[StrictInt] | None = Field(None, description="token ids that end the answer like EOS")
+    min_tokens: StrictInt | None = Field(None, description="no stop id or stop string ends the answer before "
+                                         "this many tokens (0..max_tokens)")
+    include_stop_str_in_output: StrictBool | None = Field(None, description="keep the stop string (or stop "
+                                                          "token) that ended the answer")
+    request_id: StrictStr | None = Field(None, description="echoed as the x-request-id response header "
+                                         "(default: the x-request-id request header, or a generated id)")
+    priority: StrictInt | None = Field(None, description="admission order: lower is sooner (default 0)")
+    return_tokens_as_token_ids: StrictBool | None = Field(None, description="logprobs name tokens as "
+                                                          "'token_id:N'")
+    # vLLM fields this server knows and does not honour (see VLLM_REFUSED: a 400 unless neutral).
+    prompt_logprobs: Any | None = None
+    use_beam_search: StrictBool | None = None
+    length_penalty: StrictFloat | StrictInt | None = None
+    allowed_token_ids: list[Any] | None = None
+    bad_words: list[Any] | None = None
+    truncate_prompt_tokens: Any | None = None
+    logits_processors: list[Any] | None = None
     skip_special_tokens: StrictBool | None = Field(None, description="default true; false keeps special "
                                                    "tokens (EOS/EoT included) in the text")
 
@@ -116,6 +135,7 @@ class CompletionRequest(DiffusionFields):
     suffix: StrictStr | None = Field(None, description="text after the answer (fill-in-the-middle)")
     infill: StrictBool | None = Field(None, description="fill the positions the prompt marks with "
                                       "<|mdm_mask|> (or the mask id), one token each")
+    prompt_embeds: Any | None = None  # vLLM's; refused (VLLM_REFUSED)
 
 
 class ContentPart(BaseModel):
@@ -162,6 +182,10 @@ class ChatCompletionRequest(DiffusionFields):
     add_generation_prompt: StrictBool | None = Field(None, description="default true: open the assistant's turn")
     continue_final_message: StrictBool | None = Field(
         None, description="continue the final (assistant) message instead of starting a new turn")
+    # vLLM chat fields this server knows and does not honour (VLLM_REFUSED).
+    chat_template: StrictStr | None = None
+    documents: list[Any] | None = None
+    add_special_tokens: StrictBool | None = None
 
 
 class ScoringPair(BaseModel):
@@ -220,6 +244,29 @@ MESSAGE_NEUTRAL = {
 }
 
 
+# vLLM fields known and not honoured: field -> (is the value neutral?, why not)
+VLLM_REFUSED = {
+    "prompt_logprobs": (lambda v: v is None, "prompt_logprobs is not supported: a masked-diffusion model has "
+                        "no left-to-right prompt probabilities; score text with POST /v1/loglikelihood"),
+    "use_beam_search": (lambda v: not v, "beam search is not supported by masked-diffusion sampling"),
+    "length_penalty": (lambda v: v is None or v == 1, "length_penalty applies to beam search, which is not "
+                       "supported; leave it out"),
+    "allowed_token_ids": (lambda v: v is None, "allowed_token_ids is not supported; use guided_choice, "
+                          "guided_regex or a grammar"),
+    "bad_words": (lambda v: not v, "bad_words is not supported"),
+    "truncate_prompt_tokens": (lambda v: v is None, "truncate_prompt_tokens is not supported: a prompt longer "
+                               "than the context is refused"),
+    "logits_processors": (lambda v: not v, "logits_processors are not supported"),
+    "chat_template": (lambda v: v is None, "chat_template: a client's template is not run; this server renders "
+                      "the checkpoint's own (use chat_template_kwargs for its variables)"),
+    "documents": (lambda v: not v, "documents are not supported; put the text in the messages"),
+    "add_special_tokens": (lambda v: not v, "add_special_tokens: this server adds no tokenizer special tokens "
+                           "to a prompt (a chat template writes its own); leave it out or send false"),
+    "prompt_embeds": (lambda v: v is None, "prompt_embeds are not supported; send text or token ids"),
+}
+NEUTRAL.update(VLLM_REFUSED)
+
+
 def _messages(req: BaseModel) -> list:
     """The parsed chat messages of a request whose model declares them (in a completion body a
     `messages` key is an unknown field holding raw JSON, not messages)."""
@@ -241,7 +288,7 @@ def refused_field(req: BaseModel) -> tuple[str, str] | None:
 def unknown_fields(req: BaseModel) -> list[str]:
     """Fields no model declares, by path (`frobnicate`, `messages.0.foo`, `stream_options.bar`)."""
     out = list(req.model_extra or ())
-    if req.stream_options is not None:
+    if getattr(req, "stream_options", None) is not None:
         out += [f"stream_options.{k}" for k in req.stream_options.model_extra or ()]
     for i, m in enumerate(_messages(req)):
         out += [f"messages.{i}.{k}" for k in m.model_extra or ()]

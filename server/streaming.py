@@ -90,7 +90,7 @@ def openai_stream(job, request):
             finished.add(idx)
             a = job.choices[idx].answer
             return mk(ep.chunk(job.id, job.created, name, idx, None, a.finish_reason,
-                               logprobs=job.logprobs_delta(idx)))
+                               logprobs=job.logprobs_delta(idx), stop_reason=job.choices[idx].stop_reason))
 
         async for idx, kind, payload in job.events(request):
             if kind == "ping":
@@ -144,7 +144,7 @@ def steps_stream(job, request):
                 a = c.answer
                 done += 1
                 yield event({"object": "diffusion.done", "index": idx, "text": a.text,
-                             "token_ids": a.ids, "finish_reason": a.finish_reason,
+                             "token_ids": a.ids, "finish_reason": a.finish_reason, "stop_reason": c.stop_reason,
                              "completion_tokens": a.completion_tokens, "nfe": payload.nfe,
                              **({"tool_calls": a.tool_calls} if a.tool_calls else {}),
                              "forwards": payload.forwards,

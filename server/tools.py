@@ -468,8 +468,8 @@ class ToolChoice(Choice):
     tool_calls), and its final answer carries `tool_calls` (finish_reason tool_calls) when the
     model called."""
 
-    def __init__(self, index, decoder, stop_ids, max_tokens, stops, tools: ToolRequest):
-        super().__init__(index, decoder, stop_ids, max_tokens, stops)
+    def __init__(self, index, decoder, stop_ids, max_tokens, stops, *rest, tools: ToolRequest):
+        super().__init__(index, decoder, stop_ids, max_tokens, stops, *rest)
         self.reader = CallReader(calls_only=tools.choice != "auto")
 
     def _settle(self, deltas: list[dict]) -> list[dict]:

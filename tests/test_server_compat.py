@@ -108,11 +108,12 @@ def test_tool_calls_in_history_are_rendered(client):
     assert r.usage.prompt_tokens > chat(client, [USER, USER]).usage.prompt_tokens
 
 
-def test_ignore_eos_is_ban_eos(server):
+def test_ignore_eos_is_min_tokens_over_the_whole_answer(server):
+    """ignore_eos bans every stop id (EOS and EoT), not only EOS: min_tokens = max_tokens."""
     body = {"prompt": "hello", "max_tokens": 12}
-    a = post(server.url, "/v1/completions", dict(body, ignore_eos=True)).json()
-    b = post(server.url, "/v1/completions", dict(body, ban_eos=True)).json()
-    assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
+    a = post(server.url, "/v1/completions", dict(body, ignore_eos=True)).json()["choices"][0]
+    b = post(server.url, "/v1/completions", dict(body, min_tokens=12)).json()["choices"][0]
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12
 
 
 def test_generation_prompt_and_continuing_the_final_message(client, chat_bundle):
