@@ -23,6 +23,7 @@ from server.errors import ApiError, install_handlers
 from server.guards import Guards, default_max_body_bytes, outcome_of
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
+from server.responses_api import router as responses_router
 from server.routes import HEAD_PATHS, api, check_auth, ops
 
 __all__ = ["ApiError", "Service", "ServerLimits", "create_app", "derive_seed"]
@@ -124,5 +125,6 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
                        authenticate=check_auth)
     app.include_router(ops)
     app.include_router(api)
+    app.include_router(responses_router)
     app.openapi = _openapi_without_422(app)
     return app
