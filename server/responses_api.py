@@ -209,7 +209,8 @@ def renamed(err: ApiError) -> ApiError:
 
 # ---------------------------------------------------------------- answer: chat -> Response object
 def _usage(u: dict) -> dict:
-    return {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": u["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u["total_tokens"], "forwards": u.get("forwards")}
 
@@ -297,6 +298,7 @@ class ResponseStream:
     def __init__(self, builder: ResponseBuilder):
         self.b = builder
         self.seq = 0
+        self.open: dict | None = None  # the item being streamed; each item closes before the next opens
 
     def event(self, kind: str, **fields) -> bytes:
         data = {"type": kind, "sequence_number": self.seq, **fields}
@@ -312,19 +314,23 @@ class ResponseStream:
         return [self.event("response.created", response=snap), self.event("response.in_progress", response=snap)]
 
     def _added(self, item: dict) -> list[bytes]:
-        out = [self.event("response.output_item.added", output_index=len(self.b.items) - 1,
-                          item={**item, "content": []} if item["type"] == "message" else dict(item))]
+        """Events opening `item` (just appended to the builder's items), after closing the open one."""
+        out = self._done(self.open) if self.open is not None else []
+        self.open = item
+        out.append(self.event("response.output_item.added", output_index=len(self.b.items) - 1,
+                              item={**item, "content": []} if item["type"] == "message" else dict(item)))
         if item["type"] == "message":
             part = {**item["content"][0], "text": ""}
             out.append(self.event("response.content_part.added", **self._where(item), content_index=0, part=part))
         return out
 
     def text(self, delta: str, logprobs: list) -> list[bytes]:
-        out = [] if self.b.message is not None else self._added(self.b.open_message())
-        part = self.b.message["content"][0]
+        item = self.open
+        out = [] if item is not None and item["type"] == "message" else self._added(self.b.open_message())
+        part = self.open["content"][0]
         part["text"] += delta
         part["logprobs"] += logprobs
-        return out + [self.event("response.output_text.delta", **self._where(self.b.message), content_index=0,
+        return out + [self.event("response.output_text.delta", **self._where(self.open), content_index=0,
                                  delta=delta, logprobs=logprobs)]
 
     def call(self, tc: dict) -> list[bytes]:
@@ -359,6 +365,7 @@ class ResponseStream:
 
     def _done(self, item: dict) -> list[bytes]:
         self.b.close(item)
+        self.open = None
         out = []
         if item["type"] == "message":
             part = item["content"][0]
@@ -373,8 +380,8 @@ class ResponseStream:
     def finish(self) -> list[bytes]:
         """The answer is whole: close every item, then response.completed (or .incomplete)."""
         out = [] if self.b.items else self._added(self.b.open_message())
-        for item in self.b.items:
-            out += self._done(item)
+        if self.open is not None:
+            out += self._done(self.open)
         kind = "response.incomplete" if self.b.status == "incomplete" else "response.completed"
         return out + [self.event(kind, response=self.b.response())]
 

@@ -6,6 +6,7 @@ conversion functions (input items, tools, tool_choice, text.format) are tested d
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -13,10 +14,13 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from server.errors import ApiError
-from server.responses_api import (chat_messages, chat_response_format, chat_tool_choice, chat_tools,
-                                  renamed)
+from server.responses_api import (ResponseBuilder, ResponseStream, chat_messages, chat_request,
+                                  chat_response_format, chat_tool_choice, chat_tools, renamed)
+from server.responses_schemas import ResponsesRequest
 from weights import default_model_path
 from weights.checkpoint import load_checkpoint
 
@@ -44,6 +48,22 @@ def server(serve, default_bundle):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+EVENT = TypeAdapter(ResponseStreamEvent)  # the SDK's own types, validated (not just constructed)
+
+
+def _events(raw: list[bytes]) -> list:
+    """SSE bytes -> the SDK's event objects, each validated; the `event:` line names its type."""
+    out = []
+    for block in b"".join(raw).split(b"\n\n"):
+        if block.startswith(b"event: "):
+            head, data = block.split(b"\n", 1)
+            ev = EVENT.validate_python(json.loads(data.removeprefix(b"data: ")))
+            assert head.decode() == f"event: {ev.type}"
+            out.append(ev)
+    assert [e.sequence_number for e in out] == list(range(len(out)))
+    return out
 
 
 def _error(server, body: dict) -> tuple[int, dict]:
@@ -145,6 +165,113 @@ def test_chat_errors_name_the_responses_field():
     assert renamed(ApiError(400, "x", param="seed")).param == "seed"
 
 
+def test_chat_request_carries_the_fields_and_the_extras():
+    req = ResponsesRequest.model_validate({
+        "model": "m", "input": "hi", "instructions": "sys", "max_output_tokens": 9, "temperature": 0.5,
+        "top_p": 0.9, "text": {"format": {"type": "json_object"}}, "stream": True, "store": False,
+        "include": ["message.output_text.logprobs"], "top_logprobs": 3, "parallel_tool_calls": False,
+        "seed": 4, "steps": 8, "block_length": 4, "draft_depth": 2, "stop": ["x"], "metadata": {"a": "b"}})
+    body = chat_request(req)
+    assert body == {"model": "m", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}],
+                    "max_completion_tokens": 9, "temperature": 0.5, "top_p": 0.9,
+                    "response_format": {"type": "json_object"}, "stream": True,
+                    "stream_options": {"include_usage": True}, "store": False, "logprobs": True, "top_logprobs": 3,
+                    "parallel_tool_calls": False, "seed": 4, "steps": 8, "block_length": 4, "draft_depth": 2,
+                    "stop": ["x"], "metadata": {"a": "b"}}
+
+
+CALLS_BODY = {
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+    "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": {
+        "role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
+            {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}],
+    "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "forwards": 3}}
+
+
+def test_tool_calls_of_a_chat_answer_become_function_call_items():
+    tools = [{"type": "function", "name": "f"}, {"type": "function", "name": "g"}]
+    req = ResponsesRequest.model_validate({"input": "x", "tool_choice": "required", "tools": tools})
+    r = TypeAdapter(Response).validate_python(ResponseBuilder(req, "m").from_chat(CALLS_BODY))
+    assert r.status == "completed" and r.output_text == "" and r.tool_choice == "required"
+    assert [(o.type, o.call_id, o.name, o.arguments, o.status) for o in r.output] == [
+        ("function_call", "call_a", "f", "{\"x\": 1}", "completed"),
+        ("function_call", "call_b", "g", "{}", "completed")]
+    assert all(o.id.startswith("fc_") for o in r.output)
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (7, 5, 12)
+    text_too = json.loads(json.dumps(CALLS_BODY))
+    text_too["choices"][0]["message"]["content"] = "Checking."
+    r = TypeAdapter(Response).validate_python(ResponseBuilder(req, "m").from_chat(text_too))
+    assert [o.type for o in r.output] == ["message", "function_call", "function_call"]
+    assert r.output_text == "Checking."
+
+
+def _chunk(delta: dict, finish=None) -> bytes:
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _stream(req: ResponsesRequest, chunks: list[bytes]) -> list:
+    async def chat_body():
+        for c in chunks:
+            yield c
+
+    async def run():
+        return [e async for e in ResponseStream(ResponseBuilder(req, "m")).events(chat_body())]
+    return _events(asyncio.run(run()))
+
+
+def test_streamed_tool_call_chunks_become_function_call_events():
+    """Chat's streamed tool calls (OpenAI's chunk shape: an id and a name first, then argument
+    pieces by index) after some text: the message closes before the first call opens, each call
+    before the next, and the final response holds the items in order."""
+    req = ResponsesRequest.model_validate({"input": "x", "tools": [{"type": "function", "name": "f"}]})
+    usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}}
+    events = _stream(req, [
+        _chunk({"role": "assistant", "content": ""}), _chunk({"content": "Let me see."}),
+        _chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                "function": {"name": "f", "arguments": ""}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"x\":"}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+        _chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                "function": {"name": "f", "arguments": "{}"}}]}),
+        _chunk({}, "tool_calls"), b"data: " + json.dumps(usage).encode() + b"\n\n", b"data: [DONE]\n\n"])
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    first = events[8].item
+    assert first.type == "function_call" and first.call_id == "call_a" and first.name == "f" and first.arguments == ""
+    assert [e.output_index for e in events[8:13]] == [1] * 5 and events[11].arguments == "{\"x\":1}"
+    final = events[-1].response
+    assert [(o.type, getattr(o, "arguments", None)) for o in final.output] == [
+        ("message", None), ("function_call", "{\"x\":1}"), ("function_call", "{}")]
+    assert final.output_text == "Let me see." and final.usage.total_tokens == 14 and final.status == "completed"
+
+
+def test_a_stream_without_text_still_has_its_message_and_an_error_fails_it():
+    req = ResponsesRequest.model_validate({"input": "x", "max_output_tokens": 4})
+    events = _stream(req, [_chunk({"role": "assistant", "content": ""}), _chunk({}, "length"),
+                           b"data: [DONE]\n\n"])
+    assert [e.type for e in events][2:] == [
+        "response.output_item.added", "response.content_part.added", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.incomplete"]
+    assert events[-1].response.output[0].status == "incomplete"
+    error = {"error": {"message": "the queue is full", "type": "rate_limit_error", "param": None,
+                       "code": "queue_full", "status": 429}}
+    events = _stream(req, [_chunk({"content": "a"}), b"data: " + json.dumps(error).encode() + b"\n\n",
+                           b"data: [DONE]\n\n"])
+    assert [e.type for e in events][-2:] == ["error", "response.failed"]
+    assert events[-2].code == "queue_full" and events[-2].message == "the queue is full"
+    assert events[-1].response.error.code == "rate_limit_exceeded" and events[-1].response.status == "failed"
+
+
 # ---------------------------------------------------------------- through the official client
 def test_create_is_the_chat_answer(client):
     kw = dict(temperature=1.0, top_p=0.9, extra_body=SAMPLED)
@@ -165,6 +292,10 @@ def test_create_is_the_chat_answer(client):
     assert r.status == ("completed" if finished else "incomplete") and item.status == r.status
     assert r.metadata == {"k": "v"} and r.user == "u1" and r.store is False  # accepted, nothing is stored
     assert (r.temperature, r.top_p, r.max_output_tokens, r.instructions) == (1.0, 0.9, 24, "Answer briefly.")
+    raw = httpx.post(f"{client.base_url}responses", timeout=60, json={
+        "model": "m", "instructions": "Answer briefly.", "input": "Name three colors.", "max_output_tokens": 24,
+        "temperature": 1.0, "top_p": 0.9, **SAMPLED}).json()
+    assert TypeAdapter(Response).validate_python(raw).output_text == r.output_text  # every required field
 
 
 def test_list_input_is_the_chat_conversation(client):
@@ -197,11 +328,17 @@ EXPECTED = ["response.created", "response.in_progress", "response.output_item.ad
             "response.content_part.done", "response.output_item.done", "response.completed"]
 
 
-def test_stream_events_in_the_sdk_sequence(client):
+def test_stream_events_in_the_sdk_sequence(server, client):
     kw = dict(model="m", input="Count to five.", max_output_tokens=32, temperature=1.0, extra_body=SAMPLED)
     whole = client.responses.create(**kw)
     assert whole.status == "completed"
     events = list(client.responses.create(**kw, stream=True))
+    raw = {"model": "m", "input": "Count to five.", "max_output_tokens": 32, "temperature": 1.0, **SAMPLED,
+           "stream": True}
+    with httpx.stream("POST", server.url + "/v1/responses", json=raw, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        validated = _events(list(r.iter_bytes()))
+    assert [e.type for e in validated] == [e.type for e in events]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     kinds = [e.type for e in events]
     deltas = [e for e in events if e.type == "response.output_text.delta"]
