@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 
 import httpx
 import jsonschema
@@ -21,6 +22,7 @@ from server.errors import ApiError
 from server.responses_api import (ResponseBuilder, ResponseStream, chat_messages, chat_request,
                                   chat_response_format, chat_tool_choice, chat_tools, renamed)
 from server.responses_schemas import ResponsesRequest
+from test_server_helpers import metric, metrics
 from weights import default_model_path
 from weights.checkpoint import load_checkpoint
 
@@ -472,6 +474,36 @@ def test_engine_failure_mid_stream_is_response_failed(serve, default_bundle):
         list(stream)
         with pytest.raises(RuntimeError):
             stream.get_final_response()
+
+
+class Slow:
+    """The model, sleeping before each forward."""
+
+    def __init__(self, model, delay):
+        self.inner, self.delay = model, delay
+        self.config, self.device, self.dtype = model.config, model.device, model.dtype
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner(*args, **kwargs)
+
+
+def test_a_client_gone_mid_stream_stops_the_work_and_is_a_499(serve, default_bundle):
+    slow = serve(dataclasses.replace(default_bundle, model=Slow(default_bundle.model, 0.05)), name="m")
+    body = {"input": "Count to ten.", "max_output_tokens": 64, "block_length": 64, "stream": True,
+            "ban_eos": True}  # 64 forwards: about 3 s
+    t0 = time.monotonic()
+    with httpx.stream("POST", slow.url + "/v1/responses", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines) == "event: response.created"
+
+    def settled():
+        m = metrics(slow.url)
+        return (metric(m, "llada_requests_total", endpoint="/v1/responses", status=499) == 1
+                and metric(m, "llada_running_requests") == 0)
+    while not settled():
+        assert time.monotonic() - t0 < 2.5, "the disconnect was not counted, or the work went on"
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- LangChain
