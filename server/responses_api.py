@@ -355,8 +355,9 @@ class ResponseStream:
         out = []
         for choice in data.get("choices") or ():
             delta = choice.get("delta") or {}
-            if delta.get("content"):
-                out += self.text(delta["content"], (choice.get("logprobs") or {}).get("content") or [])
+            logprobs = (choice.get("logprobs") or {}).get("content") or []
+            if delta.get("content") or logprobs:  # a finish chunk may carry the last tokens' logprobs alone
+                out += self.text(delta.get("content") or "", logprobs)
             for tc in delta.get("tool_calls") or ():
                 out += self.call(tc)
             if choice.get("finish_reason"):
@@ -439,7 +440,8 @@ async def create_response(request: Request, body: ResponsesRequest):
     if refused:
         raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
     chat = _chat_body(body)
-    checks.fields(svc, body)  # unknown Responses fields, the model id
+    # Unknown Responses fields and the model id; the tool fields are checked in chat's shape, by chat.
+    checks.fields(svc, body.model_copy(update={"tools": None, "tool_choice": None}))
     try:
         answer = await chat_completions(request, chat)
     except ApiError as e:
