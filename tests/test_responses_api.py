@@ -10,13 +10,14 @@ import asyncio
 import dataclasses
 import json
 import time
+from typing import Literal
 
 import httpx
 import jsonschema
 import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from server.errors import ApiError
 from server.responses_api import (ResponseBuilder, ResponseStream, chat_messages, chat_request,
@@ -174,7 +175,8 @@ def test_chat_request_carries_the_fields_and_the_extras():
         "include": ["message.output_text.logprobs"], "top_logprobs": 3, "parallel_tool_calls": False,
         "seed": 4, "steps": 8, "block_length": 4, "draft_depth": 2, "stop": ["x"], "metadata": {"a": "b"}})
     body = chat_request(req)
-    assert body == {"model": "m", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}],
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}]
+    assert body == {"model": "m", "messages": messages,
                     "max_completion_tokens": 9, "temperature": 0.5, "top_p": 0.9,
                     "response_format": {"type": "json_object"}, "stream": True,
                     "stream_options": {"include_usage": True}, "store": False, "logprobs": True, "top_logprobs": 3,
@@ -364,6 +366,11 @@ def test_stream_helper(client):
     assert final.status == "completed" and final.usage.output_tokens > 0
 
 
+class Pick(BaseModel):
+    letter: Literal["a", "b", "c"]
+    ok: bool
+
+
 def test_text_format_is_enforced(client):
     fmt = {"type": "json_schema", "name": "thing", "schema": SCHEMA, "strict": True}
     for t in (0.0, 1.0):
@@ -378,6 +385,9 @@ def test_text_format_is_enforced(client):
     jsonschema.validate(json.loads(final.output_text), SCHEMA)
     r = client.responses.create(model="m", input="x", max_output_tokens=48, text={"format": {"type": "json_object"}})
     assert r.output_text.startswith("{")
+    # the SDK's parse helper (a pydantic model as text_format: a strict json_schema)
+    parsed = client.responses.parse(model="m", input="pick one", max_output_tokens=32, text_format=Pick)
+    assert isinstance(parsed.output_parsed, Pick)
     # the structured-output fields chat takes pass through as well
     r = client.responses.create(model="m", input="x", max_output_tokens=8,
                                 extra_body={"guided_choice": ["red", "green"]})
@@ -422,6 +432,15 @@ def test_refusals_name_the_field(server, body, status, param):
     code, err = _error(server, {"model": "m", "input": "hi", **body})
     assert code == status and err["param"] == param, err
     assert err["type"] in ("invalid_request_error", "not_found_error") and err["message"]
+
+
+def test_the_route_is_in_the_openapi_document(server):
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    post = spec["paths"]["/v1/responses"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ResponsesRequest")
+    assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    documented = set(spec["components"]["schemas"]["ResponsesRequest"]["properties"])
+    assert set(ResponsesRequest.model_fields) <= documented and {"input", "steps", "seed"} <= documented
 
 
 def test_previous_response_id_through_the_client(client):
@@ -509,7 +528,6 @@ def test_a_client_gone_mid_stream_stops_the_work_and_is_a_499(serve, default_bun
 # ---------------------------------------------------------------- LangChain
 def test_langchain_use_responses_api(server, client):
     from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel
 
     llm = ChatOpenAI(base_url=server.url + "/v1", api_key="x", model="m", use_responses_api=True,
                      max_tokens=16, temperature=0, max_retries=0)
