@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from server import checks
 from server.errors import API_ERRORS, ApiError, clip, validation_error
 from server.responses import EVENT_STREAM
-from server.responses_schemas import LOGPROBS_INCLUDE, PASSTHROUGH, ResponsesRequest, refused_field
+from server.responses_schemas import LOGPROBS_INCLUDE, PASSTHROUGH, STATELESS, ResponsesRequest, refused_field
 from server.routes import SizeCheckedRoute, chat_completions, require_api_key
 from server.schemas import ChatCompletionRequest
 
@@ -454,3 +454,15 @@ async def create_response(request: Request, body: ResponsesRequest):
     if not isinstance(answer, dict):
         return answer  # the client went away
     return builder.from_chat(answer)
+
+
+NOTHING_STORED = {200: {"description": "never: nothing is stored"}}
+
+
+@router.get("/responses/{response_id}", response_model=None, responses=NOTHING_STORED)
+@router.delete("/responses/{response_id}", response_model=None, responses=NOTHING_STORED)
+@router.get("/responses/{response_id}/input_items", response_model=None, responses=NOTHING_STORED)
+async def stored_response(response_id: str):
+    """Stored responses (retrieve, delete, input items): none exist on this stateless server (404)."""
+    raise ApiError(404, f"no response {clip(response_id)}: {STATELESS}", "not_found_error", param="response_id",
+                   code="response_not_found")

@@ -449,6 +449,13 @@ def test_previous_response_id_through_the_client(client):
     assert e.value.param == "previous_response_id" and "stateless" in e.value.message
 
 
+def test_stored_responses_do_not_exist(client):
+    for call in (client.responses.retrieve, client.responses.delete, client.responses.input_items.list):
+        with pytest.raises(openai.NotFoundError) as e:
+            call("resp_123")
+        assert e.value.code == "response_not_found" and "stateless" in e.value.message
+
+
 def test_input_longer_than_the_context_is_refused_before_validation(server, default_bundle):
     ctx = default_bundle.config.max_sequence_length
     code, err = _error(server, {"input": [{"role": "user", "content": "x"}] * (ctx + 1)})
