@@ -38,7 +38,7 @@ ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text", "text")
 # chat's field -> the Responses field it came from (error params and messages)
 RENAMED = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
-           "response_format": "text.format", "messages": "input"}
+           "response_format": "text.format", "messages": "input", "prompt": "input"}
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
@@ -201,7 +201,7 @@ def renamed(err: ApiError) -> ApiError:
     """A chat-path error with the Responses field's name for chat's."""
     head, dot, rest = (err.param or "").partition(".")
     if head in RENAMED:
-        err.param = RENAMED[head] + (dot + rest if head != "messages" else "")
+        err.param = RENAMED[head] + (dot + rest if RENAMED[head] != "input" else "")
         if head.startswith("max_"):
             err.message = re.sub(rf"\b{head}\b", "max_output_tokens", err.message)
     return err

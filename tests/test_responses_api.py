@@ -166,6 +166,14 @@ def test_chat_errors_name_the_responses_field():
     assert renamed(ApiError(400, "x", param="messages.3.content")).param == "input"
     assert renamed(ApiError(400, "x", param="response_format")).param == "text.format"
     assert renamed(ApiError(400, "x", param="seed")).param == "seed"
+    assert renamed(ApiError(400, "x", param="prompt")).param == "input"
+
+
+def test_a_checkpoint_without_a_tokenizer_is_a_400_naming_input(serve, bundle):
+    srv = serve(bundle, name="tiny")
+    r = httpx.post(srv.url + "/v1/responses", json={"input": "hi"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert r.json()["error"]["code"] == "no_tokenizer"
 
 
 def test_chat_request_carries_the_fields_and_the_extras():
