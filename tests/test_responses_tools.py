@@ -60,7 +60,7 @@ def test_required_returns_calls_whose_arguments_validate(client):
             r = client.responses.create(model="m", input=ASK, tools=TOOLS, tool_choice="required",
                                         max_output_tokens=128, temperature=t, extra_body={"seed": seed})
             assert r.status == "completed" and _calls(r)
-            assert r.tool_choice == "required" and [t.name for t in r.tools] == ["get_weather", "add"]
+            assert r.tool_choice == "required" and [tool.name for tool in r.tools] == ["get_weather", "add"]
 
 
 def test_named_function_and_parallel_calls_off(client):
