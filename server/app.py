@@ -23,6 +23,7 @@ from server.errors import ApiError, install_handlers
 from server.guards import Guards, default_max_body_bytes, outcome_of
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
+from server.responses_api import router as responses_router
 from server.routes import HEAD_PATHS, api, check_auth, ops
 from server.vllm_routes import vllm, vllm_open
 
@@ -127,5 +128,6 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
     app.include_router(api)
     app.include_router(vllm)
     app.include_router(vllm_open)
+    app.include_router(responses_router)
     app.openapi = _openapi_without_422(app)
     return app

@@ -62,9 +62,10 @@ def raw_sizes(svc, data) -> None:
     if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > queue:
         raise ApiError(400, f"the prompt list has {len(p)} prompts; this server queues at most {queue} "
                        "generations", param="prompt", code="invalid_value")
-    if isinstance(m, list) and len(m) > ctx:
-        raise ApiError(400, f"{len(m)} messages cannot fit the model's context of {ctx} tokens",
-                       param="messages", code="context_length_exceeded")
+    for key, what, m in (("messages", "messages", m), ("input", "input items", data.get("input"))):
+        if isinstance(m, list) and len(m) > ctx:  # chat's messages, the Responses API's input items
+            raise ApiError(400, f"{len(m)} {what} cannot fit the model's context of {ctx} tokens",
+                           param=key, code="context_length_exceeded")
     if isinstance(s, list) and len(s) > stops:
         raise ApiError(400, f"at most {stops} stop strings, got {len(s)}", param="stop", code="invalid_value")
     ids = data.get("stop_token_ids")
