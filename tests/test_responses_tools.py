@@ -8,6 +8,7 @@ These run on the chat path's tools (server/tools.py); without it the module is s
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Literal
 
 import httpx
@@ -18,7 +19,6 @@ from pydantic import BaseModel, Field
 
 pytest.importorskip("server.tools")
 
-from weights import default_model_path  # noqa: E402
 from weights.checkpoint import load_checkpoint  # noqa: E402
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -28,17 +28,26 @@ ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "
                                         "b": {"type": "integer", "minimum": 0, "maximum": 999}},
        "required": ["a", "b"], "additionalProperties": False}
 PARAMS = {"get_weather": WEATHER, "add": ADD}
-TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city",
+TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather",
           "parameters": WEATHER, "strict": True},
-         {"type": "function", "name": "add", "description": "Add two integers", "parameters": ADD, "strict": True}]
+         {"type": "function", "name": "add", "description": "Add", "parameters": ADD, "strict": True}]
 CHAT_TOOLS = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in TOOLS]
 ASK = "What is the weather in Paris, in celsius?"
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    return serve(load_checkpoint(default_model_path(), device="cpu", dtype="float32"), name="m",
-                 max_batch_tokens=8192)
+def server(serve, golden_dir, tmp_path_factory):
+    """The golden checkpoint with the tests' tiny tokenizer: the embedded default model's 256-token
+    context cannot hold the fallback tools preamble of two tools and an answer, and the tiny BPE spends
+    about a token per JSON character, so the copy's context is raised to 1024 (rotary positions)."""
+    from ckpt_factory import add_tokenizer
+
+    path = tmp_path_factory.mktemp("golden-responses-tools") / "tiny-llada"
+    shutil.copytree(golden_dir, path)
+    add_tokenizer(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_sequence_length": 1024}))
+    return serve(load_checkpoint(path, device="cpu", dtype="float32"), name="m", max_batch_tokens=8192)
 
 
 @pytest.fixture(scope="module")
