@@ -8,6 +8,7 @@ logit at -inf (same noise, same EOS ban, filters decided again without it). With
 re-draw runs only when some row needs it; otherwise (CUDA graphs) it is computed for every row and
 used by those rows only.
 
+`ban_stops`: the stop ids' logits at -inf on the rows of positions below a request's min_tokens.
 `defer_stops`: with `defer_eos`, stop-token candidates rank below every other candidate.
 """
 
@@ -109,6 +110,19 @@ def _draw_sharded(logits, temp, seed, nonce, position, ban, eos_id, mask_id, dyn
         x0 = torch.where(redo, x0b, x0)
         conf = torch.where(redo, confb.to(conf.dtype), conf)
     return Draw(x0, conf)
+
+
+def ban_stops(logits, below, stop_ids: torch.Tensor, shard: VocabShard | None = None) -> None:
+    """Set the `stop_ids` columns of the rows flagged by `below` (bool [N]) to -inf, in place: those
+    positions cannot take a stop id (SamplingParams.min_tokens)."""
+    cols = stop_ids
+    if shard is not None:  # this rank's columns only (a data-dependent shape: no graph capture here)
+        cols = stop_ids - shard.lo
+        cols = cols[(cols >= 0) & (cols < logits.shape[1])]
+    if cols.numel():
+        sub = logits.index_select(1, cols)
+        sub = torch.where(below.unsqueeze(1), torch.full_like(sub, float("-inf")), sub)
+        logits.index_copy_(1, cols, sub)
 
 
 def defer_stops(conf, x0, defer, stop_ids: torch.Tensor, dynamic: bool = True):

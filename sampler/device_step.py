@@ -303,6 +303,8 @@ def candidates(logits, lay: Layout, rq: Requests, bucket: Bucket, tokens, mask_i
     ban, seed, nonce = ri.ban_eos.bool(), ri.seed, ri.steps_done
     if not dynamic or bool((rf.eos_bias != 0).any()):  # in place: the logits are this step's own
         cd.add_to_column(logits, eos_id, rf.eos_bias.to(logits.dtype), shard)
+    if not dynamic or bool((ri.min_tokens > 0).any()):  # in place: the drafting stage reads these logits
+        cd.ban_stops(logits, lay.position - ri.prompt_len < ri.min_tokens, stop_ids, shard)
     if bucket.constrained:  # never under tensor parallelism (refused at admission)
         apply_grammar(logits, lay, rq, grammar_mask, dynamic)
     filters = RowFilters(ri.top_k, rf.top_p, rf.min_p) if bucket.filters else None

@@ -7,6 +7,11 @@ admits from the request with the fewest sub-requests running (max-min fairness: 
 an equal share of the batch when several compete), breaking ties by the request served least
 recently (round-robin; a request that just arrived counts as served at its arrival). A lone request
 still gets the whole batch, and separate single-choice requests keep their arrival order.
+
+A request may carry a priority (an integer, 0 by default; lower is sooner, as in vLLM): a waiting
+request of a lower priority value is always admitted before any of a higher one, and the rule above
+orders requests of equal priority. Priority orders admission only: a running request is never
+preempted.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class _Group:
     waiting: collections.deque = field(default_factory=collections.deque)
     running: int = 0
     served: int = 0   # tick of the last admission (of the arrival before the first)
+    priority: int = 0  # lower is admitted sooner
 
 
 class FairQueue:
@@ -38,10 +44,10 @@ class FairQueue:
         for g in list(self._groups.values()):
             yield from list(g.waiting)
 
-    def push(self, group, items) -> None:
+    def push(self, group, items, priority: int = 0) -> None:
         g = self._groups.get(group)
         if g is None:
-            g = self._groups[group] = _Group(served=next(self._tick))
+            g = self._groups[group] = _Group(served=next(self._tick), priority=priority)
         g.waiting.extend(items)
         self._waiting += len(items)
 
@@ -49,8 +55,8 @@ class FairQueue:
         """(group, item) to admit next, or None when nothing waits."""
         best, best_key = None, None
         for key, g in self._groups.items():
-            if g.waiting and (best is None or (g.running, g.served) < best_key):
-                best, best_key = key, (g.running, g.served)
+            if g.waiting and (best is None or (g.priority, g.running, g.served) < best_key):
+                best, best_key = key, (g.priority, g.running, g.served)
         return None if best is None else (best, self._groups[best].waiting[0])
 
     def admitted(self, group, item) -> None:

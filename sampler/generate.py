@@ -59,12 +59,13 @@ def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, 
     return [results[i] for i in range(len(prompts))]
 
 
-def cut_answer(gen_ids, stop_ids, limit: int | None = None) -> list[int]:
-    """The answer: the generated ids up to (not including) the first EOS/EoT, at most `limit`."""
+def cut_answer(gen_ids, stop_ids, limit: int | None = None, stop_from: int = 0) -> list[int]:
+    """The answer: the generated ids up to (not including) the first EOS/EoT, at most `limit`. A
+    stop id before position `stop_from` (min_tokens) ends nothing."""
     stops = set(stop_ids)
     out = []
     for t in gen_ids:
-        if t in stops or (limit is not None and len(out) >= limit):
+        if (t in stops and len(out) >= stop_from) or (limit is not None and len(out) >= limit):
             break
         out.append(t)
     return out

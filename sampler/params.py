@@ -51,6 +51,7 @@ class SamplingParams:
     ban_eos sets the EOS logit to -inf; defer_eos ranks EOS/EoT candidates below every other one;
     eos_bias is added to the EOS logit (after guidance, before filters and the draw): negative
     values make EOS less likely without banning it, positive more likely.
+    min_tokens bans every stop id (EOS/EoT) at the span's first min_tokens positions.
     top_k / top_p / min_p restrict the candidate distribution of sampled rows (temperature > 0;
     neutral values 0 / 1 / 0; see kernels.selection.restrict_logits). logprobs set (0..20) asks for
     each committed token's log-probability in its committing step and that many alternatives.
@@ -79,6 +80,10 @@ class SamplingParams:
     min_p: float = 0.0
     logprobs: int | None = None
     eos_bias: float = 0.0
+    # The span's first min_tokens positions never take a stop id (EOS/EoT): their logits are -inf
+    # there, so no stop id can end the answer before min_tokens tokens. min_tokens == gen_length
+    # is vLLM's ignore_eos (a fixed-length answer); 0 (the default) changes nothing.
+    min_tokens: int = 0
     # Structured output: a compiled `sampler.constraint.Constraint`, or None. The answer is then
     # committed left to right under the grammar (sampler.llada_batch, "constrained requests").
     constraint: object = None
@@ -204,6 +209,10 @@ class SamplingParams:
             if self.logprobs > MAX_TOP_LOGPROBS:
                 raise ParamError("logprobs", f"at most {MAX_TOP_LOGPROBS} alternatives per token, "
                                  f"got {self.logprobs}")
+        integer("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.gen_length:
+            raise ParamError("min_tokens", f"min_tokens {self.min_tokens} exceeds the {self.gen_length} "
+                             "generated positions")
         v = self.eos_bias
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -MAX_EOS_BIAS <= v <= MAX_EOS_BIAS:
             raise ParamError("eos_bias", f"eos_bias must be a number in [-{MAX_EOS_BIAS:g}, {MAX_EOS_BIAS:g}], "
@@ -232,7 +241,10 @@ class SamplingParams:
                              "remasking='random' does not apply to it")
         if self.ban_eos:
             raise ParamError("ban_eos", "an answer under a grammar ends where the grammar accepts; "
-                             "banning EOS (ignore_eos) cannot be combined with structured output")
+                             "banning EOS cannot be combined with structured output")
+        if self.min_tokens:
+            raise ParamError("min_tokens", "an answer under a grammar ends where the grammar accepts; "
+                             "min_tokens and ignore_eos cannot be combined with structured output")
 
     def _validate_block_diffusion(self, prompt_len: int, max_sequence_length: int | None) -> None:
         integer("block_length", self.block_length, 1)
@@ -264,7 +276,7 @@ class SamplingParams:
             raise ParamError("remasking", "block diffusion (LLaDA2.x) unmasks by confidence only; "
                              f"remasking={self.remasking!r} is not available")
         for name, neutral in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("logprobs", None),
-                              ("eos_bias", 0.0)):
+                              ("eos_bias", 0.0), ("min_tokens", 0)):
             if getattr(self, name) != neutral:
                 raise ParamError(name, f"{name} is not available for block-diffusion (LLaDA2.x) "
                                  "checkpoints yet")

@@ -38,7 +38,8 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
     `span_ids` (mask ids where tokens are to be filled, fixed tokens elsewhere). Blocks cover the
     span only; each block's schedule counts its masked positions and a block without any is
     skipped (no forward). The suffix is context every step attends to; with CFG the unconditional
-    canvas masks the prompt and the suffix.
+    canvas masks the prompt and the suffix. `params.min_tokens`: the span's first min_tokens
+    positions never take one of `stop_ids` (their logits are -inf there).
 
     Sampling filters (params.top_k/top_p/min_p) restrict the sampled rows' logits before the draw;
     the confidence is the candidate's probability under the restricted, renormalised distribution.
@@ -62,7 +63,7 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
         while bool((x[lo:hi] == mask_id).any()):
             if counts is not None and i >= len(counts):
                 break
-            logits = guided_logits(model, x, params, p, g, mask_id)
+            logits = guided_logits(model, x, params, p, g, mask_id, stop_ids)
             forwards += 1
             positions = torch.arange(x.numel(), device=dev)
             dist = restricted(logits, params, lo, hi)
@@ -108,10 +109,10 @@ def reference_generate(model, prompt_ids, params: SamplingParams, mask_id: int,
     return x[p:p + g].tolist(), forwards
 
 
-def guided_logits(model, x, params: SamplingParams, p: int, g: int, mask_id: int):
+def guided_logits(model, x, params: SamplingParams, p: int, g: int, mask_id: int, stop_ids=()):
     """float64 logits of the canvas `x` (prompt p, span g): with CFG u + (s + 1) * (c - u), the
     unconditional canvas with prompt and suffix masked; eos_bias added to EOS; EOS at -inf with
-    ban_eos."""
+    ban_eos; `stop_ids` at -inf at the span's first params.min_tokens positions."""
     logits = model.full_logits(x.unsqueeze(0))[0].to(torch.float64)
     if params.cfg_scale > 0:
         un = x.clone()
@@ -123,6 +124,8 @@ def guided_logits(model, x, params: SamplingParams, p: int, g: int, mask_id: int
     logits[:, model.config.eos_token_id] += params.eos_bias
     if params.ban_eos:
         logits[:, model.config.eos_token_id] = float("-inf")
+    if params.min_tokens:
+        logits[p:p + params.min_tokens, list(stop_ids)] = float("-inf")
     return logits
 
 

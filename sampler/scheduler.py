@@ -137,6 +137,9 @@ class Handle:
     answer_limit: int | None = None  # tokens the answer is cut at (early completion)
     suffix_ids: list = field(default_factory=list)  # fixed context after the generated span
     span_ids: list | None = None   # infill: the span with mask ids where tokens are filled
+    stop_ids: frozenset | None = None  # ids that end the answer (None: the model's EOS/EoT)
+    stop_from: int = 0             # a stop id before this span position ends nothing (min_tokens)
+    priority: int = 0              # lower is admitted sooner (sampler.fair_queue)
     rid: int = 0
     group: int = 0                 # the handles submitted together (one HTTP request) share it
     submitted: float = field(default_factory=time.monotonic)
@@ -292,7 +295,7 @@ class Engine:
                 h.canvas = [None] * h.params.gen_length if h.span_ids is None else \
                     [None if t == self.mask_id else t for t in h.span_ids]
                 h.token_info = [None] * h.params.gen_length if h.params.logprobs is not None else None
-            self.waiting.push(group, handles)
+            self.waiting.push(group, handles, priority=min(h.priority for h in handles))
             self._gauges()
             self._cv.notify_all()
         return handles
@@ -544,7 +547,8 @@ class Engine:
         before = h.prefix
         n = len(canvas) if ev.final_upto is None else ev.final_upto  # editing: only finished blocks
         while h.prefix < n and canvas[h.prefix] is not None:
-            if canvas[h.prefix] in self.stop_ids:
+            if canvas[h.prefix] in (self.stop_ids if h.stop_ids is None else h.stop_ids) \
+                    and h.prefix >= h.stop_from:
                 h.stop_seen = True
             h.prefix += 1
         if not h.first_token_seen and (h.prefix >= 1 or ev.finished):

@@ -50,6 +50,7 @@ class SlotInts(NamedTuple):
     draft_depth: Any      # steps the drafting stage guesses ahead (0: off)
     guessed: Any          # steps guessed by the last drafting stage (draft rows 1..guessed valid)
     guess_nonce: Any      # steps_done when they were guessed (drafts are valid at that state only)
+    min_tokens: Any       # span positions below it never take a stop id (SamplingParams.min_tokens)
 
 
 class SlotFloats(NamedTuple):
@@ -81,7 +82,7 @@ def pack_slot(params, offset: int, prompt_len: int, length: int,
         gen_length=params.gen_length, block_masked=0, top_k=params.top_k,
         n_logprobs=-1 if params.logprobs is None else params.logprobs,
         frontier=0 if params.constraint is not None else -1,
-        draft_depth=draft_depth, guessed=0, guess_nonce=-1)
+        draft_depth=draft_depth, guessed=0, guess_nonce=-1, min_tokens=params.min_tokens)
     floats = SlotFloats(
         temperature=float(params.temperature),
         threshold=float(params.threshold) if params.threshold is not None else 0.0,

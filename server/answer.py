@@ -42,24 +42,38 @@ class Decoder:
         return self.tokenizer.decode([i], skip_special_tokens=False)
 
 
+class TokenIdPieces(Decoder):
+    """A decoder whose per-token pieces are `token_id:N` (return_tokens_as_token_ids): the
+    logprobs name tokens by id, the text stays the text."""
+
+    def __init__(self, decoder: Decoder):
+        super().__init__(decoder.tokenizer, decoder.skip_special)
+
+    def piece(self, i: int) -> str:
+        return f"token_id:{i}"
+
+
 @dataclass
 class Answer:
     ids: list[int]
     text: str
     finish_reason: str
     completion_tokens: int
+    tool_calls: list[dict] | None = None  # a chat answer read as calls (server.tools.ToolChoice)
 
 
-def find_stop(text: str, stops: list[str]) -> int | None:
-    """Start of the stop-string match that ends first (ties: the longer match), or None."""
-    best = None  # (end, -length, start)
+def find_stop(text: str, stops: list[str], after: int = 0) -> tuple[int, str] | None:
+    """(start, stop string) of the stop-string match that ends first (ties: the longer match), or
+    None. Only matches that end past character `after` count (min_tokens: the text of the first
+    min_tokens tokens cannot end the answer)."""
+    best = None  # (end, -length, start, stop)
     for s in stops:
-        i = text.find(s)
+        i = text.find(s, max(0, after - len(s) + 1))
         if i >= 0:
-            key = (i + len(s), -len(s), i)
+            key = (i + len(s), -len(s), i, s)
             if best is None or key < best:
                 best = key
-    return None if best is None else best[2]
+    return None if best is None else (best[2], best[3])
 
 
 def stop_tail(text: str, stops: list[str]) -> int:
@@ -79,6 +93,7 @@ class BaseChoice(ABC):
     events that move it on. A new kind implements the whole of it."""
 
     reports_logprobs = True  # whether the body's logprobs describe this choice's answer
+    stop_reason: str | int | None = None  # the stop string or client stop id that ended it
 
     def __init__(self, index: int, decoder: Decoder, max_tokens: int):
         self.index = index
@@ -102,31 +117,52 @@ class BaseChoice(ABC):
 
 
 class Choice(BaseChoice):
-    """The answer of one sub-request as it becomes known."""
+    """The answer of one sub-request as it becomes known.
 
-    def __init__(self, index: int, decoder: Decoder, stop_ids, max_tokens: int, stops: list[str]):
+    `stop_ids`: the ids that end it (the model's EOS/EoT unless ignore_eos, plus the request's
+    stop_token_ids, `client_stop_ids`); `min_tokens`: no stop id or stop string ends it before that
+    many tokens; `include_stop`: the stop string (or stop id) that ended it stays in the answer.
+    `stop_reason`: the stop string or client stop id that ended it (None: EOS/EoT or the length)."""
+
+    def __init__(self, index: int, decoder: Decoder, stop_ids, max_tokens: int, stops: list[str],
+                 client_stop_ids=(), min_tokens: int = 0, include_stop: bool = False):
         super().__init__(index, decoder, max_tokens)
-        self.stop_ids = set(stop_ids)
+        self.stop_ids = set(stop_ids) | set(client_stop_ids)
+        self.client_stop_ids = set(client_stop_ids)
         self.stops = [s for s in stops if s]
+        self.min_tokens = min_tokens
+        self.include_stop = include_stop
+        self.stop_reason: str | int | None = None
 
     def _cut_ids(self, ids) -> tuple[list[int], bool]:
         """(answer ids, ended by a stop id) for a run of known ids. A decoder that keeps special
-        tokens keeps the stop id that ended the answer too (within max_tokens)."""
-        out = cut_answer(ids, self.stop_ids, self.max_tokens)
+        tokens (or include_stop) keeps the stop id that ended the answer too (within max_tokens)."""
+        out = cut_answer(ids, self.stop_ids, self.max_tokens, self.min_tokens)
         stopped = len(out) < len(ids) and ids[len(out)] in self.stop_ids
-        if stopped and not self.decoder.skip_special and len(out) < self.max_tokens:
-            out = out + [ids[len(out)]]
+        if stopped:
+            self.stop_reason = ids[len(out)] if ids[len(out)] in self.client_stop_ids else None
+            if (self.include_stop or not self.decoder.skip_special) and len(out) < self.max_tokens:
+                out = out + [ids[len(out)]]
         self.tokens = max(self.tokens, len(out))
         return out, stopped
 
-    def _finalize(self, ids: list[int], stopped: bool, text: str, cut: int | None) -> Answer:
-        reason = "stop" if stopped or cut is not None else "length"
+    def _stop_match(self, ids: list[int], text: str) -> tuple[int, str] | None:
+        """The stop string that ends the answer in `text` (the decoded `ids`), if any."""
+        if not self.stops or len(ids) < self.min_tokens:
+            return None
+        after = len(self.decoder.text(ids[:self.min_tokens])) if self.min_tokens else 0
+        return find_stop(text, self.stops, after)
+
+    def _finalize(self, ids: list[int], stopped: bool, text: str, match: tuple[int, str] | None) -> Answer:
+        reason = "stop" if stopped or match is not None else "length"
         tokens = len(ids)
-        if cut is not None:
+        if match is not None:
+            self.stop_reason = match[1]
+            cut = match[0] + (len(match[1]) if self.include_stop else 0)
             text = text[:cut]
             # tokens spent on the text kept: the shortest id prefix whose text covers it
             tokens = next((k for k in range(len(ids) + 1) if len(self.decoder.text(ids[:k])) >= cut), len(ids))
-        return Answer(ids=ids[:tokens] if cut is not None else ids, text=text, finish_reason=reason,
+        return Answer(ids=ids[:tokens] if match is not None else ids, text=text, finish_reason=reason,
                       completion_tokens=tokens)
 
     def _delta(self, text: str) -> str:
@@ -145,9 +181,9 @@ class Choice(BaseChoice):
         ids, stopped = self._cut_ids(prefix_ids)
         complete = stopped or len(ids) >= self.max_tokens
         text = self.decoder.text(ids)
-        cut = find_stop(text, self.stops)
-        if cut is not None or complete:
-            self.answer = self._finalize(ids, stopped, text, cut)
+        match = self._stop_match(ids, text)
+        if match is not None or complete:
+            self.answer = self._finalize(ids, stopped, text, match)
             return self._delta(self.answer.text)
         safe = text
         while safe.endswith("\ufffd"):
@@ -169,5 +205,6 @@ class Choice(BaseChoice):
                 known.append(t)
             ids, stopped = self._cut_ids(known)
             text = self.decoder.text(ids)
-            self.answer = self._finalize(ids, stopped, text, find_stop(text, self.stops))
+            self.answer = self._finalize(ids, stopped, text, self._stop_match(ids, text))
         return self._delta(self.answer.text)
+

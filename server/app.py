@@ -2,7 +2,7 @@
 
 `create_app(bundle, engine_config, ...)` builds a complete app around any loaded ModelBundle, so
 tests and the CLI share one code path. The engine thread starts with the app's lifespan. The routes
-are in server/routes.py, request checks in server/checks.py, request reading in server/requests.py,
+are in server/routes.py (vLLM's /tokenize, /detokenize, /version in server/vllm_routes.py), request checks in server/checks.py, request reading in server/requests.py,
 one request in flight in server/job.py, the SSE bodies in server/streaming.py and the error body in
 server/errors.py.
 """
@@ -23,7 +23,9 @@ from server.errors import ApiError, install_handlers
 from server.guards import Guards, default_max_body_bytes, outcome_of
 from server.metrics import Metrics
 from server.requests import ServerLimits, derive_seed
+from server.responses_api import router as responses_router
 from server.routes import HEAD_PATHS, api, check_auth, ops
+from server.vllm_routes import vllm, vllm_open
 
 __all__ = ["ApiError", "Service", "ServerLimits", "create_app", "derive_seed"]
 
@@ -124,5 +126,8 @@ def create_app(bundle, engine_config: EngineConfig | None = None, *, served_mode
                        authenticate=check_auth)
     app.include_router(ops)
     app.include_router(api)
+    app.include_router(vllm)
+    app.include_router(vllm_open)
+    app.include_router(responses_router)
     app.openapi = _openapi_without_422(app)
     return app

@@ -14,9 +14,13 @@ from sampler.params import MAX_SEED, ParamError
 from sampler.scheduler import EngineError, check_fits
 from server.errors import ApiError, clip
 from server.schemas import refused_field, unknown_fields
+from server.tools import tool_request
 
 log = logging.getLogger("llada.server")
 MAX_SCORING_PAIRS = 256  # pairs per /v1/loglikelihood request
+MAX_STOP_TOKEN_IDS = 256  # stop_token_ids per request
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)  # priority: a 32-bit integer, lower is admitted sooner
+MAX_REQUEST_ID_CHARS = 256  # request_id / x-request-id: printable ASCII (it becomes a header)
 
 
 def model(svc, model_id: str | None) -> None:
@@ -40,6 +44,7 @@ def fields(svc, req) -> None:
     refused = refused_field(req)
     if refused:
         raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
+    tool_request(req)  # tools, tool_choice, parallel_tool_calls: 400 naming the field (server.tools)
     model(svc, req.model)
 
 
@@ -57,11 +62,16 @@ def raw_sizes(svc, data) -> None:
     if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > queue:
         raise ApiError(400, f"the prompt list has {len(p)} prompts; this server queues at most {queue} "
                        "generations", param="prompt", code="invalid_value")
-    if isinstance(m, list) and len(m) > ctx:
-        raise ApiError(400, f"{len(m)} messages cannot fit the model's context of {ctx} tokens",
-                       param="messages", code="context_length_exceeded")
+    for key, what, m in (("messages", "messages", m), ("input", "input items", data.get("input"))):
+        if isinstance(m, list) and len(m) > ctx:  # chat's messages, the Responses API's input items
+            raise ApiError(400, f"{len(m)} {what} cannot fit the model's context of {ctx} tokens",
+                           param=key, code="context_length_exceeded")
     if isinstance(s, list) and len(s) > stops:
         raise ApiError(400, f"at most {stops} stop strings, got {len(s)}", param="stop", code="invalid_value")
+    ids = data.get("stop_token_ids")
+    if isinstance(ids, list) and len(ids) > MAX_STOP_TOKEN_IDS:
+        raise ApiError(400, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(ids)}", param="stop_token_ids",
+                       code="invalid_value")
     pairs = data.get("pairs")
     if isinstance(pairs, list) and len(pairs) > MAX_SCORING_PAIRS:
         raise ApiError(400, f"at most {MAX_SCORING_PAIRS} pairs per request, got {len(pairs)}", param="pairs",
@@ -136,13 +146,15 @@ def seed(value: int | None) -> None:
         raise ApiError(400, f"seed must be an integer in [0, 2**63), got {value}", param="seed", code="invalid_value")
 
 
-def params(svc, sp, prompt_len: int) -> None:
-    """SamplingParams the strategy accepts, and a canvas that fits the batch (the request fit)."""
+def params(svc, sp, prompt_len: int, sent_as: dict | None = None) -> None:
+    """SamplingParams the strategy accepts, and a canvas that fits the batch (the request fit).
+    `sent_as`: the request field a parameter came from where the names differ (ignore_eos ->
+    min_tokens), so the 400 names what the client sent."""
     try:
         sp.validate(prompt_len, svc.config.max_sequence_length, svc.block_diffusion)
         check_fits(prompt_len, sp, svc.max_batch_tokens, svc.block_diffusion)
     except ParamError as e:
-        raise ApiError(400, str(e), param=e.field, code="invalid_value") from None
+        raise ApiError(400, str(e), param=(sent_as or {}).get(e.field, e.field), code="invalid_value") from None
     except EngineError as e:
         raise ApiError.from_engine(e) from None
 
@@ -174,3 +186,26 @@ def need_tokenizer(svc, what: str):
         raise ApiError(400, f"{what} needs a tokenizer and this checkpoint has none (tokenizer.json); "
                        "send the prompt as a list of token ids", param="prompt", code="no_tokenizer")
     return svc.tokenizer
+
+
+def request_id(value: str, what: str = "request_id") -> str:
+    """A client's request id: 1..MAX_REQUEST_ID_CHARS printable ASCII characters (it is sent back as
+    a header and written to the log)."""
+    if not 0 < len(value) <= MAX_REQUEST_ID_CHARS or not all(" " <= ch <= "~" for ch in value):
+        raise ApiError(400, f"{what} must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters, got "
+                       f"{clip(value)}", param=what, code="invalid_value")
+    return value
+
+
+def vllm_extras(svc, req, limit: int) -> None:
+    """stop_token_ids within the vocabulary, min_tokens within the answer's `limit`, priority within
+    PRIORITY_RANGE."""
+    if req.stop_token_ids:
+        in_vocabulary(svc, req.stop_token_ids, "stop_token_ids")
+    if req.min_tokens is not None and not 0 <= req.min_tokens <= limit:
+        raise ApiError(400, f"min_tokens must be between 0 and max_tokens ({limit}), got {req.min_tokens}",
+                       param="min_tokens", code="invalid_value")
+    lo, hi = PRIORITY_RANGE
+    if req.priority is not None and not lo <= req.priority <= hi:
+        raise ApiError(400, f"priority must be an integer in [{lo}, {hi}] (lower is sooner), got {req.priority}",
+                       param="priority", code="invalid_value")

@@ -28,11 +28,12 @@ class Endpoint:
                 "usage": usage}
 
     def chunk(self, rid: str, created: int, model: str, index: int, text: str | None,
-              finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+              finish_reason: str | None = None, logprobs: dict | None = None,
+              stop_reason: str | int | None = None) -> dict:
         """A stream chunk carrying `text` (None: the finish chunk, no text)."""
         return {"id": rid, "object": self.chunk_object, "created": created, "model": model,
                 "choices": [{"index": index, self.delta_key: self.delta(text), "logprobs": logprobs,
-                             "finish_reason": finish_reason}]}
+                             "finish_reason": finish_reason, "stop_reason": stop_reason}]}
 
     def usage_chunk(self, rid: str, created: int, model: str, usage: dict) -> dict:
         return {"id": rid, "object": self.chunk_object, "created": created, "model": model, "choices": [],
@@ -63,7 +64,7 @@ class Completions(Endpoint):
     def choice(self, c, logprobs):
         a = c.answer
         return {"index": c.index, "text": a.text, "logprobs": logprobs, "finish_reason": a.finish_reason,
-                "token_ids": a.ids, **c.body_extra()}
+                "stop_reason": c.stop_reason, "token_ids": a.ids, **c.body_extra()}
 
     def logprobs(self, decoder, ids, info, prefix_ids):
         return completion_logprobs(decoder, ids, info, prefix_ids=prefix_ids)
@@ -78,6 +79,9 @@ class Chat(Endpoint):
     opens_with_role = True  # a first chunk per choice: {"role": "assistant", "content": ""}
 
     def delta(self, text):
+        """A text delta, or a delta object a choice made itself (tool calls: server.tools)."""
+        if isinstance(text, dict):
+            return text
         return {} if text is None else {"content": text}
 
     def role_chunk(self, rid: str, created: int, model: str, index: int) -> dict:
@@ -87,8 +91,11 @@ class Chat(Endpoint):
 
     def choice(self, c, logprobs):
         a = c.answer
-        return {"index": c.index, "message": {"role": "assistant", "content": a.text}, "logprobs": logprobs,
-                "finish_reason": a.finish_reason}
+        message = {"role": "assistant", "content": a.text}
+        if a.tool_calls:  # OpenAI's shape: content null when the answer is only calls
+            message.update(content=None, tool_calls=a.tool_calls)
+        return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": a.finish_reason,
+                "stop_reason": c.stop_reason}
 
     def logprobs(self, decoder, ids, info, prefix_ids):
         return chat_logprobs(decoder, ids, info)

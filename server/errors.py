@@ -22,7 +22,7 @@ from server.logsafe import ECHO_CHARS, shown
 
 log = logging.getLogger("llada.server")
 
-API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/loglikelihood")
+API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/loglikelihood")
 MAX_MESSAGE_CHARS = 1000  # and no error message is longer than this
 
 

@@ -4,7 +4,7 @@
   stops DNS-rebinding pages from reaching a server bound to loopback. The header is parsed as RFC
   3986 `host[:port]` (IPv6 in brackets); anything else in it is refused; an entry with a port allows
   that port only.
-- API bodies (POST under /v1/): the API key is checked before anything is read (401);
+- API bodies (POST under /v1/, and vLLM's /tokenize and /detokenize): the API key is checked before anything is read (401);
   `Content-Type: application/json` is required (415 otherwise; a web page
   cannot send that cross-origin without a CORS preflight, which this server never grants); the body is
   read here, before any handler runs, and is refused with 413 past `--max-body-bytes` (at once when
@@ -13,6 +13,9 @@
   in one piece.
 - While the server drains (SIGTERM), every response carries `Connection: close`, so keep-alive
   clients cannot hold the process open.
+- Every response carries `x-request-id`: the body's `request_id` (set by the route), else the
+  request's `x-request-id` header (an invalid one is a 400), else a generated `req-...` id; the log
+  line names it.
 - Every response is counted in `llada_requests_total` and logged in one line here, once, whoever
   produced it (a refusal here, a handler, an error handler, the catch-all 500, a stream that ended
   early): handlers only describe what happened in the request's `Outcome`.
@@ -27,13 +30,18 @@ import ipaddress
 import logging
 import re
 import time
+import uuid
 
 from starlette.requests import Request
 
+from server import checks
+from server.checks import MAX_REQUEST_ID_CHARS
 from server.errors import API_PATHS, ApiError, clip, error_response
+from server.logsafe import shown
 
 log = logging.getLogger("llada.server")
 
+BODY_PATHS = ("/tokenize", "/detokenize")  # API bodies outside /v1/ (vLLM's routes), guarded alike
 MIN_BODY_BYTES = 1 << 20
 BODY_BYTES_PER_TOKEN = 2048   # 64 prompts of the full context at 32 bytes of JSON per token
 
@@ -120,11 +128,12 @@ class Outcome:
     status is 200 whatever its end); `job` (a generation) or `usage`/`detail` (scoring) describe a
     success; `message` an error."""
 
-    __slots__ = ("status", "sent", "exc", "message", "job", "usage", "detail", "how")
+    __slots__ = ("status", "sent", "exc", "message", "job", "usage", "detail", "how", "request_id")
 
     def __init__(self):
         self.status = self.sent = self.exc = self.message = self.job = self.usage = self.detail = None
         self.how = ""
+        self.request_id = "req-" + uuid.uuid4().hex[:24]  # the x-request-id sent back (see the module)
 
 
 def outcome_of(request) -> Outcome:
@@ -182,6 +191,8 @@ class Guards:
         async def observed(message):
             if message["type"] == "http.response.start":
                 rec.sent = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": headers + [(b"x-request-id", rec.request_id.encode())]}
             await send(message)
         reply = self._closing_while_draining(observed)
         try:
@@ -208,13 +219,18 @@ class Guards:
         for k, v in scope.get("headers", ()):
             headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
 
+        if "x-request-id" in headers:
+            try:
+                rec.request_id = checks.request_id(headers["x-request-id"], "x-request-id")
+            except ApiError as e:
+                return await self._refuse(scope, receive, send, e.status, e.message, e.code, param=e.param)
         if self.allowed is not None:
             host = headers.get("host", "")
             if not host_allowed(host, self.allowed, 443 if scope.get("scheme") == "https" else 80):
                 why = f"the Host header {clip(host)} is not one this server answers to (see --allowed-hosts)"
                 return await self._refuse(scope, receive, send, 400, why, "invalid_host")
 
-        if scope.get("method") == "POST" and path.startswith("/v1/"):
+        if scope.get("method") == "POST" and (path.startswith("/v1/") or path in BODY_PATHS):
             if self.authenticate is not None:  # no body is read for a client without the key
                 try:
                     self.authenticate(Request(scope))
@@ -274,7 +290,8 @@ class Guards:
             what = rec.detail or rec.message or ""
         if status >= 500 and not what:
             what = "internal server error" if rec.exc is not None else ""
-        log.info("%s %s %d%s: %s, %.3fs", scope.get("method", "-"), where, status, rec.how, what, seconds)
+        log.info("%s %s %d%s: %s, %.3fs, request %s", scope.get("method", "-"), where, status, rec.how, what,
+                 seconds, shown(rec.request_id, MAX_REQUEST_ID_CHARS + 2))
 
     async def _read_body(self, headers: dict, receive) -> bytes:
         limit = self.max_body_bytes
@@ -318,11 +335,12 @@ class Guards:
         return wrapped
 
     async def _refuse(self, scope, receive, send, status: int, message: str, code: str,
-                      type_: str = "invalid_request_error") -> None:
+                      type_: str = "invalid_request_error", param: str | None = None) -> None:
         rec = scope["state"]["llada_outcome"]
         rec.message = message
         # The body (or its rest) is left unread: the connection cannot carry another request.
-        await error_response(status, message, type_, code=code, headers={"Connection": "close"})(scope, receive, send)
+        await error_response(status, message, type_, param=param, code=code,
+                             headers={"Connection": "close"})(scope, receive, send)
 
 
 def _client_gone(exc: BaseException) -> bool:

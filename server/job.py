@@ -14,7 +14,7 @@ from fastapi import Request
 
 from sampler.scheduler import EngineError, Handle
 from sampler.generate import cut_answer
-from server.answer import BaseChoice
+from server.answer import BaseChoice, TokenIdPieces
 from server.endpoints import Endpoint
 from server.logprobs import tokens_covered
 from server.errors import ApiError
@@ -37,6 +37,8 @@ class Job:
         self.id = endpoint.new_id()
         self.prompt_tokens = plan.prompt_tokens
         self.decoder = plan.decoder
+        # logprobs name tokens by their text, or as `token_id:N` (return_tokens_as_token_ids)
+        self.pieces = TokenIdPieces(plan.decoder) if getattr(req, "return_tokens_as_token_ids", None) else plan.decoder
         self.known: dict[int, list[int]] = {}   # per choice: the final prefix ids seen so far
         self.lp_sent: dict[int, int] = {}       # per choice: answer tokens whose logprobs were streamed
         self.choices: list[BaseChoice] = plan.choices
@@ -136,14 +138,15 @@ class Job:
             return None
         ids = c.answer.ids if end is None else self.answer_ids(idx)
         end = len(ids) if end is None else end
-        return self.endpoint.logprobs(self.decoder, ids[start:end], h.token_info[start:end], ids[:start])
+        return self.endpoint.logprobs(self.pieces, ids[start:end], h.token_info[start:end], ids[:start])
 
     def answer_ids(self, idx: int) -> list[int]:
         """The answer's ids as far as they are known (the whole answer once it is final)."""
         c = self.choices[idx]
         if c.answer is not None:
             return c.answer.ids
-        return cut_answer(self.known.get(idx, []), self.svc.stop_ids, c.max_tokens)
+        return cut_answer(self.known.get(idx, []), getattr(c, "stop_ids", self.svc.stop_ids), c.max_tokens,
+                          getattr(c, "min_tokens", 0))
 
     def logprobs_delta(self, idx: int) -> dict | None:
         """A stream chunk's logprobs: the answer tokens whose text has now been sent in full."""

@@ -13,6 +13,7 @@ from sampler.params import LLADA2_FIELDS, MAX_SEED, MAX_TOP_LOGPROBS, RELEASED_D
 from sampler.scheduler import Handle
 from server import checks
 from server.constraints import request_constraint
+from server.tools import choice_class, prompt_messages, tool_constraint
 from server.answer import BaseChoice, Choice, Decoder
 from server.errors import ApiError, clip
 from server.infill import InfillChoice
@@ -77,7 +78,6 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
                 parts.append(part.text or "")
             c = "".join(parts)
         msgs.append({"role": m.role, "content": c or ""})
-    checks.fits_context(svc, "messages", chars=sum(len(m["content"]) for m in msgs))
     from weights.tokenizer import TemplateError, check_template_kwargs
 
     kwargs = req.chat_template_kwargs
@@ -86,6 +86,10 @@ def chat_prompt(svc, req: ChatCompletionRequest) -> list[int]:
             check_template_kwargs(kwargs, tok.reserved_template_names)
         except TemplateError as e:
             raise ApiError(400, str(e), param="chat_template_kwargs", code="invalid_value") from None
+    # tools, tool calls and tool results: the template's own way, or the documented fallback
+    msgs, tool_vars = prompt_messages(tok, req, msgs, svc.chat_special_tokens)
+    kwargs = {**(kwargs or {}), **tool_vars} or None
+    checks.fits_context(svc, "messages", chars=sum(len(m["content"] or "") for m in msgs))
 
     cont = bool(req.continue_final_message)
     if cont and msgs[-1]["role"] != "assistant":
@@ -213,6 +217,13 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         if value is not None:
             extra[name] = value
     top_k = 0 if req.top_k in (None, -1) else req.top_k
+    # ignore_eos on a LLaDA answer: no stop id anywhere in the span (min_tokens = the span); an infill
+    # span and LLaDA2.x keep ignore_eos = ban_eos (and refuse min_tokens)
+    fixed_length = bool(req.ignore_eos) and span is None and not blocks
+    if span is not None and req.min_tokens:
+        raise ApiError(400, "min_tokens does not apply to infill (the span is not an answer that ends)",
+                       param="min_tokens", code="invalid_value")
+    checks.vllm_extras(svc, req, gen_length if max_tokens is None else min(max_tokens, gen_length))
     sp = SamplingParams(
         gen_length=gen_length, block_length=block, steps=steps,
         temperature=0.0 if req.temperature is None else req.temperature,
@@ -220,15 +231,16 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         cfg_scale=0.0 if req.cfg_scale is None else req.cfg_scale,
         threshold=req.threshold if req.threshold is not None else released.get("threshold"),
         cache=req.cache or "none", seed=derive_seed(base_seed, index),
-        ban_eos=bool(req.ban_eos or req.ignore_eos), defer_eos=bool(req.defer_eos),
+        ban_eos=bool(req.ban_eos or (req.ignore_eos and not fixed_length)), defer_eos=bool(req.defer_eos),
+        min_tokens=gen_length if fixed_length else req.min_tokens or 0,
         eos_bias=0.0 if req.eos_bias is None else float(req.eos_bias),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
         min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),
-        constraint=request_constraint(svc, req), draft_depth=req.draft_depth, **extra)
+        constraint=tool_constraint(svc, req) or request_constraint(svc, req), draft_depth=req.draft_depth, **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     checks.seed(req.seed)
-    checks.params(svc, sp, prompt_len)
+    checks.params(svc, sp, prompt_len, {"min_tokens": "ignore_eos"} if fixed_length else None)
     return sp
 
 
@@ -255,6 +267,7 @@ def plan(svc, req, prompts: list[list[int]], n: int, max_tokens: int | None, suf
     decoder = svc.decoder if req.skip_special_tokens is not False else Decoder(svc.tokenizer, skip_special=False)
     progress, steps = bool(stops) or bool(req.stream), bool(req.stream_steps)
     handles, choices = [], []
+    answer_choice = (choice_class(req) if isinstance(req, ChatCompletionRequest) else None) or Choice
     for pi, p in enumerate(prompts):
         ip = infills[pi] if infills is not None else None
         for j in range(n):
@@ -263,14 +276,19 @@ def plan(svc, req, prompts: list[list[int]], n: int, max_tokens: int | None, suf
                 sp = sampling(svc, req, None, len(ip.prefix) + len(ip.suffix), idx, base_seed, span=ip.span)
                 choices.append(InfillChoice(idx, decoder, ip))
                 handles.append(Handle(prompt_ids=p, params=sp, sink=None, want_steps=steps,
-                                      suffix_ids=list(ip.suffix), span_ids=list(ip.span)))
+                                      suffix_ids=list(ip.suffix), span_ids=list(ip.span),
+                                      priority=req.priority or 0))
                 continue
             sp = sampling(svc, req, max_tokens, len(p) + len(suffix), idx, base_seed,
                           exact_length=suffix_ids is not None)
             limit = min(max_tokens if max_tokens is not None else sp.gen_length, sp.gen_length)
-            choices.append(Choice(idx, decoder, svc.stop_ids, limit, stops))
+            model_stops = [] if req.ignore_eos and sp.min_tokens else svc.stop_ids  # ignore_eos: none
+            choices.append(answer_choice(idx, decoder, model_stops, limit, stops, req.stop_token_ids or (),
+                                  req.min_tokens or 0, bool(req.include_stop_str_in_output)))
             handles.append(Handle(prompt_ids=p, params=sp, sink=None, want_steps=steps, want_progress=progress,
-                                  answer_limit=limit, suffix_ids=suffix))
+                                  answer_limit=limit, suffix_ids=suffix, priority=req.priority or 0,
+                                  stop_ids=frozenset(choices[-1].stop_ids) if req.stop_token_ids
+                                  or req.ignore_eos else None, stop_from=req.min_tokens or 0))
     if infills is not None:
         tokens = sum(len(ip.prefix) + len(ip.span) - ip.masks + len(ip.suffix) for ip in infills)
     else:

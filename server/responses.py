@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 FinishReason = Literal["stop", "length"]
+STOP_REASON = Field(None, description="the stop string or client stop token id (stop_token_ids) that ended "
+                    "the answer; null when EOS/EoT or the length ended it")
 
 
 class Usage(BaseModel):
@@ -22,6 +24,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: FinishReason
+    stop_reason: str | int | None = STOP_REASON
     token_ids: list[int] = Field(description="the answer's token ids (after the cut at EOS, max_tokens "
                                  "and stop strings)")
 
@@ -45,6 +48,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: None = None
     finish_reason: FinishReason
+    stop_reason: str | int | None = STOP_REASON
 
 
 class ChatCompletionResponse(BaseModel):

@@ -160,6 +160,7 @@ async def model(request: Request, model_id: str):
                            "description": "the completion, or an event stream with stream/stream_steps"}})
 async def completions(request: Request, body: CompletionRequest):
     svc = request.app.state.service
+    take_request_id(request, body)
     checks.fields(svc, body)
     items = completion_items(body)
     n = checks.fanout(svc, body.n, len(items))
@@ -181,6 +182,7 @@ async def completions(request: Request, body: CompletionRequest):
                            "description": "the chat completion, or an event stream with stream/stream_steps"}})
 async def chat_completions(request: Request, body: ChatCompletionRequest):
     svc = request.app.state.service
+    take_request_id(request, body)
     checks.fields(svc, body)
     n = checks.fanout(svc, body.n, 1)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -193,6 +195,14 @@ async def loglikelihood(request: Request, body: LoglikelihoodRequest):
     """Monte Carlo estimate of log p(continuation | context) per pair (the LLaDA paper's estimator)."""
     out = await serve_loglikelihood(request, body)
     return Response(status_code=499) if out is None else out
+
+
+def take_request_id(request: Request, body) -> None:
+    """The body's request_id (checked), when its model has one, becomes the response's x-request-id
+    (server.guards; without it the header's or a generated id is sent)."""
+    rid = getattr(body, "request_id", None)
+    if rid is not None:
+        outcome_of(request).request_id = checks.request_id(rid)
 
 
 async def _serve(request: Request, req, endpoint, planned):

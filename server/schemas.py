@@ -82,7 +82,26 @@ class DiffusionFields(BaseModel):
                                                       "choice, grammar, json_object")
 
     # vLLM-style extras.
-    ignore_eos: StrictBool | None = Field(None, description="same as ban_eos")
+    ignore_eos: StrictBool | None = Field(None, description="no EOS/EoT ends the answer: exactly max_tokens "
+                                          "tokens (LLaDA2.x: same as ban_eos)")
+    stop_token_ids: list[StrictInt] | None = Field(None, description="token ids that end the answer like EOS")
+    min_tokens: StrictInt | None = Field(None, description="no stop id or stop string ends the answer before "
+                                         "this many tokens (0..max_tokens)")
+    include_stop_str_in_output: StrictBool | None = Field(None, description="keep the stop string (or stop "
+                                                          "token) that ended the answer")
+    request_id: StrictStr | None = Field(None, description="echoed as the x-request-id response header "
+                                         "(default: the x-request-id request header, or a generated id)")
+    priority: StrictInt | None = Field(None, description="admission order: lower is sooner (default 0)")
+    return_tokens_as_token_ids: StrictBool | None = Field(None, description="logprobs name tokens as "
+                                                          "'token_id:N'")
+    # vLLM fields this server knows and does not honour (see VLLM_REFUSED: a 400 unless neutral).
+    prompt_logprobs: Any | None = None
+    use_beam_search: StrictBool | None = None
+    length_penalty: StrictFloat | StrictInt | None = None
+    allowed_token_ids: list[Any] | None = None
+    bad_words: list[Any] | None = None
+    truncate_prompt_tokens: Any | None = None
+    logits_processors: list[Any] | None = None
     skip_special_tokens: StrictBool | None = Field(None, description="default true; false keeps special "
                                                    "tokens (EOS/EoT included) in the text")
 
@@ -116,6 +135,7 @@ class CompletionRequest(DiffusionFields):
     suffix: StrictStr | None = Field(None, description="text after the answer (fill-in-the-middle)")
     infill: StrictBool | None = Field(None, description="fill the positions the prompt marks with "
                                       "<|mdm_mask|> (or the mask id), one token each")
+    prompt_embeds: Any | None = None  # vLLM's; refused (VLLM_REFUSED)
 
 
 class ContentPart(BaseModel):
@@ -128,7 +148,7 @@ class ChatMessage(BaseModel):
     """A message as clients send it, including an SDK's own assistant message dumped back."""
 
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[StrictStr, list[ContentPart], None] = None
     name: StrictStr | None = None
     # Set (to null) on the SDK's assistant message objects; a real value asks for what we lack.
@@ -136,7 +156,8 @@ class ChatMessage(BaseModel):
     annotations: list[Any] | None = None
     audio: dict[str, Any] | None = None
     function_call: dict[str, Any] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[Any] | None = None  # an assistant's calls (server.tools)
+    tool_call_id: StrictStr | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(DiffusionFields):
@@ -144,11 +165,12 @@ class ChatCompletionRequest(DiffusionFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = Field(None, description="commit-time log-probabilities of the answer tokens")
     top_logprobs: StrictInt | None = Field(None, description="alternatives per token (0..20; needs logprobs)")
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    tools: list[Any] | None = Field(None, description="function tools (server.tools)")
+    tool_choice: Any | None = Field(None, description="none, auto (default with tools), required or "
+                                    "{\"type\": \"function\", \"function\": {\"name\": ...}}")
     functions: list[Any] | None = None
     function_call: Any | None = None
-    parallel_tool_calls: StrictBool | None = None
+    parallel_tool_calls: StrictBool | None = Field(None, description="default true: one or more calls")
     modalities: list[StrictStr] | None = None
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
@@ -160,6 +182,10 @@ class ChatCompletionRequest(DiffusionFields):
     add_generation_prompt: StrictBool | None = Field(None, description="default true: open the assistant's turn")
     continue_final_message: StrictBool | None = Field(
         None, description="continue the final (assistant) message instead of starting a new turn")
+    # vLLM chat fields this server knows and does not honour (VLLM_REFUSED).
+    chat_template: StrictStr | None = None
+    documents: list[Any] | None = None
+    add_special_tokens: StrictBool | None = None
 
 
 class ScoringPair(BaseModel):
@@ -190,7 +216,7 @@ ECHO_REFUSAL = ("echo (prompt log-probabilities) is not supported: a masked-diff
 
 # Accepted and ignored (documented in the README): they change nothing this server computes.
 IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
-           "parallel_tool_calls", "prediction", "reasoning_effort", "verbosity")
+           "prediction", "reasoning_effort", "verbosity")
 
 # field -> (is the value neutral?, why a non-neutral value is refused)
 NEUTRAL = {
@@ -203,10 +229,9 @@ NEUTRAL = {
     "logit_bias": (lambda v: not v, "logit_bias is not supported; use ban_eos to forbid EOS"),
     "best_of": (lambda v: v is None or v == 1, "best_of is not supported (there is no sequence "
                 "likelihood to rank by); use n"),
-    "tools": (lambda v: not v, "tools are not supported"),
-    "tool_choice": (lambda v: v is None or v == "none", "tool_choice is not supported"),
-    "functions": (lambda v: not v, "functions are not supported"),
-    "function_call": (lambda v: v is None or v == "none", "function_call is not supported"),
+    "functions": (lambda v: not v, "functions (the deprecated form) are not supported; send tools"),
+    "function_call": (lambda v: v is None or v == "none", "function_call (the deprecated form) is not "
+                      "supported; send tool_choice"),
     "modalities": (lambda v: v is None or set(v) <= {"text"}, "only the text modality is supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),
     "web_search_options": (lambda v: v is None, "web search is not available on this server"),
@@ -214,10 +239,32 @@ NEUTRAL = {
 
 # message field -> (is the value neutral?, why not)
 MESSAGE_NEUTRAL = {
-    "tool_calls": (lambda v: not v, "tool calls are not supported"),
     "function_call": (lambda v: v is None, "function calls are not supported"),
     "audio": (lambda v: v is None, "audio messages are not supported"),
 }
+
+
+# vLLM fields known and not honoured: field -> (is the value neutral?, why not)
+VLLM_REFUSED = {
+    "prompt_logprobs": (lambda v: v is None, "prompt_logprobs is not supported: a masked-diffusion model has "
+                        "no left-to-right prompt probabilities; score text with POST /v1/loglikelihood"),
+    "use_beam_search": (lambda v: not v, "beam search is not supported by masked-diffusion sampling"),
+    "length_penalty": (lambda v: v is None or v == 1, "length_penalty applies to beam search, which is not "
+                       "supported; leave it out"),
+    "allowed_token_ids": (lambda v: v is None, "allowed_token_ids is not supported; use guided_choice, "
+                          "guided_regex or a grammar"),
+    "bad_words": (lambda v: not v, "bad_words is not supported"),
+    "truncate_prompt_tokens": (lambda v: v is None, "truncate_prompt_tokens is not supported: a prompt longer "
+                               "than the context is refused"),
+    "logits_processors": (lambda v: not v, "logits_processors are not supported"),
+    "chat_template": (lambda v: v is None, "chat_template: a client's template is not run; this server renders "
+                      "the checkpoint's own (use chat_template_kwargs for its variables)"),
+    "documents": (lambda v: not v, "documents are not supported; put the text in the messages"),
+    "add_special_tokens": (lambda v: not v, "add_special_tokens: this server adds no tokenizer special tokens "
+                           "to a prompt (a chat template writes its own); leave it out or send false"),
+    "prompt_embeds": (lambda v: v is None, "prompt_embeds are not supported; send text or token ids"),
+}
+NEUTRAL.update(VLLM_REFUSED)
 
 
 def _messages(req: BaseModel) -> list:
@@ -241,7 +288,7 @@ def refused_field(req: BaseModel) -> tuple[str, str] | None:
 def unknown_fields(req: BaseModel) -> list[str]:
     """Fields no model declares, by path (`frobnicate`, `messages.0.foo`, `stream_options.bar`)."""
     out = list(req.model_extra or ())
-    if req.stream_options is not None:
+    if getattr(req, "stream_options", None) is not None:
         out += [f"stream_options.{k}" for k in req.stream_options.model_extra or ()]
     for i, m in enumerate(_messages(req)):
         out += [f"messages.{i}.{k}" for k in m.model_extra or ()]

@@ -81,6 +81,8 @@ def openai_stream(job, request):
         finished = set()
 
         def text_chunk(idx, text):
+            if isinstance(text, list):  # a choice's own delta objects (tool calls: server.tools)
+                return b"".join(mk(ep.chunk(job.id, job.created, name, idx, d)) for d in text)
             # logprobs of the tokens whose text this chunk completes (see Job.logprobs_delta)
             return mk(ep.chunk(job.id, job.created, name, idx, text, logprobs=job.logprobs_delta(idx)))
 
@@ -88,7 +90,7 @@ def openai_stream(job, request):
             finished.add(idx)
             a = job.choices[idx].answer
             return mk(ep.chunk(job.id, job.created, name, idx, None, a.finish_reason,
-                               logprobs=job.logprobs_delta(idx)))
+                               logprobs=job.logprobs_delta(idx), stop_reason=job.choices[idx].stop_reason))
 
         async for idx, kind, payload in job.events(request):
             if kind == "ping":
@@ -142,8 +144,9 @@ def steps_stream(job, request):
                 a = c.answer
                 done += 1
                 yield event({"object": "diffusion.done", "index": idx, "text": a.text,
-                             "token_ids": a.ids, "finish_reason": a.finish_reason,
+                             "token_ids": a.ids, "finish_reason": a.finish_reason, "stop_reason": c.stop_reason,
                              "completion_tokens": a.completion_tokens, "nfe": payload.nfe,
+                             **({"tool_calls": a.tool_calls} if a.tool_calls else {}),
                              "forwards": payload.forwards,
                              "steps": payload.steps, "gen_ids": payload.gen_ids})
             elif kind == "error":

@@ -52,10 +52,12 @@ def stream(c: Choice, ids: list[int]) -> list[str]:
 
 
 def test_find_stop_takes_the_match_that_ends_first_and_on_a_tie_the_longer():
-    assert find_stop("abcENDxyz", ["END"]) == 3
-    assert find_stop("abcENDxyz", ["xyz", "END"]) == 3     # END ends first
-    assert find_stop("abcENDxyz", ["ND", "END"]) == 3      # same end: the longer match
-    assert find_stop("abcENDxyz", ["Dx", "NDxyz"]) == 5    # Dx ends at 7, before NDxyz
+    assert find_stop("abcENDxyz", ["END"]) == (3, "END")
+    assert find_stop("abcENDxyz", ["xyz", "END"]) == (3, "END")     # END ends first
+    assert find_stop("abcENDxyz", ["ND", "END"]) == (3, "END")      # same end: the longer match
+    assert find_stop("abcENDxyz", ["Dx", "NDxyz"]) == (5, "Dx")     # Dx ends at 7, before NDxyz
+    assert find_stop("abcENDxyzEND", ["END"], after=6) == (9, "END")  # a match ending by `after`: skipped
+    assert find_stop("abcENDxyz", ["END"], after=5) == (3, "END")     # ends at 6, past 5
     assert find_stop("abc", ["END"]) is None
     assert find_stop("", ["END"]) is None
 

@@ -34,6 +34,7 @@ MODES = [
     dict(ban_eos=True, temperature=0.5, seed=2),
     dict(temperature=0.9, top_k=5, top_p=0.9, seed=31),
     dict(logprobs=3),
+    dict(min_tokens=20, eos_bias=3.0),
 ]
 
 

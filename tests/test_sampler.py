@@ -83,6 +83,8 @@ MODES = [
     dict(defer_eos=True),
     dict(eos_bias=-2.5),
     dict(eos_bias=4.0, cfg_scale=1.0, temperature=0.6, seed=2),
+    dict(min_tokens=7, eos_bias=6.0),
+    dict(min_tokens=16, temperature=0.7, seed=5, top_k=20),
 ]
 
 
@@ -251,3 +253,22 @@ def test_capacity_is_respected_and_freed(golden):
     assert batch.can_admit(10, sp)
     batch.remove("b")
     assert batch.rows_in_use == 0 and batch.can_admit(48, sp)
+
+
+def test_min_tokens_keeps_stop_ids_out_of_the_first_positions(other):
+    """With a strong EOS bias the answer ends at once; min_tokens moves every stop id past its
+    positions (batched step and oracle alike), and 0 changes nothing."""
+    stops = set(other.special.stop)
+    prompt = [5, 17, 33]
+    base = SamplingParams(gen_length=16, block_length=8, steps=16, eos_bias=8.0)
+    plain = generate(other, [prompt], base)[0].gen_ids
+    assert plain[0] in stops, "the bias must make the first position a stop id, or the test proves nothing"
+    for k in (1, 9, 16):
+        params = replace(base, min_tokens=k)
+        got = generate(other, [prompt, prompt], [params, base])
+        assert not stops & set(got[0].gen_ids[:k])
+        assert got[1].gen_ids == plain  # a batchmate without min_tokens is untouched
+        want, _ = reference_generate(other.model, prompt, params, other.special.mask, other.special.stop)
+        assert got[0].gen_ids == want
+    with pytest.raises(ParamError):
+        replace(base, min_tokens=17).validate(3)

@@ -87,7 +87,9 @@ def test_unknown_fields_are_ignored(client):
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"web_search_options": {}}, "web_search_options"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}]},
+     "tools.0.function.parameters"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"extra_body": {"top_k": -5}}, "top_k"),
 ])
@@ -97,19 +99,21 @@ def test_what_we_cannot_honour_is_a_400_naming_it(client, kw, param):
     assert e.value.body["param"] == param
 
 
-def test_tool_calls_in_history_are_refused(client):
+def test_tool_calls_in_history_are_rendered(client):
     call = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(client, [USER, call, USER])
-    assert e.value.body["param"] == "messages.1.tool_calls"
+    result = {"role": "tool", "tool_call_id": "c1", "content": "done"}
+    r = chat(client, [USER, call, result, USER])
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens > chat(client, [USER, USER]).usage.prompt_tokens
 
 
-def test_ignore_eos_is_ban_eos(server):
+def test_ignore_eos_is_min_tokens_over_the_whole_answer(server):
+    """ignore_eos bans every stop id (EOS and EoT), not only EOS: min_tokens = max_tokens."""
     body = {"prompt": "hello", "max_tokens": 12}
-    a = post(server.url, "/v1/completions", dict(body, ignore_eos=True)).json()
-    b = post(server.url, "/v1/completions", dict(body, ban_eos=True)).json()
-    assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
+    a = post(server.url, "/v1/completions", dict(body, ignore_eos=True)).json()["choices"][0]
+    b = post(server.url, "/v1/completions", dict(body, min_tokens=12)).json()["choices"][0]
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12
 
 
 def test_generation_prompt_and_continuing_the_final_message(client, chat_bundle):

@@ -129,7 +129,7 @@ CHAT_TABLE = [
     ("no tokenizer", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, 400, "prompt"),
     ("no messages", {"model": "tiny", "messages": []}, 400, "messages"),
     ("bad role", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "?"),
-    ("tools", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]}, 400, "tools"),
+    ("tools", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]}, 400, "tools.0.type"),
 ]
 
 

@@ -89,7 +89,9 @@ def test_regex_and_choice(client):
       "properties": {"a": {"type": "string", "format": "no-such"}}}}}}, "response_format"),
     ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
     ({"guided_regex": "a+", "logprobs": True}, "logprobs"),
-    ({"guided_regex": "a+", "ignore_eos": True}, "ban_eos"),
+    ({"guided_regex": "a+", "ignore_eos": True}, "ignore_eos"),
+    ({"guided_regex": "a+", "min_tokens": 2}, "min_tokens"),
+    ({"guided_regex": "a+", "ban_eos": True}, "ban_eos"),
 ])
 def test_bad_constraints_are_a_400_naming_the_field(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:

@@ -352,6 +352,22 @@ class Tokenizer:
         return self._compiled
 
     @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads a `tools` variable (then it renders tools, tool calls and
+        tool results itself; otherwise the server's fallback format does: server.tools)."""
+        if not self.chat_template:
+            return False
+        if getattr(self, "_supports_tools", None) is None:
+            from jinja2 import meta
+
+            try:
+                names = meta.find_undeclared_variables(self._template().environment.parse(self.chat_template))
+            except (jinja2.TemplateError, TemplateError):
+                names = ()  # a template that does not compile is refused when it renders
+            self._supports_tools = "tools" in names
+        return self._supports_tools
+
+    @property
     def reserved_template_names(self) -> set[str]:
         """Names a client's chat_template_kwargs cannot take: what the renderer sets itself."""
         return _SANDBOX_GLOBALS | set(self.special_tokens) | {"messages", "add_generation_prompt"}
