@@ -177,10 +177,6 @@ class BlockDiffusionBatch(Batch):
         """The blocks to commit and the current one, per request (draft rows excluded)."""
         return sum(r.block_len * (r.block_index - r.committed + 1) for r in self.requests.values())
 
-    @property
-    def drafting(self) -> bool:
-        return any(r.depth > 0 for r in self.requests.values())
-
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self) -> list[StepEvent]:
