@@ -161,9 +161,8 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
     dev = bundle.model.device
     blocks = bool(bundle.config.block_diffusion)
     rows = sum(rows_needed(len(p), sp, blocks) for p, sp in reqs)
-    extra = {} if blocks else dict(draft_budget=draft_budget)
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows,
-                       max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs, **extra)
+                       max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs, draft_budget=draft_budget)
     pipelined = dev.type == "cuda" if pipelined is None else pipelined
     graphs = batch.graphs
     if warm_pass is None:
@@ -384,7 +383,7 @@ def write_json(path, data) -> None:
 
 def llada2_table(bundle, prompt, record, G, B, n_many):
     """Block diffusion: LLaDA2.0 at threshold 0.95 (the released default) alone and batched,
-    LLaDA2.1 with editing (0.9) alone and with requests joining."""
+    LLaDA2.1 with editing (0.9) alone and with requests joining, then drafting (depth 4)."""
     v20 = lambda: SamplingParams(gen_length=G, block_length=B, threshold=0.95)
     v21 = lambda: SamplingParams(gen_length=G, block_length=B, threshold=0.95, editing_threshold=0.9,
                                  max_post_steps=16)
@@ -402,6 +401,22 @@ def llada2_table(bundle, prompt, record, G, B, n_many):
     arrivals = sorted(random.Random(1).randrange(0, 2 * G) for _ in range(n_many))
     record(f"4. {n_many} requests, 2.0 and 2.1 mixed, joining",
            run_batch(bundle, mixed, arrivals, n_many, warm_pass=warm), base)
+    # Exact parallel decoding (draft_depth 4): the same ids as 1 / 2 / 3, fewer forwards where the
+    # guesses hold. Rows 5 and 6 have room for every draft; row 7 runs under the server's default
+    # budget (2048 query tokens and pool rows per step), which a full batch mostly uses.
+    if getattr(bundle.model, "tp", None) is not None:
+        return  # requests run at draft depth 0 under tensor parallelism: drafting rows would repeat 1-4
+    prompt_len = len(base_req[0][0])
+    room = 5 * (prompt_len + G + B)
+    record("5. batch 1, LLaDA2.0, threshold 0.95, draft depth 4",
+           run_batch(bundle, [(base_req[0][0], replace(v20(), draft_depth=4))], warm_pass=warm,
+                     draft_budget=room), base)
+    record("6. batch 1, LLaDA2.1, editing 0.9, draft depth 4",
+           run_batch(bundle, [(base_req[0][0], replace(v21(), draft_depth=4))], warm_pass=warm,
+                     draft_budget=room), base)
+    record(f"7. {n_many} requests, LLaDA2.0, draft depth 4, budget 2048",
+           run_batch(bundle, [(p, replace(sp, draft_depth=4)) for p, sp in many], max_requests=n_many,
+                     warm_pass=warm, draft_budget=2048), base)
 
 
 def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev):

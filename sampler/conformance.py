@@ -9,10 +9,10 @@ Exits non-zero on any failure.
 
 Samplers: `reference` and `fast_dllm` (LLaDA's generate.py and Fast-dLLM, on LLaDA-8B or
 LLaDA-MoE checkpoints), `llada2.0` and `llada2.1` (LLaDA2.x `generate`, block diffusion, on LLaDA2.x
-checkpoints; `expected_ids` are cut after the first EOS). `--draft-depth N` runs the LLaDA cases
-with exact parallel decoding: the ids must still match, each line adds the forwards run against
-the reference's NFE, and a case that took more forwards than the reference fails (block-diffusion
-sets refuse drafting by name: their step has no drafting stage). Forward logits: `logits` (with the
+checkpoints; `expected_ids` are cut after the first EOS). `--draft-depth N` runs every case (the
+LLaDA step's and block diffusion's) with exact parallel decoding: the ids must still match, each
+line adds the forwards run against the reference's NFE, and a case that took more forwards than the
+reference fails. Forward logits: `logits` (with the
 block-causal mask when the file's metadata names a `block_length`), `logits_no_mask` (fully
 bidirectional) when present; the tolerance comes from the file's metadata (`atol_float32`), else 1e-4.
 
@@ -146,6 +146,7 @@ def _run(tp, args) -> tuple[list[tuple[str, str]], int]:
         if args.draft_depth:
             params = [replace(p, draft_depth=args.draft_depth) for p in params]
             for c, p in zip(cases, params):
+                p = p.for_block_diffusion() if blocks else p
                 p.validate(len(c["prompt_ids"]), bundle.config.max_sequence_length, blocks)
     except (ParamError, KeyError) as e:
         say(f"error: bad case: {e}", "err")

@@ -38,10 +38,9 @@ def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, 
                for p, sp, x in zip(prompts, params, suffixes))
     depth = max((draft_depth if sp.draft_depth is None else sp.draft_depth for sp in params), default=0)
     if draft_budget is None:
-        draft_budget = (depth + 1) * rows if depth and not blocks else 0
-    kw = {} if blocks else dict(draft_depth=draft_depth, draft_budget=draft_budget)
+        draft_budget = (depth + 1) * rows if depth else 0
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=max(rows, 1),
-                       max_requests=max(len(prompts), 1), **kw)
+                       max_requests=max(len(prompts), 1), draft_depth=draft_depth, draft_budget=draft_budget)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         batch.add(i, p, sp, suffix_ids=suffixes[i], span_ids=spans[i])
     results: dict[int, Generation] = {}

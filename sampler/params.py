@@ -265,10 +265,6 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         self._validate_common(prompt_len, max_sequence_length)
-        if self.draft_depth:
-            raise ParamError("draft_depth", "exact parallel decoding (draft_depth > 0) is not available "
-                             "for block-diffusion (LLaDA2.x) checkpoints: their step is planned on the "
-                             "host and has no drafting stage; leave draft_depth at 0")
         if self.cfg_scale:
             raise ParamError("cfg_scale", "classifier-free guidance is not part of block diffusion "
                              "(LLaDA2.x); leave cfg_scale at 0")

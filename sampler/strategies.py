@@ -28,10 +28,10 @@ def make_batch(model, special, capacity_tokens: int = 16384, max_requests: int =
     `cuda_graphs` (default: on CUDA) and `pad_to_buckets` (default: on CUDA) concern the LLaDA
     step, whose device step is captured per bucket; block diffusion has neither. `draft_depth`
     (the default of requests that leave it unset) and `draft_budget` (per-step query tokens and
-    draft pool rows) concern the LLaDA step's exact parallel decoding; block diffusion refuses
-    drafting requests."""
+    draft pool rows) set exact parallel decoding in both strategies."""
     if is_block_diffusion(model.config):
-        return BlockDiffusionBatch(model, special, capacity_tokens, max_requests)
+        return BlockDiffusionBatch(model, special, capacity_tokens, max_requests,
+                                   draft_depth=draft_depth, draft_budget=draft_budget)
     return LLaDABatch(model, special, capacity_tokens, max_requests, cuda_graphs=cuda_graphs,
                       pad_to_buckets=pad_to_buckets, draft_depth=draft_depth, draft_budget=draft_budget)
 

@@ -24,8 +24,13 @@ def test_engine_benchmark_moe_shapes(tmp_path):
     assert bench_engine.main(["--device", "cpu", "--shape", "llada2-tiny", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["config"].startswith("baseline: reference_llada2")
-    assert [r["config"].split(".")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert [r["config"].split(".")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6", "7"]
     assert rows[1]["forwards_per_token"] == 1.0 and rows[2]["forwards_per_token"] < 0.5
+    # Drafting rows (depth 4): draft rows forwarded, never more forwards than the same row without.
+    assert all(r["draft_rows_per_forward"] == 0 for r in rows[:5])
+    assert rows[5]["draft_rows_per_forward"] > 0 and rows[5]["forwards_per_token"] <= rows[1]["forwards_per_token"]
+    assert rows[6]["draft_rows_per_forward"] > 0 and rows[6]["forwards_per_token"] <= rows[3]["forwards_per_token"]
+    assert rows[7]["forwards_per_token"] <= rows[2]["forwards_per_token"]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["vs_roofline"] > 0
     out = tmp_path / "moe.json"

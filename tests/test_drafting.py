@@ -14,7 +14,7 @@ from sampler.reference import reference_generate
 from sampler.strategies import make_batch
 from weights.checkpoint import load_checkpoint
 
-from golden_sets import TINY_LLADA as GOLDEN, TINY_LLADA2
+from golden_sets import TINY_LLADA as GOLDEN
 
 MODES = [
     dict(),
@@ -177,12 +177,13 @@ def test_draft_depth_validation(value):
     assert e.value.field == "draft_depth"
 
 
-def test_block_diffusion_refuses_drafting_by_name():
-    sp = SamplingParams(gen_length=16, draft_depth=2).for_block_diffusion()
+def test_block_diffusion_accepts_drafting():
+    """LLaDA2.x has a drafting stage too (tests/test_drafting_llada2.py): the depth validates."""
+    SamplingParams(gen_length=16, draft_depth=2).for_block_diffusion().validate(4, None, block_diffusion=True)
     with pytest.raises(ParamError) as e:
-        sp.validate(4, None, block_diffusion=True)
-    assert e.value.field == "draft_depth" and "block-diffusion" in str(e.value)
-    SamplingParams(gen_length=16, draft_depth=0).for_block_diffusion().validate(4, None, block_diffusion=True)
+        SamplingParams(gen_length=16, draft_depth=MAX_DRAFT_DEPTH + 1).for_block_diffusion().validate(
+            4, None, block_diffusion=True)
+    assert e.value.field == "draft_depth"
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -195,13 +196,6 @@ def test_conformance_with_drafts(batched, capsys):
     summary = out.strip().splitlines()[-2]
     fwd, ref = int(summary.split()[1].rstrip(",")), int(summary.split()[3])
     assert fwd < ref
-
-
-def test_conformance_refuses_drafting_on_block_diffusion(capsys):
-    rc = conformance.main(["--model", str(TINY_LLADA2), "--cases", str(TINY_LLADA2 / "cases.json"),
-                           "--draft-depth", "2"])
-    assert rc == 2
-    assert "draft_depth" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["events-at-once", "events-one-step-late"])

@@ -73,16 +73,26 @@ def test_bad_draft_depth_is_a_400(server, value):
     assert r.json()["error"]["param"] in ("draft_depth", "body.draft_depth", None) or "draft_depth" in r.text
 
 
-def test_block_diffusion_refuses_draft_depth_by_name(live_server):
+def test_block_diffusion_drafts_with_the_same_answer(live_server):
+    """A LLaDA2.x model takes draft_depth per request and the server default: the answer and NFE
+    equal those without drafts, with fewer forwards; the metrics count the accepted steps."""
     from golden_sets import TINY_LLADA2
 
     b2 = load_checkpoint(TINY_LLADA2, device="cpu", dtype="float32")
     srv = live_server(create_app(b2, EngineConfig(max_batch_size=2, max_batch_tokens=1024, draft_depth=4),
                                  served_model_name="tiny"))
-    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 16}
-    r = post(srv.url, "/v1/completions", {**body, "draft_depth": 2})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "draft_depth"
-    assert "block-diffusion" in r.json()["error"]["message"]
-    # the server default does not apply to a strategy without a drafting stage: plain requests run
-    ok = post(srv.url, "/v1/completions", body)
-    assert ok.status_code == 200 and ok.json()["usage"]["forwards"] >= 1
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 32, "block_length": 8, "steps": 8,
+            "threshold": 1.0}
+    before = metrics(srv.url)
+    off = post(srv.url, "/v1/completions", {**body, "draft_depth": 0})
+    on = post(srv.url, "/v1/completions", {**body, "draft_depth": 3})
+    default = post(srv.url, "/v1/completions", body)  # the server's --draft-depth applies
+    after = metrics(srv.url)
+    assert off.status_code == on.status_code == default.status_code == 200, on.text
+    off, on, default = off.json(), on.json(), default.json()
+    assert on["choices"][0]["token_ids"] == off["choices"][0]["token_ids"] == default["choices"][0]["token_ids"]
+    assert on["usage"]["forwards"] < off["usage"]["forwards"]
+    assert default["usage"]["forwards"] < off["usage"]["forwards"]
+    # each answer took the steps of the run without drafts: the accepted ones make up the difference
+    accepted = metric(after, "llada_draft_steps_accepted_total") - metric(before, "llada_draft_steps_accepted_total")
+    assert accepted == 2 * off["usage"]["forwards"] - on["usage"]["forwards"] - default["usage"]["forwards"]
