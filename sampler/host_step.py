@@ -73,9 +73,13 @@ class _Rows:
 def _gather(state, fstate, plan_rows: list, n_rows: int, dummy: int) -> _Rows:
     plan = [r[:3] for r in plan_rows] + [[dummy, -1, 0]] * (n_rows - len(plan_rows))
     slots = [p[0] for p in plan]
-    ints = [SlotInts(*r) for r in state[slots].tolist()]
-    rows = _Rows(slots, ints, [SlotFloats(*r) for r in fstate[slots].tolist()], [p[2] for p in plan],
-                 [], [], [], [], [])
+    if state.shape[0] <= 2 * len(slots):  # a few slots: reading them all costs no operation
+        si, sf = state.tolist(), fstate.tolist()
+        si, sf = [si[s] for s in slots], [sf[s] for s in slots]
+    else:
+        si, sf = state[slots].tolist(), fstate[slots].tolist()
+    ints = [SlotInts(*r) for r in si]
+    rows = _Rows(slots, ints, [SlotFloats(*r) for r in sf], [p[2] for p in plan], [], [], [], [], [])
     for i, (_, blk, sib) in zip(ints, plan):
         start = sib == 0
         bs = i.prompt_len + blk * i.block_len
@@ -170,13 +174,14 @@ def _per_row(lay: _Layout, values: list) -> list:
 
 
 def _forward(model, kv, tokens, lay: _Layout, rows: _Rows, bucket, mask_id: int, capacity: int):
-    """(logits [R, V] of the logit rows, the layout's int64 tensors): on CFG rows u + (s + 1) *
+    """(logits [R, V] of the logit rows, their canvas tokens, their positions): on CFG rows u + (s + 1) *
     (c - u), as `device_step.forward`."""
     T, R = bucket.tokens, bucket.rows
-    parts = [lay.src, lay.pos, lay.kvi, lay.packed, lay.canvas, lay.position]
+    parts = [lay.src, lay.canvas, lay.pos, lay.kvi, lay.packed, lay.position]
     flat = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
-    src, pos, kvi, packed, canvas, position = flat.split([len(p) for p in parts])
-    ids = tokens.index_select(0, src)
+    src, pos, kvi, packed, position = flat.split([T + R, T, T, len(lay.packed), R])
+    ids, row_tok = tokens.index_select(0, src).split([T, R])  # the packed tokens, the logit rows' tokens
+    row_tok = row_tok.tolist()
     if lay.blank:
         ids[torch.tensor(lay.blank)] = mask_id
     i32 = torch.tensor([lay.cu, lay.seg_kv + [0], lay.seg_len + [0]], dtype=torch.int32)
@@ -189,7 +194,7 @@ def _forward(model, kv, tokens, lay: _Layout, rows: _Rows, bucket, mask_id: int,
         scale = torch.tensor(_per_row(lay, [f.cfg_scale + 1 for f in rows.f]), dtype=torch.float64)
         on = torch.tensor(_per_row(lay, [bool(i.cfg) for i in rows.i]))
         logits = torch.where(on.unsqueeze(1), u + scale.to(logits.dtype).unsqueeze(1) * (logits - u), logits)
-    return logits, canvas, position
+    return logits, row_tok, position
 
 
 def _greedy(logits, ban_rows: list, eos_id: int):
@@ -198,20 +203,15 @@ def _greedy(logits, ban_rows: list, eos_id: int):
     if ban_rows:
         l = l.clone() if l.data_ptr() == logits.data_ptr() else l
         l[torch.tensor(ban_rows), eos_id] = NEG_INF
-    x0 = torch.argmax(l, dim=-1)
+    best, x0 = torch.max(l, dim=-1)  # argmax's index (the first maximum) and its logit
     logz = torch.logsumexp(l, dim=-1)
-    conf = torch.exp(l.gather(1, x0.unsqueeze(1)).squeeze(1) - logz)
-    return x0, conf.to(torch.float32)
+    return x0, torch.exp(best - logz).to(torch.float32)
 
 
-def _candidates(logits, rows: _Rows, lay: _Layout, canvas, position, bucket, tokens, mask_id: int,
-                eos_id: int, stop_ids):
-    """(x0, conf, cand, logprobs) per logit row: `device_step.candidates`, its optional work
-    decided from the host's copy of the fields."""
-    cand = tokens.index_select(0, canvas) == mask_id
-    ok = [r and a for r, a in zip(lay.real, _per_row(lay, rows.active))]
-    if not all(ok):
-        cand &= torch.tensor(ok)
+def _candidates(logits, rows: _Rows, lay: _Layout, position, bucket, mask_id: int, eos_id: int,
+                stop_ids):
+    """(x0 tensor, x0 list, conf before the candidate mask, logprobs) per logit row:
+    `device_step.candidates`, its optional work decided from the host's copy of the fields."""
     if any(f.eos_bias != 0 for f in rows.f):
         bias = torch.tensor(_per_row(lay, [f.eos_bias for f in rows.f]), dtype=torch.float64)
         cd.add_to_column(logits, eos_id, bias.to(logits.dtype), None)
@@ -220,7 +220,8 @@ def _candidates(logits, rows: _Rows, lay: _Layout, canvas, position, bucket, tok
     x0 = None
     if not (bucket.filters or bucket.logprobs or any(t > 0 for t in temps)):
         x0, conf = _greedy(logits, [r for r, b in enumerate(ban_l) if b], eos_id)
-        if mask_id in x0.tolist():  # the re-draw: the general path from the start
+        x0_l = x0.tolist()
+        if mask_id in x0_l:  # the re-draw: the general path from the start
             x0 = None
     seed = nonce = None
     lp = None
@@ -238,6 +239,7 @@ def _candidates(logits, rows: _Rows, lay: _Layout, canvas, position, bucket, tok
         d = cd.draw(logits, temp, seed, nonce, position, ban if (any(ban_l) or filters or bucket.logprobs)
                     else None, eos_id, mask_id, filters, True, keep_dist=bucket.logprobs)
         x0, conf = d.x0, d.conf
+        x0_l = x0.tolist()
         if bucket.logprobs:
             n_lp = torch.tensor(_per_row(lay, [i.n_logprobs for i in rows.i]), dtype=torch.int64)
             lp = row_logprobs(d.dist, x0, ban, n_lp, eos_id, True)
@@ -248,7 +250,7 @@ def _candidates(logits, rows: _Rows, lay: _Layout, canvas, position, bucket, tok
     if any(i.defer_eos for i in rows.i):
         defer = torch.tensor(_per_row(lay, [bool(i.defer_eos) for i in rows.i]))
         conf = cd.defer_stops(conf, x0, defer, stop_ids, True)
-    return x0, torch.where(cand, conf, NEG_INF), cand, lp
+    return x0, x0_l, conf, lp
 
 
 def _transfer(conf: list, cand: list, rows: _Rows, lay: _Layout):
@@ -301,7 +303,7 @@ def _results(rows: _Rows, lay: _Layout, new: list, done: list, chosen, x0: list,
     plen = _per_row(lay, [i.prompt_len for i in rows.i])
     out = dict(
         rows=np.array([chosen, x0, [p - q for p, q in zip(lay.position, plen)]], dtype=np.int64).T,
-        conf=conf.numpy(),
+        conf=conf,
         requests=np.array([[int(a), n.steps_done, n.nfe, n.unmasked, int(d), int(n.block_index >= n.n_blocks),
                             int(a), n.guessed] for a, n, d in zip(rows.active, new, done)], dtype=np.int64))
     if lp is not None:
@@ -309,20 +311,21 @@ def _results(rows: _Rows, lay: _Layout, new: list, done: list, chosen, x0: list,
     return out
 
 
-@torch.no_grad()
 def host_step(model, kv, tokens, state, fstate, plan_rows: list, bucket, mask_id: int, eos_id: int,
               stop_ids: torch.Tensor, capacity: int) -> dict:
     """One step for the requests in `plan_rows` (the host's plan: [slot, block index, step in
     block, ...] per request row, no draft rows); updates `tokens`, `state` and `kv` in place as
-    `device_step` with that plan does, and returns its read-back sections (`UNPACKED` reads them)."""
+    `device_step` with that plan does, and returns its read-back sections (`UNPACKED` reads them).
+    Callers run it without autograd (the batch's `launch` does)."""
     dummy = state.shape[0] - 1
     rows = _gather(state, fstate, plan_rows, bucket.requests + 1, dummy)
     lay = _layout(rows, bucket, capacity)
-    logits, canvas, position = _forward(model, kv, tokens, lay, rows, bucket, mask_id, capacity)
-    x0_t, conf_t, cand_t, lp = _candidates(logits, rows, lay, canvas, position, bucket, tokens, mask_id,
-                                           eos_id, stop_ids)
-    cand, x0 = cand_t.tolist(), x0_t.tolist()
-    chosen, n_cand = _transfer(conf_t.tolist(), cand, rows, lay)
+    logits, row_tok, position = _forward(model, kv, tokens, lay, rows, bucket, mask_id, capacity)
+    x0_t, x0, conf_t, lp = _candidates(logits, rows, lay, position, bucket, mask_id, eos_id, stop_ids)
+    # candidates: the masked positions of active requests' planned blocks; -inf elsewhere
+    cand = [t == mask_id and r and a for t, r, a in zip(row_tok, lay.real, _per_row(lay, rows.active))]
+    conf = np.where(np.array(cand, dtype=bool), conf_t.numpy(), np.float32(NEG_INF))
+    chosen, n_cand = _transfer(conf.tolist(), cand, rows, lay)
     new, done = _advance(rows, lay, cand, chosen, n_cand)
     take = [r for r, c in enumerate(chosen) if c]
     if take:
@@ -332,4 +335,4 @@ def host_step(model, kv, tokens, state, fstate, plan_rows: list, bucket, mask_id
     if moved:
         state[[rows.slots[b] for b in moved]] = torch.tensor([list(new[b]) for b in moved],
                                                              dtype=state.dtype)
-    return _results(rows, lay, new, done, chosen, x0, conf_t, lp)
+    return _results(rows, lay, new, done, chosen, x0, conf, lp)
