@@ -36,6 +36,7 @@ from sampler.step_state import MODE_DUAL, MODE_NONE, SlotFloats, SlotInts
 from weights.layers import AttnLayout
 
 NEG_INF = float("-inf")
+LAYOUTS_KEPT = 256  # layouts a batch's cache holds (emptied when full)
 
 
 def usable(bucket, model) -> bool:
@@ -110,6 +111,8 @@ class _Layout:
     canvas: list = field(default_factory=list)  # token buffer row of each logit row
     position: list = field(default_factory=list)
     real: list = field(default_factory=list)
+    tensors: tuple = None  # (gather rows, positions, logit rows, positions of those, blank tokens
+                           #  or None, AttnLayout, rotary tables), built once per layout
 
 
 def _segments(rows: _Rows, bucket, capacity: int) -> list:
@@ -120,6 +123,21 @@ def _segments(rows: _Rows, bucket, capacity: int) -> list:
         segs += [(0, i.length if i.cfg else 0, i.offset + i.length, i.length) for i in rows.i]
     used = sum(s[1] for s in segs)
     return segs + [(0, max(bucket.tokens - used, 0), capacity, 1)]
+
+
+def _layout_of(rows: _Rows, bucket, capacity: int, cache: dict | None) -> _Layout:
+    """The step's layout, from `cache` when an earlier step had the same (a cached request's block
+    steps and every step without a cache repeat theirs)."""
+    if cache is None:
+        return _layout(rows, bucket, capacity)
+    key = (bucket, capacity, tuple((i.offset, i.length, i.block_len, i.prompt_len, i.gen_length, i.cfg)
+                                   for i in rows.i), tuple(rows.q_lo), tuple(rows.q_hi), tuple(rows.bs))
+    lay = cache.get(key)
+    if lay is None:
+        if len(cache) >= LAYOUTS_KEPT:
+            cache.clear()
+        lay = cache[key] = _layout(rows, bucket, capacity)
+    return lay
 
 
 def _layout(rows: _Rows, bucket, capacity: int) -> _Layout:
@@ -177,17 +195,21 @@ def _forward(model, kv, tokens, lay: _Layout, rows: _Rows, bucket, mask_id: int,
     """(logits [R, V] of the logit rows, their canvas tokens, their positions): on CFG rows u + (s + 1) *
     (c - u), as `device_step.forward`."""
     T, R = bucket.tokens, bucket.rows
-    parts = [lay.src, lay.canvas, lay.pos, lay.kvi, lay.packed, lay.position]
-    flat = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
-    src, pos, kvi, packed, position = flat.split([T + R, T, T, len(lay.packed), R])
+    if lay.tensors is None:
+        parts = [lay.src, lay.canvas, lay.pos, lay.kvi, lay.packed, lay.position]
+        flat = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
+        src, pos, kvi, packed, position = flat.split([T + R, T, T, len(lay.packed), R])
+        i32 = torch.tensor([lay.cu, lay.seg_kv + [0], lay.seg_len + [0]], dtype=torch.int32)
+        attn = AttnLayout(cu_q=i32[0], k_start=i32[1, :-1], k_len=i32[2, :-1], kv_index=kvi,
+                          max_q=bucket.max_q, max_k=capacity + 1)
+        lay.tensors = (src, pos, packed, position, torch.tensor(lay.blank) if lay.blank else None, attn,
+                       model.rotary_tables(pos))
+    src, pos, packed, position, blank, attn, tables = lay.tensors
     ids, row_tok = tokens.index_select(0, src).split([T, R])  # the packed tokens, the logit rows' tokens
     row_tok = row_tok.tolist()
-    if lay.blank:
-        ids[torch.tensor(lay.blank)] = mask_id
-    i32 = torch.tensor([lay.cu, lay.seg_kv + [0], lay.seg_len + [0]], dtype=torch.int32)
-    attn = AttnLayout(cu_q=i32[0], k_start=i32[1, :-1], k_len=i32[2, :-1], kv_index=kvi,
-                      max_q=bucket.max_q, max_k=capacity + 1)
-    out = model(ids, pos, attn, kv, packed)
+    if blank is not None:
+        ids[blank] = mask_id
+    out = model.forward(ids, pos, attn, kv, packed, tables=tables)  # as `full_logits` calls it
     logits = out[:R]
     if bucket.cfg:
         u = out[R:]
@@ -299,27 +321,29 @@ def _advance(rows: _Rows, lay: _Layout, cand: list, chosen: list, n_cand: list):
 
 
 def _results(rows: _Rows, lay: _Layout, new: list, done: list, chosen, x0: list, conf, lp) -> dict:
-    """What `ReadBack.unpack` gives of `device_step`'s buffer, section by section."""
+    """What `ReadBack.unpack` gives of `device_step`'s buffer, section by section (the request
+    rows as lists of ints)."""
     plen = _per_row(lay, [i.prompt_len for i in rows.i])
     out = dict(
         rows=np.array([chosen, x0, [p - q for p, q in zip(lay.position, plen)]], dtype=np.int64).T,
         conf=conf,
-        requests=np.array([[int(a), n.steps_done, n.nfe, n.unmasked, int(d), int(n.block_index >= n.n_blocks),
-                            int(a), n.guessed] for a, n, d in zip(rows.active, new, done)], dtype=np.int64))
+        requests=[[int(a), n.steps_done, n.nfe, n.unmasked, int(d), int(n.block_index >= n.n_blocks), int(a),
+                   n.guessed] for a, n, d in zip(rows.active, new, done)])
     if lp is not None:
         out.update(token_logprob=lp[0].numpy(), top_ids=lp[1].numpy(), top_logprobs=lp[2].numpy())
     return out
 
 
 def host_step(model, kv, tokens, state, fstate, plan_rows: list, bucket, mask_id: int, eos_id: int,
-              stop_ids: torch.Tensor, capacity: int) -> dict:
+              stop_ids: torch.Tensor, capacity: int, cache: dict | None = None) -> dict:
     """One step for the requests in `plan_rows` (the host's plan: [slot, block index, step in
     block, ...] per request row, no draft rows); updates `tokens`, `state` and `kv` in place as
     `device_step` with that plan does, and returns its read-back sections (`UNPACKED` reads them).
-    Callers run it without autograd (the batch's `launch` does)."""
+    `cache`: the caller's dict of layouts (and their tensors) to reuse across steps. Callers run
+    it without autograd (the batch's `launch` does)."""
     dummy = state.shape[0] - 1
     rows = _gather(state, fstate, plan_rows, bucket.requests + 1, dummy)
-    lay = _layout(rows, bucket, capacity)
+    lay = _layout_of(rows, bucket, capacity, cache)
     logits, row_tok, position = _forward(model, kv, tokens, lay, rows, bucket, mask_id, capacity)
     x0_t, x0, conf_t, lp = _candidates(logits, rows, lay, position, bucket, mask_id, eos_id, stop_ids)
     # candidates: the masked positions of active requests' planned blocks; -inf elsewhere

@@ -125,6 +125,7 @@ class LLaDABatch(Batch):
         # bookkeeping on the host: a fraction of the device step's small operations).
         self.host_planned = (dev.type != "cuda" and not self.pad_to_buckets) if host_planned is None \
             else host_planned
+        self._layouts: dict = {}  # host_step's layouts, reused by the steps that repeat them
         self._pending: _Launched | None = None
         self._ready: list[StepEvent] = []  # events of requests finished without a forward
         self.grammar_mask = None  # bool [slots + 1, V]: each constrained slot's allowed tokens
@@ -254,7 +255,8 @@ class LLaDABatch(Batch):
         the step's own)."""
         if self.host_planned and self.graphs is None and hs.usable(bucket, self.model):
             return hs.host_step(self.model, self.kv, self.tokens, self.state, self.fstate, plan_rows,
-                                bucket, self.mask_id, self.eos_id, self.stop_ids_d, self.capacity), True
+                                bucket, self.mask_id, self.eos_id, self.stop_ids_d, self.capacity,
+                                self._layouts), True
         plan = ds.plan_of(plan_rows, bucket.requests + 1, self.dummy_slot)
         if self.pinned:
             plan = plan.pin_memory()
