@@ -41,7 +41,7 @@ MODES = [
 
 def _request(rnd, extra, mask_id):
     gen, block = rnd.choice([(16, 8), (24, 8), (16, 16), (20, 4)])
-    steps = None if "threshold" in extra else gen // rnd.choice([1, 2])
+    steps = None if "threshold" in extra else gen // rnd.choice([1, 2, block])  # block: one step per block
     prompt = [rnd.randrange(0, VOCAB - 11) for _ in range(rnd.randrange(1, 14))]
     suffix, span = (), None
     if rnd.random() < 0.3:  # infilling: a suffix, sometimes a span with fixed tokens
@@ -52,11 +52,12 @@ def _request(rnd, extra, mask_id):
     return prompt, SamplingParams(gen_length=gen, block_length=block, steps=steps, **extra), suffix, span
 
 
-def _pair(bundle, reqs, max_requests):
+def _pair(bundle, reqs, max_requests, draft_budget=0):
     rows = sum(rows_needed(len(p) + len(s), sp) for p, sp, s, _ in reqs)
     out = []
     for host in (True, False):
-        b = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 5, max_requests=max_requests)
+        b = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 5, max_requests=max_requests,
+                       draft_budget=draft_budget)
         b.host_planned = host
         out.append(b)
     return out
@@ -68,10 +69,12 @@ def _same_buffers(a, b):
     assert torch.equal(a.fstate, b.fstate)
     for x, y in zip(list(a.kv.k) + list(a.kv.v), list(b.kv.k) + list(b.kv.v)):
         assert torch.equal(x, y)
+    assert (a.store.guess is None) == (b.store.guess is None)
+    assert a.store.guess is None or torch.equal(a.store.guess, b.store.guess)
 
 
-def _drive(bundle, reqs, arrivals, max_requests, late):
-    fast, slow = _pair(bundle, reqs, max_requests)
+def _drive(bundle, reqs, arrivals, max_requests, late, draft_budget=0):
+    fast, slow = _pair(bundle, reqs, max_requests, draft_budget)
     order = sorted(range(len(reqs)), key=lambda i: arrivals[i])
     done, step_no, host_steps = set(), 0, 0
     while len(done) < len(reqs):
@@ -93,7 +96,7 @@ def _drive(bundle, reqs, arrivals, max_requests, late):
         step_no += 1
         assert step_no < 3000
     assert fast.forwards == slow.forwards
-    return host_steps
+    return host_steps, step_no
 
 
 @pytest.mark.parametrize("extra", MODES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()) or "plain")
@@ -101,7 +104,7 @@ def test_alone_every_mode_is_the_device_step(model, extra):
     rnd = random.Random(hash(str(sorted(extra.items()))) & 0xFFFF)
     for _ in range(2):
         req = _request(rnd, extra, model.special.mask)
-        assert _drive(model, [req], [0], 1, late=False) > 0
+        assert _drive(model, [req], [0], 1, late=False)[0] > 0
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -109,7 +112,19 @@ def test_random_mixes_with_joins_are_the_device_step(model, seed):
     rnd = random.Random(seed)
     reqs = [_request(rnd, rnd.choice(MODES), model.special.mask) for _ in range(10)]
     arrivals = [rnd.randrange(0, 25) for _ in reqs]
-    assert _drive(model, reqs, arrivals, 5, late=seed == 2) > 0
+    assert _drive(model, reqs, arrivals, 5, late=seed == 2)[0] > 0
+
+
+def test_drafting_requests_hand_steps_back_and_forth(model):
+    """With a draft pool, steps with a drafting request run `device_step` (the drafting stage) and
+    the others the host step: the state each leaves is the other's to continue from."""
+    rnd = random.Random(8)
+    drafting = [dict(draft_depth=2, cache="dual"), dict(draft_depth=3), dict(draft_depth=2, threshold=0.3)]
+    reqs = [_request(rnd, rnd.choice(MODES[:13] + drafting), model.special.mask) for _ in range(8)]
+    reqs += [_request(rnd, d, model.special.mask) for d in drafting]
+    arrivals = [rnd.randrange(0, 30) for _ in reqs]
+    host, steps = _drive(model, reqs, arrivals, 4, late=False, draft_budget=1024)
+    assert 0 < host < steps
 
 
 def test_steps_it_does_not_take_go_to_the_device_step(model):
