@@ -111,6 +111,7 @@ class _Layout:
     canvas: list = field(default_factory=list)  # token buffer row of each logit row
     position: list = field(default_factory=list)
     real: list = field(default_factory=list)
+    fresh: bool = False    # no row caches: attention reads the fresh keys/values, none are written
     tensors: tuple = None  # (gather rows, positions, logit rows, positions of those, blank tokens
                            #  or None, AttnLayout, rotary tables), built once per layout
 
@@ -130,7 +131,8 @@ def _layout_of(rows: _Rows, bucket, capacity: int, cache: dict | None) -> _Layou
     steps and every step without a cache repeat theirs)."""
     if cache is None:
         return _layout(rows, bucket, capacity)
-    key = (bucket, capacity, tuple((i.offset, i.length, i.block_len, i.prompt_len, i.gen_length, i.cfg)
+    key = (bucket, capacity, tuple((i.offset, i.length, i.block_len, i.prompt_len, i.gen_length, i.cfg,
+                                    i.cache_mode)
                                    for i in rows.i), tuple(rows.q_lo), tuple(rows.q_hi), tuple(rows.bs))
     lay = cache.get(key)
     if lay is None:
@@ -144,8 +146,11 @@ def _layout(rows: _Rows, bucket, capacity: int) -> _Layout:
     b1, T, R = len(rows.i), bucket.tokens, bucket.rows
     lay = _Layout()
     segs = _segments(rows, bucket, capacity)
+    # Without a cached row nothing reads the K/V buffers later (a region's next use rewrites it):
+    # each segment then attends to its own fresh packed rows (every segment is a whole canvas).
+    lay.fresh = all(i.cache_mode == MODE_NONE for i in rows.i)
     for n, (lo, cnt, kv0, keys) in enumerate(segs):
-        lay.seg_kv.append(kv0)
+        lay.seg_kv.append((lay.cu[-1] if n < len(segs) - 1 else 0) if lay.fresh else kv0)
         lay.seg_len.append(keys)
         at = lay.cu[-1]
         lay.cu.append(at + cnt)
@@ -209,7 +214,7 @@ def _forward(model, kv, tokens, lay: _Layout, rows: _Rows, bucket, mask_id: int,
     row_tok = row_tok.tolist()
     if blank is not None:
         ids[blank] = mask_id
-    out = model.forward(ids, pos, attn, kv, packed, tables=tables)  # as `full_logits` calls it
+    out = model.forward(ids, pos, attn, None if lay.fresh else kv, packed, tables=tables)  # as `full_logits` calls it
     logits = out[:R]
     if bucket.cfg:
         u = out[R:]
