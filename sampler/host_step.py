@@ -5,9 +5,10 @@ and nothing is read back, so a step costs some 300 small operations besides the 
 an operation is host time and reading a value back costs nothing, so this module runs the same
 step with the bookkeeping in Python and numpy: the plan's state rows are read once, the packed
 layout, the logit rows and their per-row fields are built from Python ints, the transfer rule
-(the schedule's quota or the threshold rule) and the commit are decided on the host, and the
-device work left is the token gather, the forward, the candidates' draw (the same functions as
-the device step, on the same inputs) and two writes (the chosen tokens, the advanced state rows).
+(the schedule's quota or the threshold rule) and the commit are decided on the host, the token
+gather and the two writes (the chosen tokens, the advanced state rows) go through numpy views of
+the buffers, and the tensor work left is the forward and the candidates' draw (the same functions
+as the device step, on the same inputs).
 It leaves the tokens, state and K/V buffers exactly as `device_step` does and returns what the
 host reads of its read-back buffer (`ReadBack.unpack`'s sections), so the two are interchangeable
 step by step (tests/test_host_step.py checks buffers, state and events against it on random mixes
@@ -16,7 +17,8 @@ the same operations `kernels.selection` runs for them, without the checks whose 
 knows; a candidate equal to the mask id (the re-draw) sends the step back to `candidates.draw`.
 
 Steps it does not take (`usable`): drafting stages (a bucket with a draft depth), constrained
-requests (the grammar's frontier rule) and tensor parallelism; those run `device_step`.
+requests (the grammar's frontier rule), tensor parallelism and any device but the CPU; those run
+`device_step`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ LAYOUTS_KEPT = 256  # layouts a batch's cache holds (emptied when full)
 def usable(bucket, model) -> bool:
     """Whether `host_step` takes a step of this bucket (otherwise `device_step` does)."""
     return (not bucket.depth and not bucket.draft_copy and not bucket.constrained
-            and getattr(model, "tp", None) is None)
+            and getattr(model, "tp", None) is None and model.device.type == "cpu")
 
 
 class Unpacked:
@@ -74,11 +76,7 @@ class _Rows:
 def _gather(state, fstate, plan_rows: list, n_rows: int, dummy: int) -> _Rows:
     plan = [r[:3] for r in plan_rows] + [[dummy, -1, 0]] * (n_rows - len(plan_rows))
     slots = [p[0] for p in plan]
-    if state.shape[0] <= 2 * len(slots):  # a few slots: reading them all costs no operation
-        si, sf = state.tolist(), fstate.tolist()
-        si, sf = [si[s] for s in slots], [sf[s] for s in slots]
-    else:
-        si, sf = state[slots].tolist(), fstate[slots].tolist()
+    si, sf = state.numpy()[slots].tolist(), fstate.numpy()[slots].tolist()
     ints = [SlotInts(*r) for r in si]
     rows = _Rows(slots, ints, [SlotFloats(*r) for r in sf], [p[2] for p in plan], [], [], [], [], [])
     for i, (_, blk, sib) in zip(ints, plan):
@@ -207,13 +205,13 @@ def _forward(model, kv, tokens, lay: _Layout, rows: _Rows, bucket, mask_id: int,
         i32 = torch.tensor([lay.cu, lay.seg_kv + [0], lay.seg_len + [0]], dtype=torch.int32)
         attn = AttnLayout(cu_q=i32[0], k_start=i32[1, :-1], k_len=i32[2, :-1], kv_index=kvi,
                           max_q=bucket.max_q, max_k=capacity + 1)
-        lay.tensors = (src, pos, packed, position, torch.tensor(lay.blank) if lay.blank else None, attn,
+        lay.tensors = (src.numpy(), pos, packed, position, np.array(lay.blank, dtype=np.int64), attn,
                        model.rotary_tables(pos))
     src, pos, packed, position, blank, attn, tables = lay.tensors
-    ids, row_tok = tokens.index_select(0, src).split([T, R])  # the packed tokens, the logit rows' tokens
-    row_tok = row_tok.tolist()
-    if blank is not None:
-        ids[blank] = mask_id
+    gathered = tokens.numpy()[src]  # the packed tokens, then the logit rows' tokens
+    row_tok = gathered[T:].tolist()
+    gathered[blank] = mask_id
+    ids = torch.from_numpy(gathered[:T])
     out = model.forward(ids, pos, attn, None if lay.fresh else kv, packed, tables=tables)  # as `full_logits` calls it
     logits = out[:R]
     if bucket.cfg:
@@ -358,10 +356,8 @@ def host_step(model, kv, tokens, state, fstate, plan_rows: list, bucket, mask_id
     new, done = _advance(rows, lay, cand, chosen, n_cand)
     take = [r for r, c in enumerate(chosen) if c]
     if take:
-        tokens.index_put_((torch.tensor([lay.canvas[r] for r in take]),),
-                          torch.tensor([x0[r] for r in take], dtype=tokens.dtype))
+        tokens.numpy()[[lay.canvas[r] for r in take]] = [x0[r] for r in take]
     moved = [b for b, s in enumerate(rows.slots) if rows.active[b] and s < dummy]
     if moved:
-        state[[rows.slots[b] for b in moved]] = torch.tensor([list(new[b]) for b in moved],
-                                                             dtype=state.dtype)
+        state.numpy()[[rows.slots[b] for b in moved]] = [list(new[b]) for b in moved]
     return _results(rows, lay, new, done, chosen, x0, conf, lp)
