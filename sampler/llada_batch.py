@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sampler import device_step as ds
@@ -90,8 +91,15 @@ class _Launched:
     rows: list            # (request, planned block index, planned step, predicted next, draft j) per request row
     row_start: list       # first logit row of each request row
     layout: ReadBack      # the sections of `results` (hs.UNPACKED: results are the sections)
-    results: torch.Tensor  # the step's results on the host (pinned on CUDA)
+    results: torch.Tensor  # the step's results on the host (pinned on CUDA; a host step's: its sections)
     done: object          # CUDA event recorded after the copy (None on the CPU)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the step's results as the host holds them."""
+        if isinstance(self.results, torch.Tensor):
+            return self.results.numel() * self.results.element_size()
+        return sum(np.asarray(v).nbytes for v in self.results.values())
 
 
 class LLaDABatch(Batch):
