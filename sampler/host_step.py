@@ -38,7 +38,8 @@ from sampler.step_state import MODE_DUAL, MODE_NONE, SlotFloats, SlotInts
 from weights.layers import AttnLayout
 
 NEG_INF = float("-inf")
-LAYOUTS_KEPT = 256  # layouts a batch's cache holds (emptied when full)
+LAYOUTS_KEPT = 64  # layouts a batch's cache holds (emptied when full)
+LAYOUT_TOKENS_KEPT = 2048  # only layouts of steps with at most this many packed tokens are kept
 
 
 def usable(bucket, model) -> bool:
@@ -127,7 +128,7 @@ def _segments(rows: _Rows, bucket, capacity: int) -> list:
 def _layout_of(rows: _Rows, bucket, capacity: int, cache: dict | None) -> _Layout:
     """The step's layout, from `cache` when an earlier step had the same (a cached request's block
     steps and every step without a cache repeat theirs)."""
-    if cache is None:
+    if cache is None or bucket.tokens > LAYOUT_TOKENS_KEPT:
         return _layout(rows, bucket, capacity)
     key = (bucket, capacity, tuple((i.offset, i.length, i.block_len, i.prompt_len, i.gen_length, i.cfg,
                                     i.cache_mode)
@@ -207,6 +208,7 @@ def _forward(model, kv, tokens, lay: _Layout, rows: _Rows, bucket, mask_id: int,
                           max_q=bucket.max_q, max_k=capacity + 1)
         lay.tensors = (src.numpy(), pos, packed, position, np.array(lay.blank, dtype=np.int64), attn,
                        model.rotary_tables(pos))
+        lay.src = lay.pos = lay.kvi = lay.packed = lay.blank = None  # in the tensors now
     src, pos, packed, position, blank, attn, tables = lay.tensors
     gathered = tokens.numpy()[src]  # the packed tokens, then the logit rows' tokens
     row_tok = gathered[T:].tolist()
