@@ -206,15 +206,20 @@ def _forward(model, kv, tokens, lay: _Layout, rows: _Rows, bucket, mask_id: int,
         i32 = torch.tensor([lay.cu, lay.seg_kv + [0], lay.seg_len + [0]], dtype=torch.int32)
         attn = AttnLayout(cu_q=i32[0], k_start=i32[1, :-1], k_len=i32[2, :-1], kv_index=kvi,
                           max_q=bucket.max_q, max_k=capacity + 1)
+        own = getattr(type(model), "rotary_tables", None) is not None  # the decoder itself, not a wrapper
         lay.tensors = (src.numpy(), pos, packed, position, np.array(lay.blank, dtype=np.int64), attn,
-                       model.rotary_tables(pos))
+                       model.rotary_tables(pos) if own else None)
         lay.src = lay.pos = lay.kvi = lay.packed = lay.blank = None  # in the tensors now
     src, pos, packed, position, blank, attn, tables = lay.tensors
     gathered = tokens.numpy()[src]  # the packed tokens, then the logit rows' tokens
     row_tok = gathered[T:].tolist()
     gathered[blank] = mask_id
     ids = torch.from_numpy(gathered[:T])
-    out = model.forward(ids, pos, attn, None if lay.fresh else kv, packed, tables=tables)  # as `full_logits` calls it
+    kv = None if lay.fresh else kv
+    if tables is None:  # a model wrapped by its caller: called as `device_step` calls it
+        out = model(ids, pos, attn, kv, packed)
+    else:  # its rotary tables kept with the layout; called as `full_logits` calls it
+        out = model.forward(ids, pos, attn, kv, packed, tables=tables)
     logits = out[:R]
     if bucket.cfg:
         u = out[R:]
