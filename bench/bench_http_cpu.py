@@ -136,6 +136,9 @@ def run_round(configs, model, clients, args, prompt, logs: Path, r: int, results
         try:
             server.wait_ready()
             threads[name] = server.threads()
+            measured = re.findall(r"CPU threads: .*", server.log_path.read_text())
+            print(f"  round {r + 1}: {name}: {measured[-1] if measured else 'threads set by flag'}",
+                  file=sys.stderr, flush=True)
             load(server.url, 1, 1, args.gen, prompt, args.time_limit)  # warm-up
             for c in clients:
                 tps = load(server.url, c, c * args.requests_per_client, args.gen, prompt, args.time_limit)

@@ -37,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"),
       help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     a("--cpu-threads", type=int, default=_env("cpu_threads", 0), help="intra-op threads on a CPU "
-      "(default 0: for a small model, 1 or every core, as forwards timed at start-up, alone and batched, "
-      "decide)")
+      "(default 0: for a small model, 1 or every core, as forwards timed at start-up decide)")
     a("--served-model-name", default=_env("served_model_name"),
       help="model id clients use (default: the checkpoint directory's name)")
     a("--max-batch-size", type=int, default=_env("max_batch_size", 32),
