@@ -52,3 +52,23 @@ def test_public_module_imports_with_placeholders(tmp_path):
 
     assert "model.modeling_llada" not in sys.modules
     assert bp.load_public(None, "llada") is None
+
+
+def test_http_bench_configurations_are_valid_server_flags():
+    """bench/bench_http_cpu.py: every preset (and a `--config NAME='ENV=V FLAGS'`) parses as
+    `llada-serve` flags once its leading environment assignments are taken off."""
+    import argparse
+    import re
+
+    from bench import bench_http_cpu as bh
+    from server.cli import build_parser
+
+    args = argparse.Namespace(configs="default,threads-1,threads-2,threads-2-passive",
+                              config=["mine=OMP_WAIT_POLICY=PASSIVE --cpu-threads 2 --max-batch-size 8"])
+    configs = bh.parse_configs(args)
+    assert [n for n, _ in configs][-1] == "mine" and len(configs) == 5
+    for name, flags in configs:
+        flags = [f for f in flags if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", f)]
+        parsed = build_parser().parse_args(flags)
+        assert parsed.cpu_threads in (0, 1, 2)
+    assert dict(configs)["mine"][0] == "OMP_WAIT_POLICY=PASSIVE"
