@@ -204,7 +204,7 @@ MEASURE_BATCH = 8  # canvases in the batched forward timed at start-up (at most;
 
 def _time_forwards(model, shapes, counts, rounds: int, budget_s: float) -> dict:
     """(count, shape) -> the forward times of `model` on zero ids of `shape`, each count in turn per
-    round (a warm-up round first, untimed); rounds stop early once `budget_s` is spent (3 at least)."""
+    round (a warm-up round first, untimed); rounds stop early once `budget_s` is spent (2 at least)."""
     import time
 
     times = {(n, s): [] for n in counts for s in shapes}
