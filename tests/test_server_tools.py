@@ -248,7 +248,7 @@ def test_a_conversation_with_tool_messages_round_trips(server):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [ADD], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [ADD], "tool_choice": "required", "logprobs": True}, "logprobs"),
-    ({"tools": [ADD], "tool_choice": "required", "ignore_eos": True}, "ban_eos"),
+    ({"tools": [ADD], "tool_choice": "required", "ignore_eos": True}, "ignore_eos"),
     ({"messages": USER + [{"role": "tool", "content": "5"}]}, "messages.1.tool_call_id"),
     ({"messages": USER + [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "add"}}]}]},
      "messages.1.tool_calls.0"),
