@@ -71,7 +71,7 @@ def run(bundle, params: list[SamplingParams], prompt_len: int, steps: int) -> tu
         launched = batch.launch()
         batch.collect(launched)  # waits for the step's results
         times.append((time.perf_counter() - t0) * 1e3)
-        nbytes = launched.results.numel() * launched.results.element_size()
+        nbytes = launched.nbytes
     return statistics.median(times[1:]), nbytes
 
 

@@ -33,13 +33,12 @@ def attention_reference(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, s
             vs_ = vs_.repeat_interleave(h // kh, dim=1)
         probs = torch.softmax(torch.matmul(qs, ks_.transpose(-1, -2)) * scale, dim=-1)
         return torch.matmul(probs, vs_).transpose(1, 2).reshape(tq, h, d).to(q.dtype)
-    out = torch.empty_like(q)
     starts = k_start.tolist()
     lens = k_len.tolist()
-    for b in range(len(lens)):
+    live = [b for b in range(len(lens)) if cu[b + 1] > cu[b]]
+    out = None if len(live) == 1 and cu[live[0] + 1] - cu[live[0]] == tq else torch.empty_like(q)
+    for b in live:
         q0, q1 = cu[b], cu[b + 1]
-        if q1 == q0:
-            continue
         ks, kl = starts[b], lens[b]
         qs = q[q0:q1].to(acc).transpose(0, 1)  # [H, n, D]
         ks_ = k[ks:ks + kl].to(acc).transpose(0, 1)  # [KH, m, D]
@@ -49,8 +48,11 @@ def attention_reference(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, s
             vs_ = vs_.repeat_interleave(h // kh, dim=0)
         scores = torch.matmul(qs, ks_.transpose(1, 2)) * scale
         probs = torch.softmax(scores, dim=-1)
-        out[q0:q1] = torch.matmul(probs, vs_).transpose(0, 1).to(q.dtype)
-    return out
+        seg = torch.matmul(probs, vs_).transpose(0, 1).to(q.dtype)
+        if out is None:  # one segment holds every query: its result is the output
+            return seg
+        out[q0:q1] = seg
+    return out if out is not None else torch.empty_like(q)
 
 
 def _dense_layout(cu, k_start, k_len, tk):

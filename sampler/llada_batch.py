@@ -25,9 +25,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sampler import device_step as ds
+from sampler import host_step as hs
 from sampler.batch import Batch
 from sampler.cuda_graphs import StepGraphs
 from sampler.events import StepEvent
@@ -88,9 +90,16 @@ class _Launched:
 
     rows: list            # (request, planned block index, planned step, predicted next, draft j) per request row
     row_start: list       # first logit row of each request row
-    layout: ReadBack      # the sections of `results`
-    results: torch.Tensor  # the step's results on the host (pinned on CUDA)
+    layout: ReadBack      # the sections of `results` (hs.UNPACKED: results are the sections)
+    results: torch.Tensor  # the step's results on the host (pinned on CUDA; a host step's: its sections)
     done: object          # CUDA event recorded after the copy (None on the CPU)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the step's results as the host holds them."""
+        if isinstance(self.results, torch.Tensor):
+            return self.results.numel() * self.results.element_size()
+        return sum(np.asarray(v).nbytes for v in self.results.values())
 
 
 class LLaDABatch(Batch):
@@ -98,7 +107,7 @@ class LLaDABatch(Batch):
 
     def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64,
                  cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None,
-                 draft_depth: int = 0, draft_budget: int = 0):
+                 draft_depth: int = 0, draft_budget: int = 0, host_planned: bool | None = None):
         # Exact parallel decoding: `draft_depth` is the depth of requests that leave theirs unset;
         # `draft_budget` rows of keys/values are lent to draft rows each step, and a step runs
         # draft rows only while its query tokens stay within that many (a full batch never drafts).
@@ -120,6 +129,11 @@ class LLaDABatch(Batch):
         self.pinned = dev.type == "cuda"
         # Padded bucket shapes let CUDA graphs be reused; on the CPU they would only cost.
         self.pad_to_buckets = dev.type == "cuda" if pad_to_buckets is None else pad_to_buckets
+        # Off CUDA, steps at exact shapes without drafting run `host_step` (the same step with its
+        # bookkeeping on the host: a fraction of the device step's small operations).
+        self.host_planned = (dev.type != "cuda" and not self.pad_to_buckets) if host_planned is None \
+            else host_planned
+        self._layouts: dict = {}  # host_step's layouts, reused by the steps that repeat them
         self._pending: _Launched | None = None
         self._ready: list[StepEvent] = []  # events of requests finished without a forward
         self.grammar_mask = None  # bool [slots + 1, V]: each constrained slot's allowed tokens
@@ -244,6 +258,21 @@ class LLaDABatch(Batch):
             total += (hi - lo) + (req.length if req.params.cfg_scale > 0 else 0)
         return total
 
+    def _run_step(self, plan_rows: list, bucket) -> tuple[torch.Tensor, bool]:
+        """Run one planned step: (its read-back buffer, whether that buffer is on the host and
+        the step's own)."""
+        if self.host_planned and self.graphs is None and hs.usable(bucket, self.model):
+            return hs.host_step(self.model, self.kv, self.tokens, self.state, self.fstate, plan_rows,
+                                bucket, self.mask_id, self.eos_id, self.stop_ids_d, self.capacity,
+                                self._layouts), True
+        plan = ds.plan_of(plan_rows, bucket.requests + 1, self.dummy_slot)
+        if self.pinned:
+            plan = plan.pin_memory()
+        plan_d = plan.to(self.device, non_blocking=self.pinned)
+        if self.graphs is not None:
+            return self.graphs.run(bucket, plan_d), False
+        return self._device_step(plan_d, bucket), False
+
     def _device_step(self, plan, bucket):
         return ds.device_step(self.model, self.kv, self.tokens, self.state, self.fstate, plan, bucket,
                               self.mask_id, self.eos_id, self.stop_ids_d, self.capacity,
@@ -286,14 +315,7 @@ class LLaDABatch(Batch):
             else:
                 self.draft_rows_run += 1
                 req.draft_rows += 1
-        plan = ds.plan_of(plan_rows, bucket.requests + 1, self.dummy_slot)
-        if self.pinned:
-            plan = plan.pin_memory()
-        plan_d = plan.to(self.device, non_blocking=self.pinned)
-        if self.graphs is not None:
-            out = self.graphs.run(bucket, plan_d)
-        else:
-            out = self._device_step(plan_d, bucket)
+        out, own = self._run_step(plan_rows, bucket)
         self.forwards += 1
         done = None
         if self.pinned:  # one copy of the step's results into pinned memory, read after the event
@@ -302,9 +324,9 @@ class LLaDABatch(Batch):
             done = torch.cuda.Event()
             done.record()
         else:
-            host = out.clone()
+            host = out if own else out.clone()
         self.host_seconds += time.perf_counter() - t0
-        return _Launched(rows, row_start, ReadBack.of(bucket), host, done)
+        return _Launched(rows, row_start, hs.UNPACKED if own else ReadBack.of(bucket), host, done)
 
     def collect(self, launched: _Launched | None) -> list[StepEvent]:
         """Wait for a launched step's results and turn them into events (requests removed since

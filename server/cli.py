@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"),
       help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     a("--cpu-threads", type=int, default=_env("cpu_threads", 0), help="intra-op threads on a CPU "
-      "(default 0: for a small model, 1 or every core, whichever a forward at start-up runs faster)")
+      "(default 0: for a small model, 1 or every core, as forwards timed at start-up decide)")
     a("--served-model-name", default=_env("served_model_name"),
       help="model id clients use (default: the checkpoint directory's name)")
     a("--max-batch-size", type=int, default=_env("max_batch_size", 32),
@@ -295,8 +295,11 @@ def _load(args, model_dir, tp=None):
 
     try:
         bundle = load_checkpoint(model_dir, device=args.device, dtype=args.dtype, tp=tp)
+        # Timed at the batch the engine runs: its requests per step, as many 64-token canvases as
+        # its token budget holds (a batched forward is what concurrent requests share).
+        batch = min(args.max_batch_size, max(1, args.max_batch_tokens // 64))
         threads = pick_cpu_threads(bundle.config, bundle.device, model=bundle.model if tp is None else None,
-                                   override=args.cpu_threads or None)
+                                   override=args.cpu_threads or None, batch=batch)
     except (CheckpointError, OSError, ValueError) as e:
         _fail(f"cannot load the model from {model_dir}: {e}")
     cfg = bundle.config

@@ -175,12 +175,13 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pick_cpu_threads(config, device: torch.device, model=None, override: int | None = None) -> int:
+def pick_cpu_threads(config, device: torch.device, model=None, override: int | None = None,
+                     batch: int = 1) -> int:
     """Set torch's intra-op threads for serving this model on this device; returns the count.
 
     An explicit count wins: `override` (the server's --cpu-threads), else LLADA_CPU_THREADS, else
     OMP_NUM_THREADS (torch has already read it). Otherwise small models are measured when `model` is
-    given (`measure_cpu_threads`: one thread against every available core, the faster is kept), and
+    given (`measure_cpu_threads`, at the server's `batch`: its running requests per step), and
     guessed without it: one thread, as each operation is too small to split and OpenMP's barrier
     spinning collapses when another process holds a core. Large models keep torch's default."""
     if device.type != "cpu":
@@ -191,33 +192,62 @@ def pick_cpu_threads(config, device: torch.device, model=None, override: int | N
     elif os.environ.get("OMP_NUM_THREADS") or config.num_parameters >= SMALL_MODEL_PARAMS:
         return torch.get_num_threads()
     elif model is not None and available_cores() > 1:
-        n = measure_cpu_threads(model, available_cores())
+        n = measure_cpu_threads(model, available_cores(), batch=batch)
     else:
         n = 1
     torch.set_num_threads(n)
     return n
 
 
-def measure_cpu_threads(model, cores: int, tokens: int = 64, rounds: int = 5) -> int:
-    """Time a forward of `model` over one canvas of `tokens` tokens on 1 and on `cores` intra-op
-    threads, alternating (best of `rounds` each, after a warm-up), and return the faster count. More
-    threads must win by 10%: on a shared machine one thread degrades gracefully and more do not."""
+MEASURE_BATCH = 8  # canvases in the batched forward timed at start-up (at most; fewer if the server runs fewer)
+
+
+def _time_forwards(model, shapes, counts, rounds: int, budget_s: float) -> dict:
+    """(count, shape) -> the forward times of `model` on zero ids of `shape`, each count in turn per
+    round (a warm-up round first, untimed); rounds stop early once `budget_s` is spent (2 at least)."""
     import time
 
-    tokens = max(1, min(tokens, int(model.config.max_sequence_length)))
-    ids = torch.zeros(1, tokens, dtype=torch.int64)
-    best = {1: float("inf"), cores: float("inf")}
+    times = {(n, s): [] for n in counts for s in shapes}
+    start = time.perf_counter()
     with torch.inference_mode():
         for r in range(rounds + 1):
-            for n in best:
-                torch.set_num_threads(n)
-                t0 = time.perf_counter()
-                model.full_logits(ids)
-                if r:  # round 0 warms up each count
-                    best[n] = min(best[n], time.perf_counter() - t0)
-    pick = cores if best[cores] < 0.9 * best[1] else 1
-    log.info("CPU threads: a %d-token forward takes %.2f ms on 1 thread, %.2f ms on %d; using %d "
-             "(--cpu-threads overrides)", tokens, best[1] * 1e3, best[cores] * 1e3, cores, pick)
+            for s in shapes:
+                ids = torch.zeros(s, dtype=torch.int64)
+                for n in counts:
+                    torch.set_num_threads(n)
+                    t0 = time.perf_counter()
+                    model.full_logits(ids)
+                    if r:  # round 0 warms up each count and shape
+                        times[(n, s)].append(time.perf_counter() - t0)
+            if r >= 2 and time.perf_counter() - start > budget_s:
+                break
+    return times
+
+
+def measure_cpu_threads(model, cores: int, tokens: int = 64, rounds: int = 7, batch: int = MEASURE_BATCH,
+                        budget_s: float = 4.0) -> int:
+    """Time forwards of `model` on 1 and on `cores` intra-op threads, alternating (the median of
+    `rounds` each after a warm-up), at the two sizes the server runs: one canvas of `tokens` tokens
+    (a request alone) and min(`batch`, 8) canvases in one forward (the batched step concurrent
+    requests share). The many win when the batched forward is at least 10% faster on them and the
+    single canvas no more than 5% slower: throughput under load counts most, and on a shared
+    machine one thread degrades gracefully while more collapse at OpenMP's barriers."""
+    import statistics
+
+    tokens = max(1, min(tokens, int(model.config.max_sequence_length)))
+    b = max(1, min(batch, MEASURE_BATCH))
+    shapes = [(1, tokens)] + ([(b, tokens)] if b > 1 else [])
+    times = _time_forwards(model, shapes, (1, cores), rounds, budget_s)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    one, many = shapes[0], shapes[-1]
+    wins = med[(cores, many)] < 0.9 * med[(1, many)] and med[(cores, one)] <= 1.05 * med[(1, one)]
+    pick = cores if wins else 1
+    said = f"a {tokens}-token forward takes {med[(1, one)] * 1e3:.2f} ms on 1 thread, " \
+           f"{med[(cores, one)] * 1e3:.2f} ms on {cores}"
+    if b > 1:
+        said += f"; {b} such canvases in one forward {med[(1, many)] * 1e3:.2f} ms on 1, " \
+                f"{med[(cores, many)] * 1e3:.2f} ms on {cores}"
+    log.info("CPU threads: %s; using %d (--cpu-threads overrides)", said, pick)
     return pick
 
 

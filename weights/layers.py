@@ -273,16 +273,22 @@ class DecoderLM(nn.Module):
         return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), w)
 
     def forward(self, ids, positions, layout: AttnLayout, kv: KVBuffers | None = None,
-                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [rows, embedding_size] for `logits_rows` of the packed tokens (all if None)."""
+                logits_rows: torch.Tensor | None = None, tables=None) -> torch.Tensor:
+        """Logits [rows, embedding_size] for `logits_rows` of the packed tokens (all if None).
+        `tables`: `rotary_tables(positions)` computed earlier for the same positions (a caller
+        whose steps repeat a layout keeps them), else computed here."""
         x = self.embed(ids)
-        cos, sin = self.rotary.tables(positions, x.dtype)
+        cos, sin = self.rotary.tables(positions, x.dtype) if tables is None else tables
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, layout,
                       kv.k[i] if kv is not None else None, kv.v[i] if kv is not None else None)
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
         return self.head(x)
+
+    def rotary_tables(self, positions: torch.Tensor):
+        """The rotary (cos, sin) tables `forward` uses for these packed positions."""
+        return self.rotary.tables(positions, self.dtype)
 
     def full_logits(self, ids, block_length: int | None = None) -> torch.Tensor:
         """Forward of whole canvases from position 0: ids [B, L] tensor -> logits [B, L, V]; a list
