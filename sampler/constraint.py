@@ -20,7 +20,7 @@ frontier rule of `sampler.llada_batch` (documented in docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -31,6 +31,14 @@ KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 # length runs out, and answers are shorter.
 JSON_OPTIONS = {"whitespace_flexible": False}
 MAX_SPEC_CHARS = 1 << 20
+
+
+# Texts a short completion prefers, first to last: close a string (inside one, every other closer
+# is text), an object, an array; separate (a required key still missing: the grammar then forces
+# it); the shortest number; then a short word.
+CLOSERS = ('"', "}", "]", ",", "0", ":", "a", " ", "\n")
+CLOSING_MARGIN = 3  # tokens of slack kept between the room left and the shortest completion (a token
+                    # that opens a structure may lengthen the completion; the rule is checked every token)
 
 
 class ConstraintError(ParamError):
@@ -48,6 +56,9 @@ class GrammarVocab:
         self.ll = LLTokenizer(tokenizer_json, eos_token=self.stop_ids)
         self.vocab_size = self.ll.vocab_size   # ids the grammar knows: [0, vocab_size)
         self.logit_width = int(logit_width)    # columns of the model's logits (>= vocab_size)
+        # Tokens that close what is open, in the order a short completion prefers them (the
+        # closing rule of `GrammarState.closing`): each one text of one token in this vocabulary.
+        self.closers = [t[0] for t in (self.ll.tokenize_str(c) for c in CLOSERS) if len(t) == 1]
 
     @classmethod
     def of(cls, bundle) -> "GrammarVocab":
@@ -71,6 +82,11 @@ class Constraint:
     field: str
     grammar: str
     vocab: GrammarVocab = field(repr=False)
+    limit: int | None = None  # answer tokens when fewer than the span (max_tokens): the closing rule's room
+
+    def within(self, limit: int | None) -> "Constraint":
+        """This constraint for an answer cut at `limit` tokens."""
+        return self if limit is None or limit == self.limit else replace(self, limit=int(limit))
 
     def start(self) -> "GrammarState":
         return GrammarState(self)
@@ -153,6 +169,7 @@ class GrammarState:
         from llguidance import LLMatcher
 
         self.vocab = constraint.vocab
+        self.limit = constraint.limit
         self.matcher = LLMatcher(self.vocab.ll, constraint.grammar, log_level=0)
         self.mask_seconds = 0.0  # host time spent in the engine (masks, forced tokens, checks)
 
@@ -189,6 +206,56 @@ class GrammarState:
         out = list(self.matcher.compute_ff_tokens())
         self.mask_seconds += time.perf_counter() - t
         return out
+
+    def completion(self, limit: int) -> list[int] | None:
+        """A short run of tokens that takes the committed prefix to an accepting state: forced
+        tokens as the grammar forces them, otherwise the first allowed of the vocabulary's closers
+        (else the lowest allowed id); None when none is found within `limit` tokens."""
+        import time
+
+        t = time.perf_counter()
+        m, out = self.matcher.deep_copy(), []
+        stops = set(self.vocab.stop_ids)
+        while len(out) <= limit and not m.is_error():
+            if m.is_accepting():
+                self.mask_seconds += time.perf_counter() - t
+                return out
+            forced = list(m.compute_ff_tokens())
+            if forced:
+                m.consume_tokens(forced)
+                out += forced
+                continue
+            bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            tok = next((c for c in self.vocab.closers if bits[c]), None)
+            if tok is None:
+                ids = [int(i) for i in np.flatnonzero(bits[:self.vocab.vocab_size]) if int(i) not in stops]
+                if not ids:
+                    break
+                tok = ids[0]
+            m.consume_token(tok)
+            out.append(tok)
+        self.mask_seconds += time.perf_counter() - t
+        return None
+
+    def room(self, gen_length: int, frontier: int) -> int:
+        """Tokens the answer may still take at span position `frontier`."""
+        return min(gen_length, self.limit or gen_length) - frontier
+
+    def closing(self, room: int) -> tuple[int | None, int]:
+        """The closing rule: (the only token the next position may take, or None; how many tokens
+        may still be committed freely). When the shortest completion found needs all but
+        CLOSING_MARGIN of the `room` left, the answer follows it, so an unbounded language (an
+        integer, a free string, an open array) still ends valid inside the span; with no such
+        completion it is left to the model (the answer may then end at `length`)."""
+        need = getattr(self, "_need", None)
+        if need is not None and room > 2 * need + 4 * CLOSING_MARGIN:
+            return None, room  # far from the end: the last estimate is enough
+        run = self.completion(room)
+        if run is None:
+            return None, room
+        self._need = len(run)
+        free = room - len(run) - CLOSING_MARGIN
+        return (run[0] if free <= 0 and run else None), max(free, 0)
 
     @property
     def accepting(self) -> bool:

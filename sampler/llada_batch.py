@@ -453,10 +453,11 @@ class LLaDABatch(Batch):
         first = req.frontier - block_index * p.block
         taken, confs = [], []
         t0 = time.perf_counter()
+        _, free = g.closing(g.room(p.gen_length, req.frontier))  # past it, one token a forward (closing rule)
         for r in range(first, p.block):
             tok, c = int(seg[r, 1]), float(conf[r])
             if r > first:
-                if len(taken) >= self._spec_limit(p) or taken[-1] in self.stop_ids:
+                if len(taken) >= min(self._spec_limit(p), free) or taken[-1] in self.stop_ids:
                     break
                 if p.threshold is not None and c < p.threshold:
                     break
@@ -533,7 +534,12 @@ class LLaDABatch(Batch):
                              -1 if done else req.frontier], dtype=torch.int64)
         self.state[req.slot, cols] = vals.to(self.device)
         if not done:
-            self.grammar_mask[req.slot].copy_(torch.from_numpy(g.allowed()))
+            allowed = g.allowed()
+            close, _ = g.closing(g.room(p.gen_length, req.frontier))
+            if close is not None:  # the closing rule: the next token is the completion's
+                allowed = np.zeros_like(allowed)
+                allowed[close] = True
+            self.grammar_mask[req.slot].copy_(torch.from_numpy(allowed))
         return out
 
     def hot_buckets(self, block_length: int = 32) -> list:

@@ -223,7 +223,9 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
     if span is not None and req.min_tokens:
         raise ApiError(400, "min_tokens does not apply to infill (the span is not an answer that ends)",
                        param="min_tokens", code="invalid_value")
-    checks.vllm_extras(svc, req, gen_length if max_tokens is None else min(max_tokens, gen_length))
+    answer = gen_length if max_tokens is None else min(max_tokens, gen_length)
+    checks.vllm_extras(svc, req, answer)
+    constraint = tool_constraint(svc, req) or request_constraint(svc, req)
     sp = SamplingParams(
         gen_length=gen_length, block_length=block, steps=steps,
         temperature=0.0 if req.temperature is None else req.temperature,
@@ -236,7 +238,7 @@ def sampling(svc, req, max_tokens: int | None, prompt_len: int, index: int, base
         eos_bias=0.0 if req.eos_bias is None else float(req.eos_bias),
         top_k=top_k, top_p=1.0 if req.top_p is None else req.top_p,
         min_p=0.0 if req.min_p is None else req.min_p, logprobs=logprobs_wanted(req),
-        constraint=tool_constraint(svc, req) or request_constraint(svc, req), draft_depth=req.draft_depth, **extra)
+        constraint=constraint and constraint.within(answer), draft_depth=req.draft_depth, **extra)
     if blocks:
         sp = sp.for_block_diffusion()
     checks.seed(req.seed)

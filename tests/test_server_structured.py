@@ -131,3 +131,27 @@ def test_grammar_and_structured_outputs(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="m", messages=USER, max_tokens=8, extra_body=extra)
         assert e.value.body["param"] == param
+
+
+# Unbounded languages (a free string, an open array, an unbounded integer, any JSON object) close
+# inside the answer's room: the closing rule follows a short completion once the room left is
+# about its length, so the answer is valid JSON even when the model would write on forever.
+UNBOUNDED = {"type": "object", "properties": {"name": {"type": "string"},
+                                              "tags": {"type": "array", "items": {"type": "string"}},
+                                              "n": {"type": "integer"}},
+             "required": ["name", "tags", "n"]}
+
+
+@pytest.mark.parametrize("max_tokens", [None, 48, 40])
+def test_unbounded_languages_close_inside_the_room(client, max_tokens):
+    for temperature, seed in [(0.0, 0), (1.0, 1), (1.0, 2)]:
+        kw = dict(model="m", messages=[{"role": "user", "content": "a person"}], max_tokens=max_tokens,
+                  temperature=temperature, seed=seed)
+        r = client.chat.completions.create(**kw, response_format={
+            "type": "json_schema", "json_schema": {"name": "p", "schema": UNBOUNDED}})
+        c = r.choices[0]
+        jsonschema.validate(json.loads(c.message.content), UNBOUNDED)
+        assert c.finish_reason == "stop"
+        assert max_tokens is None or r.usage.completion_tokens <= max_tokens
+        r = client.chat.completions.create(**kw, response_format={"type": "json_object"})
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
