@@ -170,6 +170,8 @@ class GrammarState:
 
         self.vocab = constraint.vocab
         self.limit = constraint.limit
+        self._commits = 0      # tokens committed: the closing rule's answer holds until the next one
+        self._closing = None   # (room, commits, answer) of the last closing() call
         self.matcher = LLMatcher(self.vocab.ll, constraint.grammar, log_level=0)
         self.mask_seconds = 0.0  # host time spent in the engine (masks, forced tokens, checks)
 
@@ -197,6 +199,7 @@ class GrammarState:
     def commit(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
             raise RuntimeError(f"grammar refused token {token}: {self.matcher.get_error()}")
+        self._commits += 1
 
     def forced(self) -> list[int]:
         """Tokens the grammar forces next (the forced bytes, tokenized), committed by the caller."""
@@ -247,15 +250,21 @@ class GrammarState:
         CLOSING_MARGIN of the `room` left, the answer follows it, so an unbounded language (an
         integer, a free string, an open array) still ends valid inside the span; with no such
         completion it is left to the model (the answer may then end at `length`)."""
+        last = self._closing
+        if last is not None and last[:2] == (room, self._commits):
+            return last[2]  # asked again of the same prefix (the step's read, then its mask)
         need = getattr(self, "_need", None)
         if need is not None and room > 2 * need + 4 * CLOSING_MARGIN:
             return None, room  # far from the end: the last estimate is enough
         run = self.completion(room)
         if run is None:
-            return None, room
-        self._need = len(run)
-        free = room - len(run) - CLOSING_MARGIN
-        return (run[0] if free <= 0 and run else None), max(free, 0)
+            answer = (None, room)
+        else:
+            self._need = len(run)
+            free = room - len(run) - CLOSING_MARGIN
+            answer = (run[0] if free <= 0 and run else None), max(free, 0)
+        self._closing = (room, self._commits, answer)
+        return answer
 
     @property
     def accepting(self) -> bool:
