@@ -80,6 +80,11 @@ class ApiError(Exception):
             headers = {"Retry-After": str(max(1, math.ceil(e.retry_after)))}
         return cls(status, e.message, type_, e.param, e.code, headers)
 
+    @classmethod
+    def bad_field(cls, param: str, message: str, code: str = "invalid_value") -> "ApiError":
+        """A 400 about one request field, named by `param`."""
+        return cls(400, message, param=param, code=code)
+
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 

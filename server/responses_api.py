@@ -41,8 +41,7 @@ RENAMED = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_outp
            "response_format": "text.format", "messages": "input", "prompt": "input"}
 
 
-def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
+_bad = ApiError.bad_field  # a 400 naming the field
 
 
 def _new_id(prefix: str) -> str:
