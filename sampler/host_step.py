@@ -61,7 +61,8 @@ UNPACKED = Unpacked()
 
 @dataclass
 class _Rows:
-    """The step's request rows on the host (padding rows point at the dummy slot)."""
+    """The step's request rows on the host (no padding row: `device_step`'s dummy row only ever
+    carries a zero-length segment and no logit rows)."""
 
     slots: list
     i: list          # SlotInts of Python ints per row, as gathered
@@ -74,13 +75,13 @@ class _Rows:
     q_hi: list
 
 
-def _gather(state, fstate, plan_rows: list, n_rows: int, dummy: int) -> _Rows:
-    plan = [r[:3] for r in plan_rows] + [[dummy, -1, 0]] * (n_rows - len(plan_rows))
-    slots = [p[0] for p in plan]
-    si, sf = state.numpy()[slots].tolist(), fstate.numpy()[slots].tolist()
-    ints = [SlotInts(*r) for r in si]
-    rows = _Rows(slots, ints, [SlotFloats(*r) for r in sf], [p[2] for p in plan], [], [], [], [], [])
-    for i, (_, blk, sib) in zip(ints, plan):
+def _gather(state, fstate, plan_rows: list) -> _Rows:
+    si, sf = state.numpy(), fstate.numpy()
+    rows = _Rows([r[0] for r in plan_rows], [], [], [r[2] for r in plan_rows], [], [], [], [], [])
+    for slot, blk, sib, *_ in plan_rows:
+        i = SlotInts(*si[slot].tolist())
+        rows.i.append(i)
+        rows.f.append(SlotFloats(*sf[slot].tolist()))
         start = sib == 0
         bs = i.prompt_len + blk * i.block_len
         lo = 0 if (i.cache_mode == MODE_NONE or start) else bs
@@ -106,6 +107,7 @@ class _Layout:
     seg_len: list = field(default_factory=list)
     cu_rows: list = field(default_factory=lambda: [0])  # logit rows of request row b
     counts: list = field(default_factory=list)  # logit rows per request row
+    owner: list = field(default_factory=list)   # request row of each logit row
     packed: list = field(default_factory=list)  # packed token of each logit row ([2R] with CFG)
     canvas: list = field(default_factory=list)  # token buffer row of each logit row
     position: list = field(default_factory=list)
@@ -172,6 +174,7 @@ def _layout(rows: _Rows, bucket, capacity: int) -> _Layout:
         n = i.block_len if b < b1 - 1 else R - lay.cu_rows[-1]
         lay.cu_rows.append(lay.cu_rows[-1] + n)
         lay.counts.append(n)
+        lay.owner += [b] * n
         real = min(n, i.block_len)  # rows past the block are padding
         bs = rows.bs[b]
         cond = lay.cu[b] + bs - rows.q_lo[b]
@@ -229,103 +232,114 @@ def _forward(model, kv, tokens, lay: _Layout, rows: _Rows, bucket, mask_id: int,
     return logits, row_tok, position
 
 
-def _greedy(logits, ban_rows: list, eos_id: int):
-    """`sample_candidates_reference` at temperature 0: the same operations on the same values."""
-    l = logits.to(torch.float64)
+def _greedy(sub, ban_rows: list, eos_id: int):
+    """`sample_candidates_reference` at temperature 0: the same operations on the same values (the
+    argmax is taken in the logits' own dtype when no EOS is banned: widening to float64 keeps every
+    value and their order, so it is the same first maximum)."""
     if ban_rows:
-        l = l.clone() if l.data_ptr() == logits.data_ptr() else l
+        l = sub.to(torch.float64)
+        l = l.clone() if l.data_ptr() == sub.data_ptr() else l
         l[torch.tensor(ban_rows), eos_id] = NEG_INF
-    best, x0 = torch.max(l, dim=-1)  # argmax's index (the first maximum) and its logit
+        best, x0 = torch.max(l, dim=-1)
+    else:
+        best, x0 = torch.max(sub, dim=-1)
+        l = sub.to(torch.float64)
     logz = torch.logsumexp(l, dim=-1)
-    return x0, torch.exp(best - logz).to(torch.float32)
+    return x0, torch.exp(best.to(torch.float64) - logz).to(torch.float32)
 
 
-def _candidates(logits, rows: _Rows, lay: _Layout, position, bucket, mask_id: int, eos_id: int,
-                stop_ids):
-    """(x0 tensor, x0 list, conf before the candidate mask, logprobs) per logit row:
-    `device_step.candidates`, its optional work decided from the host's copy of the fields."""
+def _candidates(logits, cand: list, rows: _Rows, lay: _Layout, position, bucket, mask_id: int,
+                eos_id: int, stop_ids):
+    """(x0 list, conf list, logprobs) of the candidate logit rows `cand`: `device_step.candidates`
+    on those rows only (every stage of it is row by row), its optional work decided from the host's
+    copy of the fields."""
+    if len(cand) < logits.shape[0]:
+        idx = torch.from_numpy(np.array(cand, dtype=np.int64))
+        logits, position = logits.index_select(0, idx), position.index_select(0, idx)
+    of = [lay.owner[r] for r in cand]  # the request row of each candidate
+    per = lambda values: [values[b] for b in of]
     if any(f.eos_bias != 0 for f in rows.f):
-        bias = torch.tensor(_per_row(lay, [f.eos_bias for f in rows.f]), dtype=torch.float64)
+        bias = torch.tensor(per([f.eos_bias for f in rows.f]), dtype=torch.float64)
         cd.add_to_column(logits, eos_id, bias.to(logits.dtype), None)
     if any(i.min_tokens > 0 for i in rows.i):  # in place, as `device_step.candidates`
-        below = [p - i.prompt_len < i.min_tokens for p, i in zip(position.tolist(), _per_row(lay, rows.i))]
-        cd.ban_stops(logits, torch.tensor(below), stop_ids, None)
-    ban_l = _per_row(lay, [bool(i.ban_eos) for i in rows.i])
-    temps = [f.temperature for f in rows.f]
+        below = [p - rows.i[b].prompt_len < rows.i[b].min_tokens for p, b in zip(position.tolist(), of)]
+        cd.ban_stops(logits, torch.tensor(below, dtype=torch.bool), stop_ids, None)
+    ban_l = per([bool(i.ban_eos) for i in rows.i])
+    temps = per([f.temperature for f in rows.f])
     x0 = None
     if not (bucket.filters or bucket.logprobs or any(t > 0 for t in temps)):
-        x0, conf = _greedy(logits, [r for r, b in enumerate(ban_l) if b], eos_id)
+        x0, conf = _greedy(logits, [k for k, b in enumerate(ban_l) if b], eos_id)
         x0_l = x0.tolist()
         if mask_id in x0_l:  # the re-draw: the general path from the start
             x0 = None
     seed = nonce = None
     lp = None
     if x0 is None or any(i.random_remask for i in rows.i):
-        seed = torch.tensor(_per_row(lay, [i.seed for i in rows.i]), dtype=torch.int64)
-        nonce = torch.tensor(_per_row(lay, [i.steps_done for i in rows.i]), dtype=torch.int64)
+        seed = torch.tensor(per([i.seed for i in rows.i]), dtype=torch.int64)
+        nonce = torch.tensor(per([i.steps_done for i in rows.i]), dtype=torch.int64)
     if x0 is None:
         ban = torch.tensor(ban_l, dtype=torch.bool)
         filters = None
         if bucket.filters:
-            filters = RowFilters(torch.tensor(_per_row(lay, [i.top_k for i in rows.i]), dtype=torch.int64),
-                                 torch.tensor(_per_row(lay, [f.top_p for f in rows.f]), dtype=torch.float64),
-                                 torch.tensor(_per_row(lay, [f.min_p for f in rows.f]), dtype=torch.float64))
-        temp = torch.tensor(_per_row(lay, temps), dtype=torch.float32)
+            filters = RowFilters(torch.tensor(per([i.top_k for i in rows.i]), dtype=torch.int64),
+                                 torch.tensor(per([f.top_p for f in rows.f]), dtype=torch.float64),
+                                 torch.tensor(per([f.min_p for f in rows.f]), dtype=torch.float64))
+        temp = torch.tensor(temps, dtype=torch.float32)
         d = cd.draw(logits, temp, seed, nonce, position, ban if (any(ban_l) or filters or bucket.logprobs)
                     else None, eos_id, mask_id, filters, True, keep_dist=bucket.logprobs)
         x0, conf = d.x0, d.conf
         x0_l = x0.tolist()
         if bucket.logprobs:
-            n_lp = torch.tensor(_per_row(lay, [i.n_logprobs for i in rows.i]), dtype=torch.int64)
-            lp = row_logprobs(d.dist, x0, ban, n_lp, eos_id, True)
+            n_lp = torch.tensor(per([i.n_logprobs for i in rows.i]), dtype=torch.int64)
+            lp = [t.numpy() for t in row_logprobs(d.dist, x0, ban, n_lp, eos_id, True)]
     if any(i.random_remask for i in rows.i):  # remasking "random": the confidence is a seeded uniform
-        rnd = torch.tensor(_per_row(lay, [bool(i.random_remask) for i in rows.i]))
+        rnd = torch.tensor(per([bool(i.random_remask) for i in rows.i]), dtype=torch.bool)
         u = rng.uniform(seed, nonce, position, torch.full_like(position, rng.REMASK_STREAM))
         conf = torch.where(rnd, u.to(conf.dtype), conf)
     if any(i.defer_eos for i in rows.i):
-        defer = torch.tensor(_per_row(lay, [bool(i.defer_eos) for i in rows.i]))
+        defer = torch.tensor(per([bool(i.defer_eos) for i in rows.i]), dtype=torch.bool)
         conf = cd.defer_stops(conf, x0, defer, stop_ids, True)
-    return x0, x0_l, conf, lp
+    return x0_l, conf.tolist(), lp
 
 
-def _transfer(conf: list, cand: list, rows: _Rows, lay: _Layout):
-    """(chosen per logit row, candidates per request row): `kernels.selection.transfer_mask`'s
-    rule on the host (ranks by a stable descending sort, ties to the lower row; the threshold
-    compared in float32, as there)."""
-    chosen = [False] * len(conf)
-    n_cand = []
+def _transfer(cand: list, conf: list, rows: _Rows, lay: _Layout):
+    """(chosen candidates per request row, candidates per request row): `kernels.selection.
+    transfer_mask`'s rule on the host over the candidate logit rows `cand` (ascending) and their
+    confidences (ranks by a stable descending sort, ties to the lower row; the threshold compared in
+    float32, as there). Chosen candidates are indices into `cand`, ascending."""
+    picks, n_cand, k0 = [], [], 0
     for b, i in enumerate(rows.i):
-        lo, hi = lay.cu_rows[b], lay.cu_rows[b + 1]
-        n = sum(cand[lo:hi])
-        n_cand.append(n)
-        if hi <= lo:
-            continue
-        spb = i.steps_per_block
-        k = quota_at(n if rows.start[b] else i.block_masked, max(spb, 1), rows.sib[b]) if spb > 0 else 0
-        thr = float(np.float32(rows.f[b].threshold)) if rows.active[b] else 0.0
-        c = conf[lo:hi]
-        order = sorted(range(hi - lo), key=c.__getitem__, reverse=True)  # stable
-        pick = [order[0]] + [r for r in order[1:] if c[r] >= thr] if thr > 0 else order[:k]
-        for r in pick:
-            if math.isfinite(c[r]):
-                chosen[lo + r] = True
-    return chosen, n_cand
+        k1, hi = k0, lay.cu_rows[b + 1]
+        while k1 < len(cand) and cand[k1] < hi:
+            k1 += 1
+        n_cand.append(k1 - k0)
+        pick = []
+        if k1 > k0:
+            spb = i.steps_per_block
+            k = quota_at(k1 - k0 if rows.start[b] else i.block_masked, max(spb, 1), rows.sib[b]) if spb > 0 else 0
+            thr = float(np.float32(rows.f[b].threshold)) if rows.active[b] else 0.0
+            order = sorted(range(k0, k1), key=conf.__getitem__, reverse=True)  # stable
+            pick = [order[0]] + [r for r in order[1:] if conf[r] >= thr] if thr > 0 else order[:k]
+            pick = sorted(r for r in pick if math.isfinite(conf[r]))
+        picks.append(pick)
+        k0 = k1
+    return picks, n_cand
 
 
-def _advance(rows: _Rows, lay: _Layout, cand: list, chosen: list, n_cand: list):
-    """(state rows after the step, block done) per request row: `device_step.commit`'s rule."""
+def _advance(rows: _Rows, picks: list, n_cand: list):
+    """(state rows after the step, block done) per request row: `device_step.commit`'s rule (the
+    block is done when every candidate was chosen)."""
     new, done = [], []
     for b, i in enumerate(rows.i):
-        lo, hi = lay.cu_rows[b], lay.cu_rows[b + 1]
         if not rows.active[b]:
             new.append(i)
             done.append(False)
             continue
-        block_done = not any(c and not h for c, h in zip(cand[lo:hi], chosen[lo:hi]))
+        block_done = len(picks[b]) == n_cand[b]
         phantom = i.cache_mode != MODE_NONE and rows.start[b] and block_done
         steps = i.steps_done + 1
         new.append(i._replace(
-            unmasked=i.unmasked + sum(chosen[lo:hi]), steps_done=steps, nfe=i.nfe + 1 + int(phantom),
+            unmasked=i.unmasked + len(picks[b]), steps_done=steps, nfe=i.nfe + 1 + int(phantom),
             block_index=i.block_index + int(block_done),
             step_in_block=0 if block_done else rows.sib[b] + 1,
             block_masked=n_cand[b] if rows.start[b] else i.block_masked, guessed=0, guess_nonce=steps))
@@ -333,17 +347,23 @@ def _advance(rows: _Rows, lay: _Layout, cand: list, chosen: list, n_cand: list):
     return new, done
 
 
-def _results(rows: _Rows, lay: _Layout, new: list, done: list, chosen, x0: list, conf, lp) -> dict:
-    """What `ReadBack.unpack` gives of `device_step`'s buffer, section by section (the request
-    rows as lists of ints)."""
-    plen = _per_row(lay, [i.prompt_len for i in rows.i])
-    out = dict(
-        rows=np.array([chosen, x0, [p - q for p, q in zip(lay.position, plen)]], dtype=np.int64).T,
-        conf=conf,
-        requests=[[int(a), n.steps_done, n.nfe, n.unmasked, int(d), int(n.block_index >= n.n_blocks), int(a),
-                   n.guessed] for a, n, d in zip(rows.active, new, done)])
+def _results(rows: _Rows, lay: _Layout, new: list, done: list, cand: list, picks: list, x0: list,
+             conf: list, lp) -> dict:
+    """The step's results as `LLaDABatch.collect` reads them: `requests` as `ReadBack.unpack` gives
+    that section of `device_step`'s buffer (lists of ints), and instead of the per-logit-row
+    sections, `picked`: per request row (keyed by its first logit row) the committed entries
+    (indices into the log-probability arrays, span positions, token ids, confidences, in row order);
+    with log-probabilities, their arrays over the candidate rows."""
+    picked = {}
+    for b, pick in enumerate(picks):
+        plen = rows.i[b].prompt_len
+        picked[lay.cu_rows[b]] = (pick, [lay.position[cand[k]] - plen for k in pick], [x0[k] for k in pick],
+                                  [conf[k] for k in pick])
+    out = dict(picked=picked, requests=[
+        [int(a), n.steps_done, n.nfe, n.unmasked, int(d), int(n.block_index >= n.n_blocks), int(a), n.guessed]
+        for a, n, d in zip(rows.active, new, done)])
     if lp is not None:
-        out.update(token_logprob=lp[0].numpy(), top_ids=lp[1].numpy(), top_logprobs=lp[2].numpy())
+        out.update(token_logprob=lp[0], top_ids=lp[1], top_logprobs=lp[2])
     return out
 
 
@@ -351,23 +371,26 @@ def host_step(model, kv, tokens, state, fstate, plan_rows: list, bucket, mask_id
               stop_ids: torch.Tensor, capacity: int, cache: dict | None = None) -> dict:
     """One step for the requests in `plan_rows` (the host's plan: [slot, block index, step in
     block, ...] per request row, no draft rows); updates `tokens`, `state` and `kv` in place as
-    `device_step` with that plan does, and returns its read-back sections (`UNPACKED` reads them).
+    `device_step` with that plan does, and returns its results (`_results`; `UNPACKED` reads them).
     `cache`: the caller's dict of layouts (and their tensors) to reuse across steps. Callers run
     it without autograd (the batch's `launch` does)."""
-    dummy = state.shape[0] - 1
-    rows = _gather(state, fstate, plan_rows, bucket.requests + 1, dummy)
+    rows = _gather(state, fstate, plan_rows)
     lay = _layout_of(rows, bucket, capacity, cache)
     logits, row_tok, position = _forward(model, kv, tokens, lay, rows, bucket, mask_id, capacity)
-    x0_t, x0, conf_t, lp = _candidates(logits, rows, lay, position, bucket, mask_id, eos_id, stop_ids)
-    # candidates: the masked positions of active requests' planned blocks; -inf elsewhere
-    cand = [t == mask_id and r and a for t, r, a in zip(row_tok, lay.real, _per_row(lay, rows.active))]
-    conf = np.where(np.array(cand, dtype=bool), conf_t.numpy(), np.float32(NEG_INF))
-    chosen, n_cand = _transfer(conf.tolist(), cand, rows, lay)
-    new, done = _advance(rows, lay, cand, chosen, n_cand)
-    take = [r for r, c in enumerate(chosen) if c]
-    if take:
-        tokens.numpy()[[lay.canvas[r] for r in take]] = [x0[r] for r in take]
-    moved = [b for b, s in enumerate(rows.slots) if rows.active[b] and s < dummy]
-    if moved:
-        state.numpy()[[rows.slots[b] for b in moved]] = [list(new[b]) for b in moved]
-    return _results(rows, lay, new, done, chosen, x0, conf, lp)
+    # candidates: the masked positions of active requests' planned blocks
+    active = rows.active
+    cand = [r for r, (t, real, b) in enumerate(zip(row_tok, lay.real, lay.owner))
+            if t == mask_id and real and active[b]]
+    x0, conf, lp = (_candidates(logits, cand, rows, lay, position, bucket, mask_id, eos_id, stop_ids)
+                    if cand else ([], [], None))
+    picks, n_cand = _transfer(cand, conf, rows, lay)
+    new, done = _advance(rows, picks, n_cand)
+    tok = tokens.numpy()
+    for pick in picks:
+        for k in pick:
+            tok[lay.canvas[cand[k]]] = x0[k]
+    st = state.numpy()
+    for b, slot in enumerate(rows.slots):
+        if active[b]:
+            st[slot] = new[b]
+    return _results(rows, lay, new, done, cand, picks, x0, conf, lp)

@@ -286,9 +286,14 @@ class LLaDABatch(Batch):
         return any(r.depth > 0 and not r.finished for r in self.requests.values())
 
     # ---------------------------------------------------------------- the step
-    @torch.no_grad()
     def launch(self) -> _Launched | None:
         """Queue one step for every running request; returns where its results will land."""
+        if torch.is_grad_enabled():  # a caller's inference or no-grad mode is kept as it is
+            with torch.no_grad():
+                return self._launch()
+        return self._launch()
+
+    def _launch(self) -> _Launched | None:
         t0 = time.perf_counter()
         rows_, bucket = self._plan()
         if bucket is None:
@@ -364,14 +369,14 @@ class LLaDABatch(Batch):
             if actual != predicted:  # a threshold block finished early, or drafts were accepted
                 req.block_index, req.step_in_block = actual
             counts = [int(out["rows"][launched.row_start[k]:launched.row_start[k] + req.params.block, 0].sum())
-                      for k in chain]
+                      for k in chain] if adv > 1 else None  # a host step never drafts: no `rows`
             drafted = sum(1 for k in range(j + 1, len(rows)) if rows[k][0] is req)
             for n, k in enumerate(chain):
                 later = adv - 1 - n
-                step_rq = rq._replace(steps_done=rq.steps_done - later, nfe=rq.nfe - later,
-                                      unmasked=rq.unmasked - sum(counts[n + 1:]),
-                                      finished=rq.finished if later == 0 else 0,
-                                      block_done=rq.block_done if later == 0 else 0)
+                step_rq = rq if adv == 1 else rq._replace(
+                    steps_done=rq.steps_done - later, nfe=rq.nfe - later,
+                    unmasked=rq.unmasked - sum(counts[n + 1:]), finished=rq.finished if later == 0 else 0,
+                    block_done=rq.block_done if later == 0 else 0)
                 ev = self._event(req, block_index, step_rq, out, launched.row_start[k])
                 ev.forwards, ev.forward_steps, ev.draft_rows = req.forwards, adv, drafted
                 events.append(ev)
@@ -379,26 +384,30 @@ class LLaDABatch(Batch):
         return events
 
     def _event(self, req: _Request, block_index: int, rq: RequestOut, out: dict, r0: int) -> StepEvent:
-        seg = out["rows"][r0:r0 + req.params.block]
-        picked = seg[:, 0].nonzero()[0]
-        positions = seg[picked, 2].tolist()
-        token_ids = seg[picked, 1].tolist()
+        if "picked" in out:  # a host step's: the committed entries, already as lists
+            lp_rows, positions, token_ids, confidences = out["picked"][r0]
+        else:
+            seg = out["rows"][r0:r0 + req.params.block]
+            picked = seg[:, 0].nonzero()[0]
+            positions, token_ids = seg[picked, 2].tolist(), seg[picked, 1].tolist()
+            lp_rows = r0 + picked
+            confidences = out["conf"][lp_rows].tolist()
+        canvas = req.canvas
         for p, t in zip(positions, token_ids):
-            req.canvas[p] = t
+            canvas[p] = t
         ev = StepEvent(
             request_id=req.rid, step=rq.steps_done, block=block_index, positions=positions,
-            token_ids=token_ids, confidences=out["conf"][r0 + picked].tolist(),
+            token_ids=token_ids, confidences=confidences,
             masks_remaining=req.masks - rq.unmasked, nfe=rq.nfe, finished=bool(rq.finished))
         if "top_ids" in out and req.params.logprobs is not None:
-            rows_ = r0 + picked
             n = req.params.logprobs
-            ev.logprobs = out["token_logprob"][rows_].tolist()
+            ev.logprobs = out["token_logprob"][lp_rows].tolist()
             ev.top_logprobs = [[(t, v) for t, v in zip(ids[:n].tolist(), vals[:n].tolist())
                                 if v != float("-inf")]
-                               for ids, vals in zip(out["top_ids"][rows_], out["top_logprobs"][rows_])]
+                               for ids, vals in zip(out["top_ids"][lp_rows], out["top_logprobs"][lp_rows])]
         if ev.finished:
             req.block_index, req.step_in_block = req.params.blocks, 0
-            ev.gen_ids = list(req.canvas)
+            ev.gen_ids = list(canvas)
         return ev
 
     def step(self) -> list[StepEvent]:
