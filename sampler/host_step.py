@@ -34,7 +34,7 @@ from kernels.selection import RowFilters
 from sampler import candidates as cd
 from sampler.device_step import logprobs as row_logprobs
 from sampler.rules import quota_at
-from sampler.step_state import MODE_DUAL, MODE_NONE, SlotFloats, SlotInts
+from sampler.step_state import MODE_DUAL, MODE_NONE, RequestOut, SlotFloats, SlotInts
 from weights.layers import AttnLayout
 
 NEG_INF = float("-inf")
@@ -244,8 +244,23 @@ def _greedy(sub, ban_rows: list, eos_id: int):
     else:
         best, x0 = torch.max(sub, dim=-1)
         l = sub.to(torch.float64)
-    logz = torch.logsumexp(l, dim=-1)
-    return x0, torch.exp(best.to(torch.float64) - logz).to(torch.float32)
+        best = best.to(torch.float64)
+    # torch.logsumexp(l, -1) is amax, then these operations (the same bits, tests/test_host_step.py);
+    # the maximum is known. A row whose maximum is infinite gives a NaN confidence either way.
+    logz = (l - best.unsqueeze(1)).exp_().sum(-1).log_().add_(best)
+    return x0, torch.exp(best - logz).to(torch.float32)
+
+
+def _plain(rows: _Rows, bucket) -> bool:
+    """Whether no option of any request touches the candidates: greedy, no EOS bias or ban, no
+    min_tokens, filters, log-probabilities, random remasking or deferred stops."""
+    if bucket.filters or bucket.logprobs:
+        return False
+    for i, f in zip(rows.i, rows.f):
+        if (f.temperature > 0 or f.eos_bias != 0 or i.min_tokens > 0 or i.ban_eos or i.random_remask
+                or i.defer_eos):
+            return False
+    return True
 
 
 def _candidates(logits, cand: list, rows: _Rows, lay: _Layout, position, bucket, mask_id: int,
@@ -253,9 +268,16 @@ def _candidates(logits, cand: list, rows: _Rows, lay: _Layout, position, bucket,
     """(x0 list, conf list, logprobs) of the candidate logit rows `cand`: `device_step.candidates`
     on those rows only (every stage of it is row by row), its optional work decided from the host's
     copy of the fields."""
-    if len(cand) < logits.shape[0]:
-        idx = torch.from_numpy(np.array(cand, dtype=np.int64))
-        logits, position = logits.index_select(0, idx), position.index_select(0, idx)
+    idx = torch.from_numpy(np.array(cand, dtype=np.int64)) if len(cand) < logits.shape[0] else None
+    if idx is not None:
+        logits = logits.index_select(0, idx)
+    if _plain(rows, bucket):
+        x0, conf = _greedy(logits, [], eos_id)
+        x0_l = x0.tolist()
+        if mask_id not in x0_l:  # else the re-draw: the general path below
+            return x0_l, conf.tolist(), None
+    if idx is not None:
+        position = position.index_select(0, idx)
     of = [lay.owner[r] for r in cand]  # the request row of each candidate
     per = lambda values: [values[b] for b in of]
     if any(f.eos_bias != 0 for f in rows.f):
@@ -350,7 +372,7 @@ def _advance(rows: _Rows, picks: list, n_cand: list):
 def _results(rows: _Rows, lay: _Layout, new: list, done: list, cand: list, picks: list, x0: list,
              conf: list, lp) -> dict:
     """The step's results as `LLaDABatch.collect` reads them: `requests` as `ReadBack.unpack` gives
-    that section of `device_step`'s buffer (lists of ints), and instead of the per-logit-row
+    that section of `device_step`'s buffer (a `RequestOut` of ints per request row), and instead of the per-logit-row
     sections, `picked`: per request row (keyed by its first logit row) the committed entries
     (indices into the log-probability arrays, span positions, token ids, confidences, in row order);
     with log-probabilities, their arrays over the candidate rows."""
@@ -360,8 +382,8 @@ def _results(rows: _Rows, lay: _Layout, new: list, done: list, cand: list, picks
         picked[lay.cu_rows[b]] = (pick, [lay.position[cand[k]] - plen for k in pick], [x0[k] for k in pick],
                                   [conf[k] for k in pick])
     out = dict(picked=picked, requests=[
-        [int(a), n.steps_done, n.nfe, n.unmasked, int(d), int(n.block_index >= n.n_blocks), int(a), n.guessed]
-        for a, n, d in zip(rows.active, new, done)])
+        RequestOut(int(a), n.steps_done, n.nfe, n.unmasked, int(d), int(n.block_index >= n.n_blocks), int(a),
+                   n.guessed) for a, n, d in zip(rows.active, new, done)])
     if lp is not None:
         out.update(token_logprob=lp[0], top_ids=lp[1], top_logprobs=lp[2])
     return out

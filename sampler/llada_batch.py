@@ -348,7 +348,8 @@ class LLaDABatch(Batch):
         for j, (req, block_index, step_in_block, predicted, d) in enumerate(rows):
             if d != 0:
                 continue
-            rq = RequestOut(*(int(v) for v in out["requests"][j]))
+            rq = out["requests"][j]
+            rq = rq if type(rq) is RequestOut else RequestOut(*(int(v) for v in rq))
             if req.grammar is not None:
                 req.in_flight = False
             if not rq.active or self.requests.get(req.rid) is not req:

@@ -138,3 +138,16 @@ def test_steps_it_does_not_take_go_to_the_device_step(model):
     assert hs.usable(Bucket.fit(1, 8, 8, 8, False, pad=False), model.model)
     assert not hs.usable(Bucket.fit(1, 8, 8, 8, False, pad=False, depth=2), model.model)
     assert not hs.usable(Bucket.fit(1, 8, 8, 8, False, pad=False, constrained=True), model.model)
+
+
+def test_logsumexp_given_the_max_is_torchs_bits():
+    """The greedy candidates' normaliser reuses the row maximum: the same bits as torch.logsumexp,
+    with -inf entries (a banned EOS) and at the vocabulary sizes the server meets."""
+    gen = torch.Generator().manual_seed(0)
+    for n, vocab, scale in [(1, 7, 1.0), (16, 512, 10.0), (8, 4097, 0.01), (3, 126464, 3.0)]:
+        l = (torch.randn(n, vocab, generator=gen, dtype=torch.float64) * scale)
+        l[:, vocab // 2] = float("-inf")
+        best, _ = torch.max(l, dim=-1)
+        _, conf = hs._greedy(l, [], 0)
+        want = torch.exp(best - torch.logsumexp(l, dim=-1)).to(torch.float32)
+        assert torch.equal(conf, want)
