@@ -340,8 +340,11 @@ def _transfer(cand: list, conf: list, rows: _Rows, lay: _Layout):
             spb = i.steps_per_block
             k = quota_at(k1 - k0 if rows.start[b] else i.block_masked, max(spb, 1), rows.sib[b]) if spb > 0 else 0
             thr = float(np.float32(rows.f[b].threshold)) if rows.active[b] else 0.0
-            order = sorted(range(k0, k1), key=conf.__getitem__, reverse=True)  # stable
-            pick = [order[0]] + [r for r in order[1:] if conf[r] >= thr] if thr > 0 else order[:k]
+            if k == 1 and thr <= 0:  # one token: the first maximum (what the stable sort puts first)
+                pick = [max(range(k0, k1), key=conf.__getitem__)]
+            else:
+                order = sorted(range(k0, k1), key=conf.__getitem__, reverse=True)  # stable
+                pick = [order[0]] + [r for r in order[1:] if conf[r] >= thr] if thr > 0 else order[:k]
             pick = sorted(r for r in pick if math.isfinite(conf[r]))
         picks.append(pick)
         k0 = k1
