@@ -108,6 +108,22 @@ def test_gate_for_defaults():
     assert gate_for(True, cpu, 0) is None
 
 
+def test_the_engine_config_reaches_the_batch(golden):
+    """The server's engine: the gate by default on the CPU (with a draft budget), off when asked,
+    none without a draft budget; block diffusion alike."""
+    from sampler.scheduler import Engine, EngineConfig
+
+    assert isinstance(Engine(golden.model, golden.special, EngineConfig(max_batch_tokens=256)).batch.gate, DraftGate)
+    assert Engine(golden.model, golden.special,
+                  EngineConfig(max_batch_tokens=256, adaptive_drafting=False)).batch.gate is None
+    assert Engine(golden.model, golden.special, EngineConfig(max_batch_tokens=256, draft_budget=0)).batch.gate is None
+
+
+def test_block_diffusion_batch_takes_the_flag(llada2):
+    assert isinstance(make_batch(llada2.model, llada2.special, 256, 2, draft_budget=64).gate, DraftGate)
+    assert make_batch(llada2.model, llada2.special, 256, 2, draft_budget=64, adaptive_drafting=False).gate is None
+
+
 # ---------------------------------------------------------------------- batches under the gate
 @pytest.fixture(scope="module")
 def golden():
