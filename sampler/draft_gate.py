@@ -85,12 +85,6 @@ class DraftGate:
         self.skip = 1 if drafting and not self.drafting else 0
         self.drafting, self.left, self.probing = drafting, steps, probing
 
-    def summary(self) -> dict:
-        """The gate's state for logs and benchmarks."""
-        return dict(drafting=self.drafting, preferred=self.preferred, switches=self.switches,
-                    interval=self.interval, steps_drafting=self.steps[True], steps_plain=self.steps[False],
-                    cost_drafting=self.cost(True), cost_plain=self.cost(False))
-
 
 def gate_for(adaptive: bool | None, device, draft_budget: int) -> DraftGate | None:
     """The gate of a batch on `device`: `adaptive` True or False, or None for the default (on for
