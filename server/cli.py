@@ -29,7 +29,7 @@ def _drafting_flags(a) -> None:
     a("--draft-budget", type=int, default=_env("draft_budget", 2048),
       help="query tokens a step may reach with draft rows, and key/value rows lent to them; a batch "
            "already at it runs no drafts (default: %(default)s)")
-    a("--adaptive-drafting", choices=["auto", "on", "off"], default=_env("adaptive_drafting", "auto"),
+    a("--adaptive-drafting", choices=["auto", "on", "off"], default=str(_env("adaptive_drafting", "auto")).lower(),
       help="plan draft rows only while the measured steps say they pay: the batch times its steps with "
            "and without drafts (seconds per sampler step advanced) and drafts only where it is faster; "
            "the ids are the same either way (default auto: on for a CPU, off on CUDA)")
