@@ -12,6 +12,9 @@ top-k loop, one request at a time) runs in the same process. The table gives tok
 forward, forwards per token, peak GPU memory, the ratio to the baseline and to the roofline
 (weights bytes / measured copy bandwidth, or FLOPs / measured matmul rate when that is larger).
 Speed of a fixed schedule does not depend on the weights, so random weights are fine for it.
+Drafting rows run with the batch's draft gate at the server's default (on for a CPU: draft rows
+only while the timed steps say they pay; `sampler.draft_gate`); the `gate` column counts the timed
+steps it ran drafting and plain, and `draft_rows_per_forward` how much drafting actually ran.
 
 MoE shapes (`llada2-mini`, `llada-moe`; `llada2-tiny`, `llada-moe-tiny` on the CPU): the roofline
 reads the active parameters only (the chosen experts of one token; a batch touches more of them).
@@ -33,6 +36,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from sampler.draft_gate import gate_for
 from sampler.params import SamplingParams
 from sampler.reference import reference_generate
 from sampler.reference_llada2 import llada2_generate
@@ -147,11 +151,17 @@ class Result:
     draft_rows: int = 0        # draft rows forwarded (exact parallel decoding)
     graphs: str = "off"  # timed steps "replayed/eager/refused" (sampler.cuda_graphs), or "off"
     refused: int = 0     # timed steps whose bucket was refused capture (ran eagerly)
+    gate: str = "off"    # timed steps the draft gate ran "drafting/plain" (sampler.draft_gate), or "off"
 
 
 def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pipelined=None,
-              warm_pass=None, draft_budget: int = 0) -> Result:
+              warm_pass=None, draft_budget: int = 0, gate=None) -> Result:
     """Run (prompt, params) pairs through one batch; arrivals[i] = step at which i joins.
+
+    The batch is the server's: with drafting requests its draft gate at its default (on for a
+    CPU: draft rows only while the timed steps say they pay); `gate` replaces it (a gate that
+    already served requests: the server's steady state). `Result.gate` counts the timed steps
+    the gate ran drafting and plain.
 
     When the batch replays CUDA graphs the run goes twice through the same batch and the second is
     timed: the first captures the graphs of the buckets it meets (capture is a start-up cost, not a
@@ -163,6 +173,8 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
     rows = sum(rows_needed(len(p), sp, blocks) for p, sp in reqs)
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows,
                        max_requests=max(max_requests, 1), cuda_graphs=cuda_graphs, draft_budget=draft_budget)
+    if gate is not None:
+        batch.gate = gate
     pipelined = dev.type == "cuda" if pipelined is None else pipelined
     graphs = batch.graphs
     if warm_pass is None:
@@ -174,6 +186,8 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
     sync(dev)
     before = graphs.counts() if graphs is not None else None
     forwards0, host0, drafts0 = batch.forwards, batch.host_seconds, getattr(batch, "draft_rows_run", 0)
+    gate = getattr(batch, "gate", None)
+    gate0 = dict(gate.steps) if gate is not None else None
     t = time.perf_counter()
     tokens, q_tokens = _drive(batch, reqs, arrivals, pipelined)
     sync(dev)
@@ -181,6 +195,8 @@ def run_batch(bundle, reqs, arrivals=None, max_requests=64, cuda_graphs=None, pi
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
     res = Result("", tokens, secs, batch.forwards - forwards0, q_tokens, peak, len(reqs),
                  batch.host_seconds - host0, getattr(batch, "draft_rows_run", 0) - drafts0)
+    if gate is not None:
+        res.gate = f"{gate.steps[True] - gate0[True]}/{gate.steps[False] - gate0[False]}"
     if graphs is not None:
         now = graphs.counts()
         d = {k: now[k] - before[k] for k in now}
@@ -313,7 +329,8 @@ def _bench(args, tp) -> int:
         print(f"block diffusion: prompt {P}, gen {G}, block {B}, 32 steps per block", flush=True)
     else:
         print(f"prompt {P}, gen {G}, block {B}, one token per forward unless said; graphs = timed "
-              f"steps replayed/eager/refused capture", flush=True)
+              f"steps replayed/eager/refused capture; gate = timed steps the draft gate ran "
+              f"drafting/plain", flush=True)
     print("| " + " | ".join(COLUMNS) + " |", flush=True)
     print("|" + "|".join("---" for _ in COLUMNS) + "|", flush=True)
     rows = []
@@ -334,7 +351,7 @@ def _bench(args, tp) -> int:
             vs_baseline=round(tps / (base.tokens / base.seconds), 2) if base else None,
             vs_roofline=round(tps / roof_tps, 4), roofline_ms=round(floor * 1e3, 2),
             host_ms_per_step=round(res.host_seconds / max(res.forwards, 1) * 1e3, 3),
-            draft_rows_per_forward=round(res.draft_rows / max(res.forwards, 1), 2),
+            draft_rows_per_forward=round(res.draft_rows / max(res.forwards, 1), 2), gate=res.gate,
             graphs=res.graphs, seconds=round(res.seconds, 2))
         rows.append(row)
         print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |", flush=True)
@@ -369,7 +386,7 @@ def _bench(args, tp) -> int:
 
 
 COLUMNS = ["config", "requests", "tokens_per_s", "ms_per_forward", "host_ms_per_step",
-           "forwards_per_token", "draft_rows_per_forward", "peak_gib", "vs_baseline", "vs_roofline",
+           "forwards_per_token", "draft_rows_per_forward", "gate", "peak_gib", "vs_baseline", "vs_roofline",
            "roofline_ms", "graphs"]
 
 
@@ -465,18 +482,29 @@ def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev)
     # Exact parallel decoding (draft_depth 4): the same ids as 1 / 2 / 3, fewer forwards where the
     # guesses hold (random weights guess worse than a trained model: see docs/default_model_eval.md).
     # Rows 7 and 8 have room for every draft; row 9 runs under the server's default budget (2048
-    # query tokens per step), which a full batch already uses: it drafts little or nothing.
+    # query tokens per step), which a full batch already uses: it drafts little or nothing. Each
+    # runs a fresh batch as the server builds it: its draft gate (on by default on a CPU) starts
+    # drafting and keeps it only where the timed steps say it pays. Rows 10 and 11 repeat 7 and 8
+    # with a gate that already served the same request once (a server's batch after its first
+    # requests), on a fresh batch otherwise.
     if getattr(bundle.model, "tp", None) is not None:
         return  # requests run at draft depth 0 under tensor parallelism: drafting rows would repeat 1-3
     d4 = lambda **kw: one(draft_depth=4, **kw)
     room = 5 * (P + G) * 2
-    record("7. batch 1, exact, draft depth 4",
-           run_batch(bundle, [(base_req[0][0], d4())], draft_budget=room), base)
+    exact, dual = [(base_req[0][0], d4())], [(base_req[0][0], d4(cache="dual"))]
+    record("7. batch 1, exact, draft depth 4", run_batch(bundle, exact, draft_budget=room), base)
     record("8. batch 1, dual cache, draft depth 4",
-           run_batch(bundle, [(base_req[0][0], d4(cache="dual"))], cuda_graphs=graphs, draft_budget=room), base)
+           run_batch(bundle, dual, cuda_graphs=graphs, draft_budget=room), base)
     record(f"9. {n_many} requests, dual cache, draft depth 4, budget 2048",
            run_batch(bundle, [(p, replace(sp, draft_depth=4)) for p, sp in many], max_requests=n_many,
                      cuda_graphs=graphs, draft_budget=2048), base)
+    for label_, reqs in (("10. as 7", exact), ("11. as 8", dual)):
+        gate = gate_for(None, dev, room)
+        if gate is None:  # off by default here (CUDA): the rows would repeat 7 and 8
+            break
+        run_batch(bundle, reqs, cuda_graphs=graphs, draft_budget=room, gate=gate)
+        record(f"{label_}, the gate carried from a first run",
+               run_batch(bundle, reqs, cuda_graphs=graphs, draft_budget=room, gate=gate), base)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import torch
 from sampler import block_drafts as bd
 from sampler import candidates as cd
 from sampler.batch import Batch
+from sampler.draft_gate import gate_for
 from sampler.events import StepEvent
 from sampler.params import ParamError, SamplingParams
 from sampler.rules import cut_after_eos, quota
@@ -133,10 +134,11 @@ class BlockDiffusionBatch(Batch):
     block_diffusion = True
 
     def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64,
-                 draft_depth: int = 0, draft_budget: int = 0):
+                 draft_depth: int = 0, draft_budget: int = 0, adaptive_drafting: bool | None = None):
         # Exact parallel decoding as in the LLaDA step: `draft_depth` for requests that leave
         # theirs unset; `draft_budget` bounds a step's query tokens with draft rows and the rows
-        # of the draft pool.
+        # of the draft pool; `adaptive_drafting` (None: on for a CPU) drafts and guesses only while
+        # the measured steps say it pays (sampler.draft_gate).
         if getattr(model, "tp", None) is not None:
             draft_budget = 0  # guesses select over the whole vocabulary: not under tensor parallelism
         super().__init__(model, special, capacity_tokens, max_requests, draft_rows=draft_budget)
@@ -144,6 +146,7 @@ class BlockDiffusionBatch(Batch):
         self.draft_budget = draft_budget
         self.draft_rows_run = 0   # draft rows forwarded, in all
         self.steps_accepted = 0   # steps advanced beyond one per forward (accepted drafts), in all
+        self.gate = gate_for(adaptive_drafting, self.device, draft_budget)
 
     @staticmethod
     def rows_needed(prompt_len: int, params: SamplingParams) -> int:
@@ -182,6 +185,20 @@ class BlockDiffusionBatch(Batch):
     def step(self) -> list[StepEvent]:
         if not self.requests:
             return []
+        gate = self.gate if any(r.depth > 0 for r in self.requests.values()) else None
+        if gate is None:
+            return self._step()
+        t0 = gate.clock()
+        events = self._step()
+        gate.record(gate.clock() - t0, len(events))  # an event per sampler step advanced
+        return events
+
+    @property
+    def _drafts_allowed(self) -> bool:
+        """Whether this step plans drafts and guesses the next (the draft gate's mode)."""
+        return self.gate is None or self.gate.drafting
+
+    def _step(self) -> list[StepEvent]:
         t0 = time.perf_counter()
         units = self._plan(list(self.requests.values()))
         guesses = [u.req.guesses[u.j - 1] for u in units if u.j > 0]
@@ -204,7 +221,8 @@ class BlockDiffusionBatch(Batch):
         units = {id(r): [_Unit(r)] for r in reqs}
         tokens = self.planned_query_tokens()
         pool = 0
-        for level in range(1, max((len(r.guesses) for r in reqs), default=0) + 1):
+        top = max((len(r.guesses) for r in reqs), default=0) if self._drafts_allowed else 0
+        for level in range(1, top + 1):
             for r in reqs:
                 if len(r.guesses) < level or len(units[id(r)]) != level:
                     continue
@@ -341,7 +359,7 @@ class BlockDiffusionBatch(Batch):
         self.draft_rows_run += drafted
         self.steps_accepted += len(evs) - 1
         r.guesses = []
-        if r.depth > 0 and not evs[-1].finished and r.block_index == block:
+        if r.depth > 0 and self._drafts_allowed and not evs[-1].finished and r.block_index == block:
             lo, hi = cu[last], cu[last + 1]
             r.guesses = bd.guess(self, r, logits[lo:hi], torch.tensor(after, dtype=torch.int64, device=self.device),
                                  rows.position[lo:hi].to(self.device))

@@ -17,3 +17,5 @@ class EngineConfig:
     pipelined: bool | None = None     # read step n's events while step n+1 runs (default: on CUDA)
     draft_depth: int = 0              # exact parallel decoding for requests that leave theirs unset
     draft_budget: int = 2048          # per step: query tokens with drafts, and rows of the draft pool
+    adaptive_drafting: bool | None = None  # draft rows only while measured steps say they pay
+                                           # (sampler.draft_gate); None: on for a CPU, off on CUDA

@@ -18,14 +18,17 @@ class Generation:
 
 
 def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, suffixes=None,
-             spans=None, draft_depth: int = 0, draft_budget: int | None = None) -> list[Generation]:
+             spans=None, draft_depth: int = 0, draft_budget: int | None = None,
+             adaptive_drafting: bool | None = False) -> list[Generation]:
     """Denoise every prompt (a list of id lists) together in one batch.
 
     `params` is one SamplingParams for all or a list, one per prompt. `bundle` is a ModelBundle
     (anything with .model and .special). Infilling: `suffixes` (fixed context after the span) and
     `spans` (the span with mask ids where tokens are filled; None for all masks), one per prompt.
     `draft_depth`: the depth of requests whose params leave it unset; `draft_budget` (default:
-    room for every request's drafts) bounds the draft rows of a step."""
+    room for every request's drafts) bounds the draft rows of a step. `adaptive_drafting` (default
+    off here: conformance, evaluation and tests count forwards, which the gate's timings would make
+    vary; None: the engine's default) is `make_batch`'s."""
     prompts = [list(p) for p in prompts]
     suffixes = [list(x or ()) for x in suffixes] if suffixes is not None else [[] for _ in prompts]
     spans = list(spans) if spans is not None else [None] * len(prompts)
@@ -40,7 +43,8 @@ def generate(bundle, prompts, params, keep_events: bool = False, on_event=None, 
     if draft_budget is None:
         draft_budget = (depth + 1) * rows if depth else 0
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=max(rows, 1),
-                       max_requests=max(len(prompts), 1), draft_depth=draft_depth, draft_budget=draft_budget)
+                       max_requests=max(len(prompts), 1), draft_depth=draft_depth, draft_budget=draft_budget,
+                       adaptive_drafting=adaptive_drafting)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         batch.add(i, p, sp, suffix_ids=suffixes[i], span_ids=spans[i])
     results: dict[int, Generation] = {}

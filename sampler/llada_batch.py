@@ -32,6 +32,7 @@ from sampler import device_step as ds
 from sampler import host_step as hs
 from sampler.batch import Batch
 from sampler.cuda_graphs import StepGraphs
+from sampler.draft_gate import gate_for
 from sampler.events import StepEvent
 from sampler.params import ParamError, SamplingParams
 from sampler.step_state import CACHE_MODE, INT, N_FLT, N_INT, ReadBack, RequestOut, pack_slot
@@ -107,10 +108,13 @@ class LLaDABatch(Batch):
 
     def __init__(self, model, special, capacity_tokens: int = 16384, max_requests: int = 64,
                  cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None,
-                 draft_depth: int = 0, draft_budget: int = 0, host_planned: bool | None = None):
+                 draft_depth: int = 0, draft_budget: int = 0, host_planned: bool | None = None,
+                 adaptive_drafting: bool | None = None):
         # Exact parallel decoding: `draft_depth` is the depth of requests that leave theirs unset;
         # `draft_budget` rows of keys/values are lent to draft rows each step, and a step runs
         # draft rows only while its query tokens stay within that many (a full batch never drafts).
+        # `adaptive_drafting` (None: on for a CPU): plan draft rows only while the measured steps
+        # say they pay (sampler.draft_gate).
         if getattr(model, "tp", None) is not None:
             draft_budget = 0  # the drafting stage selects over the whole vocabulary: not under tensor parallelism
         super().__init__(model, special, capacity_tokens, max_requests, draft_rows=draft_budget)
@@ -119,6 +123,7 @@ class LLaDABatch(Batch):
         self.draft_rows_run = 0     # draft rows forwarded, in all
         self.steps_accepted = 0     # steps advanced beyond one per forward (accepted drafts), in all
         dev = self.device
+        self.gate = gate_for(adaptive_drafting, dev, draft_budget)
         # Per-slot state on the device (sampler.step_state); the last slot is the dummy padding
         # rows point at: its region is the scratch row.
         self.dummy_slot = max_requests
@@ -202,7 +207,8 @@ class LLaDABatch(Batch):
         """(request rows, bucket) for the next step from the host's expectations. Each request
         gets its committed row, then draft rows 1..j (as many as its last drafting stage guessed),
         given level by level (every request's first draft before any second) while the step's
-        query tokens stay within the draft budget and the draft pool has room."""
+        query tokens stay within the draft budget and the draft pool has room. While the draft
+        gate says no, no draft rows and no drafting stage."""
         reqs, tokens, logit_rows, max_q, cfg, filters, logprobs = [], 0, 0, 0, False, False, False
         depth, constrained = 0, False
         for req in self.requests.values():
@@ -227,7 +233,9 @@ class LLaDABatch(Batch):
             return [], None
         drafts = {id(r): [] for r in reqs}  # per request: pool offsets of its draft rows
         pool_used, copy_rows = 0, 0
-        for level in range(1, max((r.guessed for r in reqs), default=0) + 1):
+        if self.gate is not None and not self.gate.drafting:
+            depth = 0
+        for level in range(1, (max((r.guessed for r in reqs), default=0) if depth else 0) + 1):
             for req in reqs:
                 if req.guessed < level or len(drafts[id(req)]) != level - 1:
                     continue
@@ -416,7 +424,15 @@ class LLaDABatch(Batch):
             events = self.collect(self._pending)
             self._pending = None
             return events
-        return self.collect(self.launch())
+        gate = self.gate if self.drafting else None
+        if gate is None:
+            return self.collect(self.launch())
+        ready, t0 = len(self._ready), gate.clock()  # a drafting batch steps synchronously: timed here
+        launched = self.launch()
+        events = self.collect(launched)
+        if launched is not None:  # an event per sampler step advanced
+            gate.record(gate.clock() - t0, len(events) - ready)
+        return events
 
     def step_async(self) -> list[StepEvent]:
         """Launch the next step, then return the events of the one launched before it: the host

@@ -186,7 +186,8 @@ class Engine:
                                 max_requests=self.config.max_batch_size,
                                 cuda_graphs=self.config.cuda_graphs,
                                 draft_depth=self.config.draft_depth,
-                                draft_budget=self.config.draft_budget)
+                                draft_budget=self.config.draft_budget,
+                                adaptive_drafting=self.config.adaptive_drafting)
         pipe = self.config.pipelined
         self.pipelined = self.batch.device.type == "cuda" if pipe is None else bool(pipe)
         self.scorer = ScoreBatch(model, special.mask)

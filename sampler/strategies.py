@@ -23,17 +23,22 @@ def batch_class(config) -> type[Batch]:
 
 def make_batch(model, special, capacity_tokens: int = 16384, max_requests: int = 64,
                cuda_graphs: bool | None = None, pad_to_buckets: bool | None = None,
-               draft_depth: int = 0, draft_budget: int = 0) -> Batch:
+               draft_depth: int = 0, draft_budget: int = 0,
+               adaptive_drafting: bool | None = None) -> Batch:
     """A batch of the model's strategy with `capacity_tokens` canvas rows and `max_requests` slots.
     `cuda_graphs` (default: on CUDA) and `pad_to_buckets` (default: on CUDA) concern the LLaDA
     step, whose device step is captured per bucket; block diffusion has neither. `draft_depth`
     (the default of requests that leave it unset) and `draft_budget` (per-step query tokens and
-    draft pool rows) set exact parallel decoding in both strategies."""
+    draft pool rows) set exact parallel decoding in both strategies; `adaptive_drafting` (None: on
+    for a CPU, off on CUDA) lets the batch plan draft rows only while its measured steps say they
+    pay (`sampler.draft_gate`)."""
     if is_block_diffusion(model.config):
         return BlockDiffusionBatch(model, special, capacity_tokens, max_requests,
-                                   draft_depth=draft_depth, draft_budget=draft_budget)
+                                   draft_depth=draft_depth, draft_budget=draft_budget,
+                                   adaptive_drafting=adaptive_drafting)
     return LLaDABatch(model, special, capacity_tokens, max_requests, cuda_graphs=cuda_graphs,
-                      pad_to_buckets=pad_to_buckets, draft_depth=draft_depth, draft_budget=draft_budget)
+                      pad_to_buckets=pad_to_buckets, draft_depth=draft_depth, draft_budget=draft_budget,
+                      adaptive_drafting=adaptive_drafting)
 
 
 def rows_needed(prompt_len: int, params: SamplingParams, block_diffusion: bool = False) -> int:

@@ -21,6 +21,20 @@ def _env(name: str, default=None):
     return default if v is None or v == "" else v
 
 
+def _drafting_flags(a) -> None:
+    """Exact parallel decoding's flags (`a`: the parser's add_argument)."""
+    a("--draft-depth", type=int, default=_env("draft_depth", 0),
+      help="exact parallel decoding for requests that leave draft_depth unset: guessed next steps "
+           "verified per forward, 0 (off) to 8; the same ids, fewer forwards (default: %(default)s)")
+    a("--draft-budget", type=int, default=_env("draft_budget", 2048),
+      help="query tokens a step may reach with draft rows, and key/value rows lent to them; a batch "
+           "already at it runs no drafts (default: %(default)s)")
+    a("--adaptive-drafting", choices=["auto", "on", "off"], default=str(_env("adaptive_drafting", "auto")).lower(),
+      help="plan draft rows only while the measured steps say they pay: the batch times its steps with "
+           "and without drafts (seconds per sampler step advanced) and drafts only where it is faster; "
+           "the ids are the same either way (default auto: on for a CPU, off on CUDA)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llada-serve",
@@ -44,12 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="running requests per step (default: %(default)s)")
     a("--max-batch-tokens", type=int, default=_env("max_batch_tokens", 16384),
       help="canvas tokens (prompt + generated) held by the running batch (default: %(default)s)")
-    a("--draft-depth", type=int, default=_env("draft_depth", 0),
-      help="exact parallel decoding for requests that leave draft_depth unset: guessed next steps "
-           "verified per forward, 0 (off) to 8; the same ids, fewer forwards (default: %(default)s)")
-    a("--draft-budget", type=int, default=_env("draft_budget", 2048),
-      help="query tokens a step may reach with draft rows, and key/value rows lent to them; a batch "
-           "already at it runs no drafts (default: %(default)s)")
+    _drafting_flags(a)
     a("--max-queue", type=int, default=_env("max_queue", 256),
       help="waiting requests before new ones are refused with 429 (default: %(default)s)")
     a("--request-timeout", type=float, default=_env("request_timeout", 600.0),
@@ -200,6 +209,8 @@ def _check_args(args) -> None:
         _fail("--drain-delay must be >= 0", 2)
     if not 0 <= args.draft_depth <= MAX_DRAFT_DEPTH or args.draft_budget < 0:
         _fail(f"--draft-depth must be in [0, {MAX_DRAFT_DEPTH}] and --draft-budget >= 0", 2)
+    if args.adaptive_drafting not in ("auto", "on", "off"):  # LLADA_ADAPTIVE_DRAFTING is not checked by argparse
+        _fail(f"--adaptive-drafting must be auto, on or off, got {args.adaptive_drafting!r}", 2)
     if args.header_timeout <= 0:
         _fail("--header-timeout must be > 0", 2)
     if not 1 <= args.port <= 65535:
@@ -356,7 +367,8 @@ def main(argv=None) -> None:
                          max_queue=args.max_queue,
                          request_timeout=args.request_timeout if args.request_timeout > 0 else None,
                          cuda_graphs=args.cuda_graphs, draft_depth=args.draft_depth,
-                         draft_budget=args.draft_budget)
+                         draft_budget=args.draft_budget,
+                         adaptive_drafting={"on": True, "off": False}.get(args.adaptive_drafting))
     if args.allowed_hosts:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     else:

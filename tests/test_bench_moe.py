@@ -36,5 +36,5 @@ def test_engine_benchmark_moe_shapes(tmp_path):
     out = tmp_path / "moe.json"
     assert bench_engine.main(["--device", "cpu", "--shape", "llada-moe-tiny", "--quick", "--json", str(out)]) == 0
     moe_rows = json.loads(out.read_text())["rows"]
-    assert len(moe_rows) == 10  # the LLaDA table, its three drafting rows included
+    assert len(moe_rows) == 12  # the LLaDA table, its five drafting rows included
     assert moe_rows[7]["draft_rows_per_forward"] > 0 and moe_rows[7]["forwards_per_token"] <= 1.0

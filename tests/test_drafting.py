@@ -113,7 +113,7 @@ def test_mixed_batch_with_joins_is_exact(golden, budget):
     reqs = _mixed(rnd)
     alone = [generate(golden, [p], replace(sp, draft_depth=0))[0].gen_ids for p, sp in reqs]
     batch = make_batch(golden.model, golden.special, capacity_tokens=2048, max_requests=5,
-                       draft_budget=budget)
+                       draft_budget=budget, adaptive_drafting=False)
     pending = list(enumerate(reqs))
     done, nfe, forwards = {}, {}, {}
     while pending or len(batch):
@@ -136,7 +136,7 @@ def test_a_full_batch_never_drafts(golden):
     """A step whose committed rows already use the token budget runs no draft row."""
     sp = SamplingParams(gen_length=32, block_length=32, steps=32, draft_depth=8)
     batch = make_batch(golden.model, golden.special, capacity_tokens=1024, max_requests=4,
-                       draft_budget=3 * 40)  # three canvases of about 40 tokens: the batch fills it
+                       draft_budget=3 * 40, adaptive_drafting=False)  # three canvases of about 40 tokens: the batch fills it
     for i in range(3):
         batch.add(i, [7 + i] * 8, sp)
     while len(batch):
@@ -226,7 +226,8 @@ def test_engine_with_a_default_depth_gives_the_same_answers(golden, pipelined):
     rec = Rec()
     eng = Engine(golden.model, golden.special, EngineConfig(max_batch_size=4, max_batch_tokens=512,
                                                              early_stop=False, pipelined=pipelined,
-                                                             draft_depth=4), metrics=rec).start()
+                                                             draft_depth=4, adaptive_drafting=False),
+                 metrics=rec).start()
     try:
         handles = []
         for i, (p, sp) in enumerate(cases):
@@ -259,7 +260,7 @@ STATIC_MODES = [dict(cache="dual"), dict(cache="prefix", temperature=0.8, seed=3
 def _drive(bundle, reqs, pad, budget):
     rows = sum(len(p) + sp.gen_length for p, sp in reqs) * 2
     batch = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 7, max_requests=len(reqs),
-                       pad_to_buckets=pad, draft_budget=budget)
+                       pad_to_buckets=pad, draft_budget=budget, adaptive_drafting=False)
     for i, r in enumerate(reqs):
         batch.add(i, *r)
     out = {}

@@ -114,7 +114,7 @@ def test_mixed_batch_with_joins_is_exact(other2, budget):
     reqs = _mixed(random.Random(17))
     alone = [generate(other2, [p], replace(sp, draft_depth=0))[0] for p, sp in reqs]
     batch = make_batch(other2.model, other2.special, capacity_tokens=2048, max_requests=6,
-                       draft_depth=2, draft_budget=budget)
+                       draft_depth=2, draft_budget=budget, adaptive_drafting=False)
     pending = list(enumerate(reqs))
     done = {}
     while pending or len(batch):
@@ -139,7 +139,7 @@ def test_a_full_batch_never_drafts(other2):
     """A step whose committed rows already use the token budget runs no draft row."""
     sp = SamplingParams(gen_length=16, block_length=8, steps=8, threshold=1.0, draft_depth=8)
     batch = make_batch(other2.model, other2.special, capacity_tokens=1024, max_requests=4,
-                       draft_budget=3 * 8)  # three requests' current blocks fill it
+                       draft_budget=3 * 8, adaptive_drafting=False)  # three requests' current blocks fill it
     for i in range(3):
         batch.add(i, [7 + i] * 9, sp)
     while len(batch):

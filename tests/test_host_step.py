@@ -58,7 +58,7 @@ def _pair(bundle, reqs, max_requests, draft_budget=0):
     out = []
     for host in (True, False):
         b = make_batch(bundle.model, bundle.special, capacity_tokens=rows + 5, max_requests=max_requests,
-                       draft_budget=draft_budget)
+                       draft_budget=draft_budget, adaptive_drafting=False)
         b.host_planned = host
         out.append(b)
     return out

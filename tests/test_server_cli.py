@@ -128,6 +128,10 @@ def test_bad_flag_values_are_refused():
     assert r.returncode == 2
     r = run_cli(["--cpu-threads", "-1", "--model", "x"])
     assert r.returncode == 2 and "--cpu-threads" in r.stderr
+    r = run_cli(["--adaptive-drafting", "sometimes", "--model", "x"])
+    assert r.returncode == 2 and "--adaptive-drafting" in r.stderr
+    r = run_cli(["--model", "x"], LLADA_ADAPTIVE_DRAFTING="sometimes")  # argparse checks no env default
+    assert r.returncode == 2 and "--adaptive-drafting must be auto, on or off" in r.stderr
 
 
 def test_env_configuration_and_sigterm_drain(golden_dir, free_port, tmp_path):

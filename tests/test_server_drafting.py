@@ -21,7 +21,8 @@ def bundle(golden_dir):
 
 @pytest.fixture(scope="module")
 def server(bundle, live_server):
-    app = create_app(bundle, EngineConfig(max_batch_size=8, max_batch_tokens=2048, draft_budget=1024),
+    app = create_app(bundle, EngineConfig(max_batch_size=8, max_batch_tokens=2048, draft_budget=1024,
+                                          adaptive_drafting=False),
                      served_model_name="tiny")
     return live_server(app)
 
@@ -79,7 +80,8 @@ def test_block_diffusion_drafts_with_the_same_answer(live_server):
     from golden_sets import TINY_LLADA2
 
     b2 = load_checkpoint(TINY_LLADA2, device="cpu", dtype="float32")
-    srv = live_server(create_app(b2, EngineConfig(max_batch_size=2, max_batch_tokens=1024, draft_depth=4),
+    srv = live_server(create_app(b2, EngineConfig(max_batch_size=2, max_batch_tokens=1024, draft_depth=4,
+                                                      adaptive_drafting=False),
                                  served_model_name="tiny"))
     body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 32, "block_length": 8, "steps": 8,
             "threshold": 1.0}

@@ -1,0 +1,95 @@
+"""Drafting only where it pays: a batch's choice between steps with and without draft rows.
+
+Exact parallel decoding (`draft_depth`) never changes an id, so the number of sampler steps a
+request needs is fixed; what drafting changes is how many of them one forward advances and what
+that forward costs. On a GPU a forward's time is nearly flat in its rows and fewer forwards are
+less time; on a CPU a forward's time grows with its tokens (a draft row without cache is one more
+canvas) and the drafting stage adds its own work, so the same drafts can make a step slower per
+step advanced. `DraftGate` measures it: the batch reports each step's wall seconds and the sampler
+steps it advanced (every request's committed steps, accepted drafts included), and the gate keeps,
+for each mode, the seconds per advanced step over its latest steps. It starts drafting (the
+configured behaviour), probes the other mode for a few steps after a warm-up and then at growing
+intervals, and switches when the other mode is cheaper by more than `margin`. While it says no,
+the batch plans no draft rows and no drafting stage; requests keep their `draft_depth`, and the
+next drafting step starts from no guesses (its first step only guesses, so it is not counted).
+
+Only the plan changes: every step is the sampler's own, so ids, events and NFE are those of the
+run with drafting always on. Forward counts do depend on the timings, which is why the checks that
+count forwards (conformance `--draft-depth`, the drafting tests) run with the gate off.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class DraftGate:
+    """Whether the batch's next step may run draft rows, from the measured cost of each mode.
+
+    `record(seconds, advanced)` after every step in which some request could draft; `drafting`
+    is the mode the next step runs. The phases: a run of the preferred mode (`warmup` counted
+    steps at first, then `interval` doubling up to `max_interval` while the comparison keeps the
+    preferred mode, back to `interval` when it switches), then a probe of the other mode
+    (`probe` counted steps), then the comparison of the two modes' seconds per advanced step over
+    their latest `window` steps."""
+
+    def __init__(self, clock=time.perf_counter, warmup: int = 1, probe: int = 2, interval: int = 32,
+                 max_interval: int = 2048, margin: float = 0.08, window: int = 6):
+        if min(warmup, probe, interval, window) < 1 or max_interval < interval or not 0 <= margin < 1:
+            raise ValueError("warmup, probe, interval and window must be >= 1, max_interval >= "
+                             "interval, 0 <= margin < 1")
+        self.clock = clock
+        self.probe, self.base_interval, self.max_interval = probe, interval, max_interval
+        self.margin = margin
+        self.drafting = True     # the mode the next step runs
+        self.preferred = True    # the mode the last comparison chose
+        self.probing = False     # the current phase probes the other mode
+        self.left = warmup       # counted steps left in the phase
+        self.skip = 1            # steps not counted first (a drafting phase's first step only guesses)
+        self.interval = interval
+        self.samples = {True: deque(maxlen=window), False: deque(maxlen=window)}
+        self.switches = 0        # comparisons that changed the preferred mode
+        self.steps = {True: 0, False: 0}  # steps recorded in each mode, counted or not
+
+    def cost(self, drafting: bool) -> float | None:
+        """Seconds per advanced step of a mode over its latest counted steps (None: none yet)."""
+        s = self.samples[drafting]
+        if not s:
+            return None
+        return sum(x for x, _ in s) / max(sum(a for _, a in s), 1)
+
+    def record(self, seconds: float, advanced: int) -> None:
+        """One step of the current mode took `seconds` and advanced `advanced` sampler steps."""
+        self.steps[self.drafting] += 1
+        if self.skip:
+            self.skip -= 1
+            return
+        self.samples[self.drafting].append((seconds, advanced))
+        self.left -= 1
+        if self.left > 0:
+            return
+        if not self.probing:
+            self._enter(not self.preferred, self.probe, probing=True)
+            return
+        other = not self.preferred
+        mine, theirs = self.cost(self.preferred), self.cost(other)
+        if mine is not None and theirs is not None and theirs < mine * (1 - self.margin):
+            self.preferred, self.interval = other, self.base_interval
+            self.switches += 1
+        else:
+            self.interval = min(2 * self.interval, self.max_interval)
+        self._enter(self.preferred, self.interval, probing=False)
+
+    def _enter(self, drafting: bool, steps: int, probing: bool) -> None:
+        self.skip = 1 if drafting and not self.drafting else 0
+        self.drafting, self.left, self.probing = drafting, steps, probing
+
+
+def gate_for(adaptive: bool | None, device, draft_budget: int) -> DraftGate | None:
+    """The gate of a batch on `device`: `adaptive` True or False, or None for the default (on for
+    a CPU, where a forward's time grows with its rows; off on CUDA, where it hardly does and the
+    probes would only cost plain steps and extra graph buckets). No gate without a draft budget
+    (no drafting: `--draft-budget 0`, tensor parallelism)."""
+    on = getattr(device, "type", str(device)) == "cpu" if adaptive is None else bool(adaptive)
+    return DraftGate() if on and draft_budget > 0 else None
