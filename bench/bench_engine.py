@@ -502,10 +502,24 @@ def llada_table(bundle, args, prompt, one, record, P, G, B, n_many, rnd, q, dev)
         gate = gate_for(None, dev, room)
         if gate is None:  # off by default here (CUDA): the rows would repeat 7 and 8
             break
-        run_batch(bundle, reqs, cuda_graphs=graphs, draft_budget=room, gate=gate)
-        record(f"{label_}, the gate carried from a first run",
-               run_batch(bundle, reqs, cuda_graphs=graphs, draft_budget=room, gate=gate), base)
+        runs = [run_batch(bundle, reqs, cuda_graphs=graphs, draft_budget=room, gate=gate)
+                for _ in range(SEQUENTIAL)]
+        record(f"{label_}, {SEQUENTIAL} requests one after another (one gate, its probes included)",
+               merge_runs(runs), base)
 
+
+SEQUENTIAL = 16  # requests run one after another through one gate in rows 10 and 11
+
+
+def merge_runs(runs: list[Result]) -> Result:
+    """One row of runs made one after another: their tokens, times and forwards summed."""
+    gate = [tuple(int(x) for x in r.gate.split("/")) for r in runs if r.gate != "off"]
+    out = Result("", sum(r.tokens for r in runs), sum(r.seconds for r in runs), sum(r.forwards for r in runs),
+                 sum(r.tokens_in_forwards for r in runs), max(r.peak_bytes for r in runs), runs[0].requests,
+                 sum(r.host_seconds for r in runs), sum(r.draft_rows for r in runs))
+    if gate:
+        out.gate = f"{sum(a for a, _ in gate)}/{sum(b for _, b in gate)}"
+    return out
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,23 +30,26 @@ class DraftGate:
     `record(seconds, advanced)` after every step in which some request could draft; `drafting`
     is the mode the next step runs. The phases: a run of the preferred mode (`warmup` counted
     steps at first, then `interval` doubling up to `max_interval` while the comparison keeps the
-    preferred mode, back to `interval` when it switches), then a probe of the other mode
+    preferred mode, and at least as long as keeps a losing probe's extra cost under `overhead` of
+    the time; back to `interval` when it switches), then a probe of the other mode
     (`probe` counted steps), then the comparison of the two modes' seconds per advanced step over
     their latest `window` steps."""
 
     def __init__(self, clock=time.perf_counter, warmup: int = 1, probe: int = 2, interval: int = 32,
-                 max_interval: int = 2048, margin: float = 0.08, window: int = 6):
-        if min(warmup, probe, interval, window) < 1 or max_interval < interval or not 0 <= margin < 1:
+                 max_interval: int = 2048, margin: float = 0.08, window: int = 6, start: bool = True,
+                 overhead: float = 0.02):
+        if (min(warmup, probe, interval, window) < 1 or max_interval < interval or not 0 <= margin < 1
+                or not 0 < overhead <= 1):
             raise ValueError("warmup, probe, interval and window must be >= 1, max_interval >= "
-                             "interval, 0 <= margin < 1")
+                             "interval, 0 <= margin < 1, 0 < overhead <= 1")
         self.clock = clock
         self.probe, self.base_interval, self.max_interval = probe, interval, max_interval
-        self.margin = margin
-        self.drafting = True     # the mode the next step runs
-        self.preferred = True    # the mode the last comparison chose
+        self.margin, self.overhead = margin, overhead
+        self.drafting = start    # the mode the next step runs (`start`: the first phase's)
+        self.preferred = start   # the mode the last comparison chose
         self.probing = False     # the current phase probes the other mode
         self.left = warmup       # counted steps left in the phase
-        self.skip = 1            # steps not counted first (a drafting phase's first step only guesses)
+        self.skip = int(start)   # steps not counted first (a drafting phase's first step only guesses)
         self.interval = interval
         self.samples = {True: deque(maxlen=window), False: deque(maxlen=window)}
         self.switches = 0        # comparisons that changed the preferred mode
@@ -78,8 +81,15 @@ class DraftGate:
             self.preferred, self.interval = other, self.base_interval
             self.switches += 1
         else:
-            self.interval = min(2 * self.interval, self.max_interval)
+            self.interval = min(max(2 * self.interval, self._affordable(mine, theirs)), self.max_interval)
         self._enter(self.preferred, self.interval, probing=False)
+
+    def _affordable(self, mine: float | None, theirs: float | None) -> int:
+        """Steps of the preferred mode after which the next probe costs at most `overhead` of the
+        time (the probe just lost: it ran `probe` + 1 steps at theirs / mine of a step's cost)."""
+        if not mine or theirs is None or theirs <= mine:
+            return 0
+        return int((self.probe + 1) * (theirs / mine - 1) / self.overhead) + 1
 
     def _enter(self, drafting: bool, steps: int, probing: bool) -> None:
         self.skip = 1 if drafting and not self.drafting else 0
@@ -90,6 +100,13 @@ def gate_for(adaptive: bool | None, device, draft_budget: int) -> DraftGate | No
     """The gate of a batch on `device`: `adaptive` True or False, or None for the default (on for
     a CPU, where a forward's time grows with its rows; off on CUDA, where it hardly does and the
     probes would only cost plain steps and extra graph buckets). No gate without a draft budget
-    (no drafting: `--draft-budget 0`, tensor parallelism)."""
-    on = getattr(device, "type", str(device)) == "cpu" if adaptive is None else bool(adaptive)
-    return DraftGate() if on and draft_budget > 0 else None
+    (no drafting: `--draft-budget 0`, tensor parallelism). On a CPU the gate starts plain and
+    first tries drafting after `interval` steps: a drafting step there costs several plain ones,
+    so a fresh batch that started drafting paid its first probe in every short request (a
+    32-step request at batch 1: about 15% of its time); where drafting pays, the first probe
+    finds it and the gate keeps it. Elsewhere (`adaptive` on CUDA) it starts drafting."""
+    cpu = getattr(device, "type", str(device)) == "cpu"
+    on = cpu if adaptive is None else bool(adaptive)
+    if not on or draft_budget <= 0:
+        return None
+    return DraftGate(start=False, warmup=32) if cpu else DraftGate()

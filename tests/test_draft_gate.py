@@ -53,7 +53,7 @@ def test_drafting_cheaper_keeps_drafting_and_backs_off_its_probes():
     """Drafting steps 1.2 s for 2 steps against plain 1 s for 1: drafting stays, and the plain
     probes come after 2, then 8, 16, 32 drafting steps (each drafting run after a probe has one
     uncounted step first: it starts from no guesses)."""
-    gate = DraftGate(warmup=2, probe=2, interval=8, max_interval=32)
+    gate = DraftGate(warmup=2, probe=2, interval=8, max_interval=32, overhead=1.0)
     modes = _run_gate(gate, lambda d: (1.2, 2) if d else (1.0, 1), 3 + 2 + 17 + 2 + 33 + 2 + 33 + 2 + 33)
     assert _runs(modes) == [(True, 3), (False, 2), (True, 17), (False, 2), (True, 33), (False, 2),
                             (True, 33), (False, 2), (True, 33)]
@@ -63,17 +63,27 @@ def test_drafting_cheaper_keeps_drafting_and_backs_off_its_probes():
 def test_plain_preferred_reprobes_drafting_with_backoff():
     """Once plain is preferred, drafting is probed (1 uncounted + 2 counted steps) after 8, 16, 32
     plain steps, then every 32 (the cap)."""
-    gate = DraftGate(warmup=2, probe=2, interval=8, max_interval=32)
+    gate = DraftGate(warmup=2, probe=2, interval=8, max_interval=32, overhead=1.0)
     modes = _run_gate(gate, lambda d: (5.0, 2) if d else (1.0, 1), 3 + 2 + 8 + 3 + 16 + 3 + 32 + 3 + 32 + 3)
     assert _runs(modes) == [(True, 3), (False, 10), (True, 3), (False, 16), (True, 3), (False, 32),
                             (True, 3), (False, 32), (True, 3)]
     assert gate.switches == 1
 
 
+def test_a_losing_probe_is_spaced_to_cost_little():
+    """After a probe that lost (drafting 3x a plain step per advanced step), the next probe waits
+    until its extra cost is at most `overhead` of the time: (2 + 1) probe steps x 2 extra / 0.02,
+    not the doubled interval."""
+    gate = DraftGate(warmup=4, probe=2, interval=8, max_interval=4096, start=False)
+    modes = _run_gate(gate, lambda d: (3.0, 1) if d else (1.0, 1), 4 + 3 + 400)
+    assert _runs(modes) == [(False, 4), (True, 3), (False, 301), (True, 3), (False, 96)]
+    assert gate.interval == 602 and not gate.preferred  # then the doubling takes over
+
+
 def test_the_gate_follows_a_change_of_costs():
     """Drafting expensive at first, then cheap: the next drafting probe finds it cheaper and the
     gate drafts again (its probe interval back at the start)."""
-    gate = DraftGate(warmup=2, probe=2, interval=4, max_interval=64, window=2)
+    gate = DraftGate(warmup=2, probe=2, interval=4, max_interval=64, window=2, overhead=1.0)
     cheap = [False]
     cost = lambda d: ((0.5, 2) if cheap[0] else (5.0, 2)) if d else (1.0, 1)
     _run_gate(gate, cost, 20)
@@ -207,7 +217,11 @@ def test_llada_batch_under_the_gate_is_exact(golden, gate):
     for i in range(len(reqs)):
         assert _events(on[i]) == _events(off[i])
         assert [e[1:] for e in _events(on[i])] == [e[1:] for e in _events(plain[i].events)]
-    assert batch.gate.steps[True] > 0 and batch.gate.steps[False] > 0  # both modes ran
+    if gate == "default":  # a CPU batch's own gate: plain first, drafting tried after its warm-up
+        assert batch.gate.steps[False] > 0
+        assert (batch.gate.steps[True] > 0) == (batch.gate.steps[False] > 32)
+    else:
+        assert batch.gate.steps[True] > 0 and batch.gate.steps[False] > 0  # both modes ran
     if gate == "flipping":  # steps with and without draft rows alternate all along
         assert sum(1 for a, b in zip(drafted, drafted[1:]) if (a > 0) != (b > 0)) >= 8
 
@@ -269,3 +283,20 @@ def test_block_diffusion_under_the_gate_is_exact(llada2, gate):
         assert sum(1 for a, b in zip(drafted, drafted[1:]) if (a > 0) != (b > 0)) >= 4
     if gate == "expensive":
         assert batch.gate.preferred is False and sum(drafted[3:]) == 0
+
+
+def test_a_cpu_gate_starts_plain_and_finds_cheap_drafting_at_its_first_probe():
+    """On a CPU the gate starts without drafts (short requests pay no probe) and tries drafting
+    after its warm-up; where drafting is cheaper per advanced step it keeps it from then on."""
+    gate = gate_for(None, torch.device("cpu"), 2048)
+    assert not gate.drafting
+    modes = []
+    for _ in range(31):
+        modes.append(gate.drafting)
+        gate.record(1.0, 1)
+    assert not any(modes)
+    gate.record(1.0, 1)  # the 32nd plain step: the probe of drafting starts
+    assert gate.drafting
+    for _ in range(3):  # its uncounted first step, then the probe: 3 steps advanced per second
+        gate.record(1.0, 3)
+    assert gate.drafting and gate.preferred and gate.switches == 1
