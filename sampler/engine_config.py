@@ -17,3 +17,6 @@ class EngineConfig:
     pipelined: bool | None = None     # read step n's events while step n+1 runs (default: on CUDA)
     draft_depth: int = 0              # exact parallel decoding for requests that leave theirs unset
     draft_budget: int = 2048          # per step: query tokens with drafts, and rows of the draft pool
+    cpu_threads_live: tuple = ()      # CPU: intra-op thread counts the engine keeps choosing between
+    #                                   while serving (sampler/thread_tuner.py); empty: the count stays
+    cpu_threads_probe_s: float = 2.0  # stepping seconds between tries of the other count (it backs off)

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"),
       help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     a("--cpu-threads", type=int, default=_env("cpu_threads", 0), help="intra-op threads on a CPU "
-      "(default 0: for a small model, 1 or every core, as forwards timed at start-up decide)")
+      "(default 0: for a small model, 1 or every core, timed at start-up and again while serving)")
     a("--served-model-name", default=_env("served_model_name"),
       help="model id clients use (default: the checkpoint directory's name)")
     a("--max-batch-size", type=int, default=_env("max_batch_size", 32),
@@ -312,6 +312,15 @@ def _load(args, model_dir, tp=None):
     return bundle, threads, name, param_bytes
 
 
+def _live_threads(args, bundle, ranks) -> tuple:
+    """Where the start-up measured the thread count, the counts the engine keeps choosing between."""
+    from weights.checkpoint import live_thread_counts
+
+    if ranks is not None:
+        return ()
+    return live_thread_counts(bundle.config, bundle.device, override=args.cpu_threads or None)
+
+
 def _prepare(args):
     """The port check, the model directory and, under tensor parallelism, the started ranks (a
     follower rank serves here and exits): (model_dir, ranks or None), or None once --plan printed."""
@@ -356,7 +365,7 @@ def main(argv=None) -> None:
                          max_queue=args.max_queue,
                          request_timeout=args.request_timeout if args.request_timeout > 0 else None,
                          cuda_graphs=args.cuda_graphs, draft_depth=args.draft_depth,
-                         draft_budget=args.draft_budget)
+                         draft_budget=args.draft_budget, cpu_threads_live=_live_threads(args, bundle, ranks))
     if args.allowed_hosts:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     else:
