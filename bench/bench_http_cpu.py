@@ -9,7 +9,8 @@ loopback port, its flags the preset's (`--config NAME='[ENV=VALUE ...] FLAGS'` a
 configuration is started in turn (the order rotated each round), loaded by `bench.load` at each
 client count (greedy completions of `--gen` tokens on a token-id prompt, EOS banned so every answer
 is `--gen` tokens long), and stopped; the table gives the median generated tokens/s over the rounds,
-the ratio to the first configuration, and the thread count each server logged. The checkpoint is
+the ratio to the first configuration, and the thread count each server logged at start-up, then the
+count it ran at the end of its last round with the switches it made while serving (`/metrics`). The checkpoint is
 the 26M shape of `bench.bench_public` (d 512, 8 layers) with random weights, written once to
 `--ckpt` (a temporary directory by default), or `--model DIR`.
 """
@@ -105,6 +106,15 @@ class Server:
         m = re.findall(r"(\d+) CPU threads?", self.log_path.read_text())
         return m[-1] if m else "?"
 
+    def live_threads(self) -> str:
+        """The count the engine runs now and its switches while serving (the /metrics gauges)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        now = re.search(r"^llada_cpu_threads\{[^}]*\} ([0-9.]+)", text, re.M)
+        switches = re.search(r"^llada_cpu_thread_switches_total\{[^}]*\} ([0-9.]+)", text, re.M)
+        if now is None or switches is None:
+            return "?"
+        return f"{float(now.group(1)):.0f} ({float(switches.group(1)):.0f} switches)"
+
     def stop(self) -> None:
         self.proc.send_signal(2)  # SIGINT: no drain delay
         try:
@@ -143,7 +153,9 @@ def run_round(configs, model, clients, args, prompt, logs: Path, r: int, results
             for c in clients:
                 tps = load(server.url, c, c * args.requests_per_client, args.gen, prompt, args.time_limit)
                 results.setdefault((name, c), []).append(tps)
-                print(f"  round {r + 1}: {name}, {c} clients: {tps:.2f} tok/s", file=sys.stderr, flush=True)
+                print(f"  round {r + 1}: {name}, {c} clients: {tps:.2f} tok/s; threads now "
+                      f"{server.live_threads()}", file=sys.stderr, flush=True)
+            threads[name] += f", then {server.live_threads()}"
         finally:
             server.stop()
 
