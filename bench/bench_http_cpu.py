@@ -12,7 +12,9 @@ is `--gen` tokens long), and stopped; the table gives the median generated token
 the ratio to the first configuration, and the thread count each server logged at start-up, then the
 count it ran at the end of its last round with the switches it made while serving (`/metrics`). The checkpoint is
 the 26M shape of `bench.bench_public` (d 512, 8 layers) with random weights, written once to
-`--ckpt` (a temporary directory by default), or `--model DIR`.
+`--ckpt` (a temporary directory by default), or `--model DIR`. `--busy-start` holds one core with a
+busy process while each server starts, as another program on a shared machine may: the start-up
+thread measurement sees it, the load afterwards does not.
 """
 
 from __future__ import annotations
@@ -142,9 +144,13 @@ def run_round(configs, model, clients, args, prompt, logs: Path, r: int, results
     stopped; tokens/s appended to results[(name, clients)]."""
     k = r % len(configs)
     for name, flags in configs[k:] + configs[:k]:
+        busy = _spin() if args.busy_start else None
         server = Server(model, flags, logs / f"{name}-{r}.log")
         try:
             server.wait_ready()
+            if busy is not None:
+                busy.kill()
+                busy.wait()
             threads[name] = server.threads()
             measured = re.findall(r"CPU threads: .*", server.log_path.read_text())
             print(f"  round {r + 1}: {name}: {measured[-1] if measured else 'threads set by flag'}",
@@ -157,7 +163,15 @@ def run_round(configs, model, clients, args, prompt, logs: Path, r: int, results
                       f"{server.live_threads()}", file=sys.stderr, flush=True)
             threads[name] += f", then {server.live_threads()}"
         finally:
+            if busy is not None and busy.poll() is None:
+                busy.kill()
+                busy.wait()
             server.stop()
+
+
+def _spin() -> subprocess.Popen:
+    """A process holding one core (a busy loop) until it is killed."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def parse_configs(args) -> list[tuple[str, list[str]]]:
@@ -185,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds per load run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--busy-start", action="store_true", help="hold one core with a busy process while each "
+                    "server starts (its start-up thread measurement sees the held core), none once it is ready")
     args = ap.parse_args(argv)
     configs = parse_configs(args)
     clients = [int(c) for c in args.clients.split(",")]
