@@ -198,7 +198,8 @@ def pick_cpu_threads(config, device: torch.device, model=None, override: int | N
     OMP_NUM_THREADS (torch has already read it). Otherwise small models are measured when `model` is
     given (`measure_cpu_threads`, at the server's `batch`: its running requests per step), and
     guessed without it: one thread, as each operation is too small to split and OpenMP's barrier
-    spinning collapses when another process holds a core. Large models keep torch's default."""
+    spinning collapses when another process holds a core. Large models keep torch's default. Where
+    it measures, the server's engine keeps choosing while serving (`live_thread_counts`)."""
     if device.type != "cpu":
         return torch.get_num_threads()
     want = override or os.environ.get("LLADA_CPU_THREADS")
