@@ -217,11 +217,9 @@ class Engine:
         if len(live) < 2 or self.batch.device.type != "cpu" or self.channel is not None:
             return None
 
-        def switched(old: int, new: int) -> None:
-            self._observe("set_cpu_threads", new)
-            self._observe("observe_cpu_thread_switch")
         return ThreadTuner(live, torch.get_num_threads(), torch.set_num_threads,
-                           interval_s=self.config.cpu_threads_probe_s, on_switch=switched)
+                           interval_s=self.config.cpu_threads_probe_s,
+                           on_switch=lambda old, new: self._observe("observe_cpu_thread_switch"))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -437,19 +435,21 @@ class Engine:
         n = len(self.batch)
         tuner = self.tuner
         if tuner is not None:
-            tokens = self.batch.planned_query_tokens()
-            tuner.before_step()
+            shown = tuner.current
+            tuner.before_step(self.batch.planned_query_tokens())
         t0 = time.perf_counter()
         try:
             events = self.batch.step_async() if self.pipelined else self.batch.step()
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
             if tuner is not None:
-                tuner.after_step(0, 0.0)
+                tuner.after_step(0.0)
             self._step_failed(e)
             return
         dt = time.perf_counter() - t0
         if tuner is not None:
-            tuner.after_step(tokens, dt)
+            tuner.after_step(dt)
+            if tuner.current != shown:
+                self._observe("set_cpu_threads", tuner.current)
         self.steps_run += 1
         if self.metrics is not None:
             self.metrics.observe_step(n, dt)

@@ -20,26 +20,27 @@ TOKENS = 64  # query tokens of every made-up step
 
 
 class Machine:
-    """Step costs per thread count (seconds per query token), changeable mid-run; records what the
-    tuner set and every step's count and seconds."""
+    """Step costs per thread count (seconds per query token), changeable mid-run (`sized`: costs for
+    steps of a given size); records what the tuner set and every step's count and seconds."""
 
-    def __init__(self, cost: dict):
+    def __init__(self, cost: dict, sized: dict | None = None):
         self.cost = dict(cost)
+        self.sized = sized or {}
         self.set_calls = []
         self.steps = []  # (count the step ran on, seconds)
 
     def tuner(self, current: int, **kw) -> ThreadTuner:
         return ThreadTuner((1, 2), current, self.set_calls.append, **kw)
 
-    def run(self, tuner: ThreadTuner, seconds: float) -> None:
+    def run(self, tuner: ThreadTuner, seconds: float, tokens: int = TOKENS) -> None:
         """Step until `seconds` of stepping have passed."""
         spent = 0.0
         while spent < seconds:
-            n = tuner.before_step()
+            n = tuner.before_step(tokens)
             assert n == tuner.applied and self.set_calls[-1] == n  # the step runs on what was set
-            dt = self.cost[n] * TOKENS
-            tuner.after_step(TOKENS, dt)
-            assert tuner.applied == tuner.current  # between steps: the current count
+            dt = self.sized.get(tokens, self.cost)[n] * tokens
+            tuner.after_step(dt)
+            assert tuner.applied == tuner.current == tuner.size(tokens).current  # between steps
             self.steps.append((n, dt))
             spent += dt
 
@@ -75,7 +76,7 @@ def test_losing_probes_back_off():
     m = Machine({1: 1e-3, 2: 1.3e-3})
     t = m.tuner(1, interval_s=2.0)
     m.run(t, 2000.0)
-    assert t.switches == 0 and t.current == 1 and t.losses == t.probes >= 5
+    assert t.switches == 0 and t.current == 1 and t.size(TOKENS).losses == t.probes >= 5
     gaps = [b - a for a, b in zip(_probe_starts(m), _probe_starts(m)[1:])]
     assert all(b >= a - 2 for a, b in zip(gaps, gaps[1:]))  # never shorter (a step's rounding aside)
     assert gaps[-1] >= 10 * gaps[0]  # doubling up to 2**5 times the interval
@@ -88,7 +89,8 @@ def test_a_collapsed_count_costs_one_step_per_probe_and_under_two_percent():
     m.run(t, 2000.0)
     assert t.switches == 0 and t.current == 1
     assert sum(1 for n, _ in m.steps if n == 2) == t.probes >= 5  # each probe ended after one step on 2
-    assert t.interval() >= t.probe_cost / t.budget > 0
+    s = t.size(TOKENS)
+    assert t.interval(s) >= s.probe_cost / t.budget > 0
     assert 0 < _wasted_share(m) < 0.02
 
 
@@ -96,37 +98,61 @@ def test_a_win_resets_the_backoff():
     m = Machine({1: 1e-3, 2: 1.2e-3})
     t = m.tuner(1, interval_s=1.0)
     m.run(t, 60.0)
-    assert t.losses >= 3 and t.interval() >= 8.0
+    s = t.size(TOKENS)
+    assert s.losses >= 3 and t.interval(s) >= 8.0
     m.cost[2] = 0.5e-3
     for _ in range(100_000):
         m.run(t, 1e-9)  # one step
         if t.switches:
             break
-    assert t.current == 2 and t.losses == 0 and t.interval() == 1.0
+    assert t.current == 2 and s.losses == 0 and t.interval(s) == 1.0
 
 
 def test_returns_to_the_fast_count_after_a_transient_slowdown():
     m = Machine({1: 1e-3, 2: 0.6e-3})
     t = m.tuner(2, interval_s=1.0)
     m.run(t, 30.0)
-    assert t.current == 2 and t.losses > 0
+    s = t.size(TOKENS)
+    assert t.current == 2 and s.losses > 0
     m.cost[2] = 8e-3  # a load arrives: two threads collapse
     before = len(m.steps)
     m.run(t, 5.0)
     assert t.current == 1  # noticed by the slowdown, not after the backed-off interval
     assert sum(1 for n, _ in m.steps[before:] if n == 2) < 40
     m.cost[2] = 0.6e-3  # the load is gone
-    m.run(t, 2 * t.interval() + 2.0)
+    m.run(t, 2 * t.interval(s) + 2.0)
     assert t.current == 2 and t.switches == 2
+
+
+def test_each_step_size_keeps_its_own_count():
+    """One request's small steps are faster on one thread, a full batch's large ones on two: each
+    size ends on its own count, and a size seen for the first time starts from the nearest one's."""
+    small, large = 48, 768
+    m = Machine({1: 1e-3, 2: 1.3e-3}, sized={large: {1: 0.5e-3, 2: 0.3e-3}})
+    t = m.tuner(1, interval_s=1.0)
+    for _ in range(5):  # the load comes and goes
+        m.run(t, 10.0, tokens=small)
+        m.run(t, 10.0, tokens=large)
+    assert t.size(small).current == 1 and t.size(large).current == 2 and t.switches == 1
+    m.run(t, 1e-9, tokens=600)  # the same size as 768 (512-1023 query tokens)
+    assert t.current == 2
+    m.run(t, 1e-9, tokens=1500)  # a new size, nearest to 768's
+    assert t.size(1500).current == 2 and t.size(1500).probe is None
+    m.run(t, 1e-9, tokens=40)
+    assert t.current == 1
 
 
 def test_steps_without_tokens_teach_nothing():
     m = Machine({1: 1e-3, 2: 0.5e-3})
     t = m.tuner(1, interval_s=0.0)
     for _ in range(50):
-        t.before_step()
-        t.after_step(0, 0.01)
-    assert t.switches == 0 and t.stepped == 0.0 and (t.probe is None or t.probe.at == 0)
+        t.before_step(0)
+        t.after_step(0.01)
+    s = t.size(0)
+    assert t.switches == 0 and t.probes == 0 and s.stepped == 0.0 and s.probe is None
+    t.before_step(TOKENS)
+    t.after_step(0.0)  # a failed step
+    assert t.size(TOKENS).stepped == 0.0
 
 
 def test_needs_two_counts():
