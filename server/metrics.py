@@ -133,7 +133,8 @@ class Metrics:
     def _thread_metrics(self, bound, m, r) -> None:
         """The CPU intra-op thread count (sampler/thread_tuner.py)."""
         self.cpu_threads = bound(Gauge("llada_cpu_threads", "Intra-op CPU threads the engine's steps run on "
-                                       "(on a CPU chosen at start-up, then while serving)", m, registry=r))
+                                       "(the latest step's size; on a CPU chosen at start-up, then while "
+                                       "serving)", m, registry=r))
         self.cpu_thread_switches = bound(Counter("llada_cpu_thread_switches", "Changes of the intra-op CPU "
                                                  "thread count while serving", m, registry=r))
 
