@@ -9,8 +9,8 @@ step's forward processes), as seconds per query token.
 The better count depends on the step's size (one request's 48-token step gains nothing from a second
 core that a 16-request step gains much from), so steps are grouped by size, in powers of two of their
 query tokens, and each size keeps its own count (a size seen for the first time starts from the
-nearest size's). Every `interval_s` seconds of stepping at a size, the engine tries the other count
-there in a probe: `probe_steps` steps on it, alternating with as many on the current count
+nearest size's). After `interval_s` / 4 seconds of stepping at a size (the inherited count is a
+guess), then every `interval_s`, the engine tries the other count there in a probe: `probe_steps` steps on it, alternating with as many on the current count
 (alternating cancels the drift of the load and of the batch), and it switches when the other's median
 is more than `margin` below the current's. A probe step more than `abort_ratio` times slower than the
 current's ends the probe at once (a collapsed count costs one step, not several).
@@ -140,6 +140,8 @@ class ThreadTuner:
 
     def interval(self, s: Size) -> float:
         """Stepping seconds at size `s` from one probe to the next, as things stand."""
+        if s.tries == 0:  # the first try at a size comes soon: its count was inherited
+            return self.interval_s / 4
         backoff = self.interval_s * 2 ** min(s.losses, self.max_backoff)
         return max(backoff, s.probe_cost / self.budget)
 

@@ -48,10 +48,14 @@ class Machine:
 def test_switches_to_the_count_that_is_faster_by_more_than_the_margin():
     m = Machine({1: 1e-3, 2: 0.7e-3})
     t = m.tuner(1, interval_s=1.0)
-    m.run(t, 0.9)
-    assert t.current == 1 and t.probes == 0  # no probe before the interval
+    m.run(t, 0.2)
+    assert t.current == 1 and t.probes == 0  # no probe before a quarter of the interval
+    m.run(t, 0.6)
+    assert t.current == 2 and t.switches == 1 and t.probes == 1  # the first try comes soon
+    m.run(t, 0.5)
+    assert t.probes == 1  # the next one after the whole interval
     m.run(t, 2.0)
-    assert t.current == 2 and t.switches == 1  # and a later try of one thread lost
+    assert t.current == 2 and t.switches == 1 and t.probes >= 2  # later tries of one thread lost
     assert [n for n, _ in m.steps[-5:]] == [2] * 5
 
 
