@@ -365,7 +365,7 @@ def main(argv=None) -> None:
                          max_queue=args.max_queue,
                          request_timeout=args.request_timeout if args.request_timeout > 0 else None,
                          cuda_graphs=args.cuda_graphs, draft_depth=args.draft_depth,
-                         draft_budget=args.draft_budget, cpu_threads_live=_live_threads(args, bundle, ranks))
+                         draft_budget=args.draft_budget)
     if args.allowed_hosts:
         allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     else:
@@ -377,6 +377,7 @@ def main(argv=None) -> None:
         max_conn = max(1, limits[0] - FD_RESERVE)
         log.warning("--max-connections %d does not fit the open-files limit (%d, hard %d): using %d",
                     args.max_connections, limits[0], limits[1], max_conn)
+    econf.cpu_threads_live = _live_threads(args, bundle, ranks)  # where start-up measured: again while serving
     try:
         app = create_app(bundle, econf, served_model_name=name, api_key=args.api_key or None,
                          shutdown_grace=args.shutdown_grace, max_body_bytes=max_body,
