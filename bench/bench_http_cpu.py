@@ -9,9 +9,12 @@ loopback port, its flags the preset's (`--config NAME='[ENV=VALUE ...] FLAGS'` a
 configuration is started in turn (the order rotated each round), loaded by `bench.load` at each
 client count (greedy completions of `--gen` tokens on a token-id prompt, EOS banned so every answer
 is `--gen` tokens long), and stopped; the table gives the median generated tokens/s over the rounds,
-the ratio to the first configuration, and the thread count each server logged. The checkpoint is
+the ratio to the first configuration, and the thread count each server logged at start-up, then the
+count it ran at the end of its last round with the switches it made while serving (`/metrics`). The checkpoint is
 the 26M shape of `bench.bench_public` (d 512, 8 layers) with random weights, written once to
-`--ckpt` (a temporary directory by default), or `--model DIR`.
+`--ckpt` (a temporary directory by default), or `--model DIR`. `--busy-start` holds one core with a
+busy process while each server starts, as another program on a shared machine may: the start-up
+thread measurement sees it, the load afterwards does not.
 """
 
 from __future__ import annotations
@@ -105,6 +108,15 @@ class Server:
         m = re.findall(r"(\d+) CPU threads?", self.log_path.read_text())
         return m[-1] if m else "?"
 
+    def live_threads(self) -> str:
+        """The count the engine runs now and its switches while serving (the /metrics gauges)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        now = re.search(r"^llada_cpu_threads\{[^}]*\} ([0-9.]+)", text, re.M)
+        switches = re.search(r"^llada_cpu_thread_switches_total\{[^}]*\} ([0-9.]+)", text, re.M)
+        if now is None or switches is None:
+            return "?"
+        return f"{float(now.group(1)):.0f} ({float(switches.group(1)):.0f} switches)"
+
     def stop(self) -> None:
         self.proc.send_signal(2)  # SIGINT: no drain delay
         try:
@@ -132,9 +144,13 @@ def run_round(configs, model, clients, args, prompt, logs: Path, r: int, results
     stopped; tokens/s appended to results[(name, clients)]."""
     k = r % len(configs)
     for name, flags in configs[k:] + configs[:k]:
+        busy = _spin() if args.busy_start else None
         server = Server(model, flags, logs / f"{name}-{r}.log")
         try:
             server.wait_ready()
+            if busy is not None:
+                busy.kill()
+                busy.wait()
             threads[name] = server.threads()
             measured = re.findall(r"CPU threads: .*", server.log_path.read_text())
             print(f"  round {r + 1}: {name}: {measured[-1] if measured else 'threads set by flag'}",
@@ -143,9 +159,19 @@ def run_round(configs, model, clients, args, prompt, logs: Path, r: int, results
             for c in clients:
                 tps = load(server.url, c, c * args.requests_per_client, args.gen, prompt, args.time_limit)
                 results.setdefault((name, c), []).append(tps)
-                print(f"  round {r + 1}: {name}, {c} clients: {tps:.2f} tok/s", file=sys.stderr, flush=True)
+                print(f"  round {r + 1}: {name}, {c} clients: {tps:.2f} tok/s; threads now "
+                      f"{server.live_threads()}", file=sys.stderr, flush=True)
+            threads[name] += f", then {server.live_threads()}"
         finally:
+            if busy is not None and busy.poll() is None:
+                busy.kill()
+                busy.wait()
             server.stop()
+
+
+def _spin() -> subprocess.Popen:
+    """A process holding one core (a busy loop) until it is killed."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def parse_configs(args) -> list[tuple[str, list[str]]]:
@@ -173,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds per load run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--busy-start", action="store_true", help="hold one core with a busy process while each "
+                    "server starts (its start-up thread measurement sees the held core), none once it is ready")
     args = ap.parse_args(argv)
     configs = parse_configs(args)
     clients = [int(c) for c in args.clients.split(",")]

@@ -13,6 +13,9 @@ class EngineConfig:
     request_timeout: float | None = 600.0  # seconds from submission; None or <= 0: no limit
     early_stop: bool = True           # leave the batch once the answer is final
     idle_wait: float = 0.05           # seconds the loop sleeps when there is nothing to do
+    cpu_threads_live: tuple = ()      # CPU: intra-op thread counts the engine keeps choosing between
+    #                                   while serving (sampler/thread_tuner.py); empty: the count stays
+    cpu_threads_probe_s: float = 2.0  # stepping seconds between tries of the other count (it backs off)
     cuda_graphs: bool = True          # replay captured CUDA graphs of the step (CUDA only)
     pipelined: bool | None = None     # read step n's events while step n+1 runs (default: on CUDA)
     draft_depth: int = 0              # exact parallel decoding for requests that leave theirs unset

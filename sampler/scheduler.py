@@ -43,6 +43,7 @@ from sampler.engine_config import EngineConfig
 from sampler.params import ParamError, SamplingParams
 from sampler.runner import STOP, lead
 from sampler.strategies import make_batch, rows_needed
+from sampler.thread_tuner import ThreadTuner
 
 log = logging.getLogger("llada.engine")
 
@@ -209,6 +210,17 @@ class Engine:
         self.steps_run = 0
         self._recent_duration: float | None = None  # moving average of request durations (s)
         self.step_failures = 0
+        self.tuner = self._thread_tuner()
+
+    def _thread_tuner(self) -> ThreadTuner | None:
+        """The live CPU thread policy, where the configuration asks for one: on a CPU, one process."""
+        live = tuple(dict.fromkeys(self.config.cpu_threads_live))
+        if len(live) < 2 or self.batch.device.type != "cpu" or self.channel is not None:
+            return None
+
+        return ThreadTuner(live, torch.get_num_threads(), torch.set_num_threads,
+                           interval_s=self.config.cpu_threads_probe_s,
+                           on_switch=lambda old, new: self._observe("observe_cpu_thread_switch"))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -218,6 +230,7 @@ class Engine:
             self.batch.graphs.warm(self.batch.hot_buckets())
         self._accepting = True
         self.alive = True
+        self._observe("set_cpu_threads", torch.get_num_threads())
         self._thread = threading.Thread(target=self._run, name="llada-engine", daemon=True)
         self._thread.start()
         return self
@@ -365,6 +378,9 @@ class Engine:
                 self._fail_all(InternalError(f"the engine stopped: {e}"))
             self.alive = False
             raise
+        finally:
+            if self.tuner is not None:  # threads started later inherit the count set last: the start's
+                torch.set_num_threads(self.tuner.start)
 
     def _reap(self) -> None:
         """Drop cancelled and timed-out requests (holding the lock)."""
@@ -425,13 +441,23 @@ class Engine:
 
     def _step(self) -> None:
         n = len(self.batch)
+        tuner = self.tuner
+        if tuner is not None:
+            shown = tuner.current
+            tuner.before_step(self.batch.planned_query_tokens())
         t0 = time.perf_counter()
         try:
             events = self.batch.step_async() if self.pipelined else self.batch.step()
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+            if tuner is not None:
+                tuner.after_step(0.0)
             self._step_failed(e)
             return
         dt = time.perf_counter() - t0
+        if tuner is not None:
+            tuner.after_step(dt)
+            if tuner.current != shown:
+                self._observe("set_cpu_threads", tuner.current)
         self.steps_run += 1
         if self.metrics is not None:
             self.metrics.observe_step(n, dt)

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=_env("dtype", "auto"),
       help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     a("--cpu-threads", type=int, default=_env("cpu_threads", 0), help="intra-op threads on a CPU "
-      "(default 0: for a small model, 1 or every core, as forwards timed at start-up decide)")
+      "(default 0: for a small model, 1 or every core, timed at start-up and again while serving)")
     a("--served-model-name", default=_env("served_model_name"),
       help="model id clients use (default: the checkpoint directory's name)")
     a("--max-batch-size", type=int, default=_env("max_batch_size", 32),
@@ -323,6 +323,15 @@ def _load(args, model_dir, tp=None):
     return bundle, threads, name, param_bytes
 
 
+def _live_threads(args, bundle, ranks) -> tuple:
+    """Where the start-up measured the thread count, the counts the engine keeps choosing between."""
+    from weights.checkpoint import live_thread_counts
+
+    if ranks is not None:
+        return ()
+    return live_thread_counts(bundle.config, bundle.device, override=args.cpu_threads or None)
+
+
 def _prepare(args):
     """The port check, the model directory and, under tensor parallelism, the started ranks (a
     follower rank serves here and exits): (model_dir, ranks or None), or None once --plan printed."""
@@ -380,6 +389,7 @@ def main(argv=None) -> None:
         max_conn = max(1, limits[0] - FD_RESERVE)
         log.warning("--max-connections %d does not fit the open-files limit (%d, hard %d): using %d",
                     args.max_connections, limits[0], limits[1], max_conn)
+    econf.cpu_threads_live = _live_threads(args, bundle, ranks)  # where start-up measured: again while serving
     try:
         app = create_app(bundle, econf, served_model_name=name, api_key=args.api_key or None,
                          shutdown_grace=args.shutdown_grace, max_body_bytes=max_body,

@@ -103,6 +103,7 @@ class Metrics:
         self.score_tokens = bound(Counter("llada_score_tokens", "Canvas tokens evaluated by likelihood scoring", m,
                                           registry=r))
         self._drafting_metrics(bound, m, r)
+        self._thread_metrics(bound, m, r)
         self.build_info = Gauge("llada_build_info", "Always 1: the server's version, the served model and where "
                                 "it runs", m + ["version", "family", "device", "dtype", "torch_version"], registry=r)
         for reason in FINISH_REASONS:  # every reason exposed from the start (0 until it happens)
@@ -128,6 +129,14 @@ class Metrics:
         self.steps_per_forward = bound(Histogram("llada_steps_per_forward",
                                                  "Per request per forward: sampler steps it advanced", m,
                                                  buckets=SPF_BUCKETS, registry=r))
+
+    def _thread_metrics(self, bound, m, r) -> None:
+        """The CPU intra-op thread count (sampler/thread_tuner.py)."""
+        self.cpu_threads = bound(Gauge("llada_cpu_threads", "Intra-op CPU threads the engine's steps run on "
+                                       "(the latest step's size; on a CPU chosen at start-up, then while "
+                                       "serving)", m, registry=r))
+        self.cpu_thread_switches = bound(Counter("llada_cpu_thread_switches", "Changes of the intra-op CPU "
+                                                 "thread count while serving", m, registry=r))
 
     def describe(self, bundle) -> None:
         """Fill llada_build_info from the loaded model."""
@@ -175,6 +184,12 @@ class Metrics:
 
     def set_kv_usage(self, rows_used: int, capacity: int) -> None:
         self.kv_usage.set(rows_used / capacity if capacity else 0.0)
+
+    def set_cpu_threads(self, n: int) -> None:
+        self.cpu_threads.set(n)
+
+    def observe_cpu_thread_switch(self) -> None:
+        self.cpu_thread_switches.inc()
 
     # Server hooks (server.guards.Guards counts every response once).
     def request_done(self, endpoint: str, status: int, seconds: float | None = None) -> None:

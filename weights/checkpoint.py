@@ -175,6 +175,21 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _count_given(override: int | None) -> bool:
+    """A thread count set from outside: --cpu-threads, LLADA_CPU_THREADS or OMP_NUM_THREADS."""
+    return bool(override or os.environ.get("LLADA_CPU_THREADS") or os.environ.get("OMP_NUM_THREADS"))
+
+
+def live_thread_counts(config, device: torch.device, override: int | None = None) -> tuple[int, ...]:
+    """The counts the engine keeps choosing between while serving (sampler/thread_tuner.py): one
+    thread and every core, where the start-up measures (a small model on a CPU with more than one
+    core, no count given); otherwise none, and the count stays as set."""
+    if device.type != "cpu" or _count_given(override) or config.num_parameters >= SMALL_MODEL_PARAMS \
+            or available_cores() < 2:
+        return ()
+    return (1, available_cores())
+
+
 def pick_cpu_threads(config, device: torch.device, model=None, override: int | None = None,
                      batch: int = 1) -> int:
     """Set torch's intra-op threads for serving this model on this device; returns the count.
@@ -183,7 +198,8 @@ def pick_cpu_threads(config, device: torch.device, model=None, override: int | N
     OMP_NUM_THREADS (torch has already read it). Otherwise small models are measured when `model` is
     given (`measure_cpu_threads`, at the server's `batch`: its running requests per step), and
     guessed without it: one thread, as each operation is too small to split and OpenMP's barrier
-    spinning collapses when another process holds a core. Large models keep torch's default."""
+    spinning collapses when another process holds a core. Large models keep torch's default. Where
+    it measures, the server's engine keeps choosing while serving (`live_thread_counts`)."""
     if device.type != "cpu":
         return torch.get_num_threads()
     want = override or os.environ.get("LLADA_CPU_THREADS")
