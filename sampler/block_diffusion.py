@@ -146,7 +146,7 @@ class BlockDiffusionBatch(Batch):
         self.draft_budget = draft_budget
         self.draft_rows_run = 0   # draft rows forwarded, in all
         self.steps_accepted = 0   # steps advanced beyond one per forward (accepted drafts), in all
-        self.gate = gate_for(adaptive_drafting, self.device, draft_budget)
+        self.gate = gate_for(adaptive_drafting, self.device, draft_budget, start_drafting=True)
 
     @staticmethod
     def rows_needed(prompt_len: int, params: SamplingParams) -> int:

@@ -96,17 +96,19 @@ class DraftGate:
         self.drafting, self.left, self.probing = drafting, steps, probing
 
 
-def gate_for(adaptive: bool | None, device, draft_budget: int) -> DraftGate | None:
+def gate_for(adaptive: bool | None, device, draft_budget: int, start_drafting: bool = False) -> DraftGate | None:
     """The gate of a batch on `device`: `adaptive` True or False, or None for the default (on for
     a CPU, where a forward's time grows with its rows; off on CUDA, where it hardly does and the
     probes would only cost plain steps and extra graph buckets). No gate without a draft budget
     (no drafting: `--draft-budget 0`, tensor parallelism). On a CPU the gate starts plain and
-    first tries drafting after `interval` steps: a drafting step there costs several plain ones,
-    so a fresh batch that started drafting paid its first probe in every short request (a
-    32-step request at batch 1: about 15% of its time); where drafting pays, the first probe
-    finds it and the gate keeps it. Elsewhere (`adaptive` on CUDA) it starts drafting."""
+    first tries drafting after 32 steps: a LLaDA drafting step there costs several plain ones (a
+    draft row is a whole canvas, and the step leaves the host-planned path), so a fresh batch that
+    started drafting paid its first probe in every short request (a 32-step request at batch 1:
+    about 15% of its time); where drafting pays, the first probe finds it and the gate keeps it.
+    `start_drafting` (LLaDA2.x block diffusion, whose draft is one block over the cached prefix)
+    and `adaptive` on CUDA start drafting."""
     cpu = getattr(device, "type", str(device)) == "cpu"
     on = cpu if adaptive is None else bool(adaptive)
     if not on or draft_budget <= 0:
         return None
-    return DraftGate(start=False, warmup=32) if cpu else DraftGate()
+    return DraftGate(start=False, warmup=32) if cpu and not start_drafting else DraftGate()

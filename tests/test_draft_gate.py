@@ -112,6 +112,9 @@ def test_gate_for_defaults():
     """On by default for a CPU, off on CUDA; on/off forced either way; never without a draft budget."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert isinstance(gate_for(None, cpu, 2048), DraftGate)
+    assert not gate_for(None, cpu, 2048).drafting  # a LLaDA batch on a CPU starts plain
+    assert gate_for(None, cpu, 2048, start_drafting=True).drafting  # block diffusion drafts first
+    assert gate_for(True, cuda, 2048).drafting
     assert gate_for(None, cuda, 2048) is None
     assert isinstance(gate_for(True, cuda, 2048), DraftGate)
     assert gate_for(False, cpu, 2048) is None
