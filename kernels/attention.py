@@ -15,14 +15,16 @@ import os
 import torch
 
 
-def attention_reference(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None):
-    """Plain PyTorch oracle: one softmax(q k^T) v per segment, accumulated in at least fp32."""
+def attention_reference(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None, host=None):
+    """Plain PyTorch oracle: one softmax(q k^T) v per segment, accumulated in at least fp32.
+    `host`: a callable giving (cu_q, k_start, k_len) as Python lists, or None (read here)."""
     tq, h, d = q.shape
     kh = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    cu = cu_q.tolist()
-    dense = _dense_layout(cu, k_start, k_len, k.shape[0])
+    lists = host() if host is not None else None
+    cu, starts, lens = lists if lists is not None else (cu_q.tolist(), k_start.tolist(), k_len.tolist())
+    dense = _dense_layout(cu, starts, lens, k.shape[0])
     if dense is not None:  # every segment attends to exactly its own rows: one batched product
         b, n = dense
         qs = q.to(acc).view(b, n, h, d).transpose(1, 2)
@@ -33,8 +35,6 @@ def attention_reference(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, s
             vs_ = vs_.repeat_interleave(h // kh, dim=1)
         probs = torch.softmax(torch.matmul(qs, ks_.transpose(-1, -2)) * scale, dim=-1)
         return torch.matmul(probs, vs_).transpose(1, 2).reshape(tq, h, d).to(q.dtype)
-    starts = k_start.tolist()
-    lens = k_len.tolist()
     live = [b for b in range(len(lens)) if cu[b + 1] > cu[b]]
     out = None if len(live) == 1 and cu[live[0] + 1] - cu[live[0]] == tq else torch.empty_like(q)
     for b in live:
@@ -55,7 +55,7 @@ def attention_reference(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, s
     return out if out is not None else torch.empty_like(q)
 
 
-def _dense_layout(cu, k_start, k_len, tk):
+def _dense_layout(cu, starts, lens, tk):
     """(B, n) when all B segments have n queries attending to their own n packed keys."""
     b = len(cu) - 1
     if b == 0 or cu[-1] != tk or cu[-1] % b:
@@ -63,22 +63,22 @@ def _dense_layout(cu, k_start, k_len, tk):
     n = cu[-1] // b
     if cu != list(range(0, cu[-1] + 1, n)):
         return None
-    if k_start.tolist() != cu[:-1] or k_len.tolist() != [n] * b:
+    if starts != cu[:-1] or lens != [n] * b:
         return None
     return b, n
 
 
 def _use_triton(q: torch.Tensor) -> bool:
-    if os.environ.get("LLADA_DISABLE_TRITON") == "1":
+    if not q.is_cuda or os.environ.get("LLADA_DISABLE_TRITON") == "1":
         return False
-    if q.is_cuda:
-        # The kernel takes head dims up to 256; anything else stays on the reference.
-        return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
-    return False
+    # The kernel takes head dims up to 256; anything else stays on the reference.
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
 
 
-def attention(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None):
-    """Dispatcher: the fused Triton kernel on CUDA, the PyTorch reference elsewhere."""
+def attention(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None, host=None):
+    """Dispatcher: the fused Triton kernel on CUDA, the PyTorch reference elsewhere. `host`: a
+    callable giving the layout as Python lists, called by the reference only (a caller that keeps a
+    layout keeps its lists; the kernel never reads them back)."""
     if _use_triton(q) and k.dtype == q.dtype and v.dtype == q.dtype:
         try:
             from kernels.attention_triton import attention_triton
@@ -86,4 +86,4 @@ def attention(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None)
             pass
         else:
             return attention_triton(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale)
-    return attention_reference(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale)
+    return attention_reference(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale, host)

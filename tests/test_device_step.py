@@ -176,8 +176,8 @@ def test_the_cuda_step_reads_nothing_back(model, monkeypatch):
     if not at._interpreting():
         pytest.skip("needs Triton's interpreter (no GPU here)")
 
-    def attn(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None):
-        assert max_q is not None  # the grid comes from the bucket, not from reading cu_q
+    def attn(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None, host=None):
+        assert max_q is not None  # the grid comes from the bucket, not from reading cu_q (nor `host`)
         return at.attention_triton(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale)
 
     monkeypatch.setattr("weights.layers.attention", attn)

@@ -213,3 +213,18 @@ def test_autotuned_launch(gen):
     q, k, v = _rand((t, h, d), torch.float16), _rand((64, kh, d), torch.float16), _rand(
         (64, kh, d), torch.float16)
     _check(q, k, v, cu_q, k_start, k_len, blocks=None, ctx="autotuned")
+
+
+def test_the_reference_takes_the_layouts_lists():
+    """A layout's Python lists (read once per layout) give the reference the same output as reading
+    its tensors, dense and segmented, and the lists are read once however many layers ask."""
+    from weights.layers import AttnLayout
+
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(12, 2, 8, generator=g) for _ in range(3))
+    for lens, starts, klens in [([12], [0], [12]), ([4, 8, 0], [0, 4, 12], [4, 8, 1])]:
+        lay = AttnLayout.build(lens, starts, klens, torch.arange(12), "cpu")
+        want = attention_reference(q, k, v, lay.cu_q, lay.k_start, lay.k_len)
+        got = attention_reference(q, k, v, lay.cu_q, lay.k_start, lay.k_len, host=lay.host_lists)
+        assert torch.equal(got, want)
+        assert lay.host_lists() is lay.host_lists()

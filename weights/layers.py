@@ -10,7 +10,7 @@ block diffusion (one segment per block, its keys running from the canvas start t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,14 @@ class AttnLayout:
     kv_index: torch.Tensor  # int64 [T], buffer row each packed token's K/V are written to
     max_q: int
     max_k: int
+    _host: tuple | None = field(default=None, repr=False, compare=False)
+
+    def host_lists(self) -> tuple | None:
+        """(cu_q, k_start, k_len) as Python lists, read once per layout, on a CPU only (on CUDA
+        the kernel reads the tensors and a read-back would synchronise)."""
+        if self._host is None and self.cu_q.device.type == "cpu":
+            self._host = (self.cu_q.tolist(), self.k_start.tolist(), self.k_len.tolist())
+        return self._host
 
     @classmethod
     def build(cls, q_lens, k_starts, k_lens, kv_index, device) -> "AttnLayout":
@@ -130,7 +138,7 @@ def attend(q, k, v, layout: AttnLayout, k_buf, v_buf) -> torch.Tensor:
         v_buf.index_copy_(0, layout.kv_index, v.to(v_buf.dtype))
         k_all, v_all = k_buf, v_buf
     return attention(q, k_all, v_all, layout.cu_q, layout.k_start, layout.k_len,
-                     layout.max_q, layout.max_k)
+                     layout.max_q, layout.max_k, host=layout.host_lists)
 
 
 class Attention(nn.Module):
