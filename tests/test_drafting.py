@@ -312,7 +312,7 @@ def test_the_drafting_step_reads_nothing_back(monkeypatch):
     reqs = [([5, 9, 2], SamplingParams(gen_length=8, block_length=8, steps=8, cache="dual", draft_depth=2)),
             ([7, 1], SamplingParams(gen_length=8, block_length=8, steps=8, draft_depth=2))]
 
-    def attn(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None):
+    def attn(q, k, v, cu_q, k_start, k_len, max_q=None, max_k=None, scale=None, host=None):
         return at.attention_triton(q, k, v, cu_q, k_start, k_len, max_q, max_k, scale)
 
     monkeypatch.setattr("weights.layers.attention", attn)
