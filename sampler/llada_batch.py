@@ -100,7 +100,13 @@ class _Launched:
         """Bytes of the step's results as the host holds them."""
         if isinstance(self.results, torch.Tensor):
             return self.results.numel() * self.results.element_size()
-        return sum(np.asarray(v).nbytes for v in self.results.values())
+        total = 0
+        for name, v in self.results.items():
+            if name == "picked":  # a host step's committed entries: four lists per request row
+                total += 8 * sum(len(x) for entry in v.values() for x in entry)
+            else:
+                total += np.asarray(v).nbytes
+        return total
 
 
 class LLaDABatch(Batch):
