@@ -271,11 +271,13 @@ def _candidates(logits, cand: list, rows: _Rows, lay: _Layout, position, bucket,
     idx = torch.from_numpy(np.array(cand, dtype=np.int64)) if len(cand) < logits.shape[0] else None
     if idx is not None:
         logits = logits.index_select(0, idx)
+    redraw = False
     if _plain(rows, bucket):
         x0, conf = _greedy(logits, [], eos_id)
         x0_l = x0.tolist()
-        if mask_id not in x0_l:  # else the re-draw: the general path below
+        if mask_id not in x0_l:
             return x0_l, conf.tolist(), None
+        redraw = True  # the re-draw: the general path below draws
     if idx is not None:
         position = position.index_select(0, idx)
     of = [lay.owner[r] for r in cand]  # the request row of each candidate
@@ -289,7 +291,7 @@ def _candidates(logits, cand: list, rows: _Rows, lay: _Layout, position, bucket,
     ban_l = per([bool(i.ban_eos) for i in rows.i])
     temps = per([f.temperature for f in rows.f])
     x0 = None
-    if not (bucket.filters or bucket.logprobs or any(t > 0 for t in temps)):
+    if not (redraw or bucket.filters or bucket.logprobs or any(t > 0 for t in temps)):
         x0, conf = _greedy(logits, [k for k, b in enumerate(ban_l) if b], eos_id)
         x0_l = x0.tolist()
         if mask_id in x0_l:  # the re-draw: the general path from the start

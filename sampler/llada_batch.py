@@ -100,13 +100,17 @@ class _Launched:
         """Bytes of the step's results as the host holds them."""
         if isinstance(self.results, torch.Tensor):
             return self.results.numel() * self.results.element_size()
-        total = 0
-        for name, v in self.results.items():
-            if name == "picked":  # a host step's committed entries: four lists per request row
-                total += 8 * sum(len(x) for entry in v.values() for x in entry)
-            else:
-                total += np.asarray(v).nbytes
-        return total
+        return _nbytes(self.results)
+
+
+def _nbytes(v) -> int:
+    """Bytes of a host step's results: arrays as numpy holds them, nested dicts, tuples and lists of
+    numbers (its `picked` entries) at 8 bytes a number."""
+    if isinstance(v, dict):
+        return sum(_nbytes(x) for x in v.values())
+    if isinstance(v, (list, tuple)) and v and isinstance(v[0], (list, tuple, dict, np.ndarray)):
+        return sum(_nbytes(x) for x in v)
+    return np.asarray(v).nbytes
 
 
 class LLaDABatch(Batch):

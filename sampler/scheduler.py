@@ -217,7 +217,6 @@ class Engine:
         live = tuple(dict.fromkeys(self.config.cpu_threads_live))
         if len(live) < 2 or self.batch.device.type != "cpu" or self.channel is not None:
             return None
-
         return ThreadTuner(live, torch.get_num_threads(), torch.set_num_threads,
                            interval_s=self.config.cpu_threads_probe_s,
                            on_switch=lambda old, new: self._observe("observe_cpu_thread_switch"))

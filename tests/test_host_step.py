@@ -151,3 +151,24 @@ def test_logsumexp_given_the_max_is_torchs_bits():
         _, conf = hs._greedy(l, [], 0)
         want = torch.exp(best - torch.logsumexp(l, dim=-1)).to(torch.float32)
         assert torch.equal(conf, want)
+
+
+def test_the_mask_id_redraw_is_the_device_step(model, monkeypatch):
+    """A greedy candidate equal to the mask id sends the host step to the general draw (the mask
+    banned, the row drawn again), as the device step does: a head whose mask row outscores token
+    0's makes it happen on many rows; events and buffers stay the device step's."""
+    head = model.model.lm_head if model.model.lm_head is not None else model.model.embedding
+    saved = head.detach().clone()
+    draws = []
+    real_draw = hs.cd.draw
+    monkeypatch.setattr(hs.cd, "draw", lambda *a, **k: draws.append(1) or real_draw(*a, **k))
+    try:
+        with torch.no_grad():
+            head[model.special.mask] = 1.5 * head[0]
+        rnd = random.Random(11)
+        for extra in (dict(), dict(cache="dual"), dict(threshold=0.3)):
+            _drive(model, [_request(rnd, extra, model.special.mask) for _ in range(3)], [0, 0, 2], 3, late=False)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    assert draws  # the host step met the mask id and drew again
